@@ -1,0 +1,1 @@
+"""Adapters: pretrained diffusion models as noise-conditional VE score functions."""
