@@ -1,0 +1,331 @@
+"""Reverse-S/ODE integrators for VE scores, started from a per-sample noise level.
+
+Every integrator is one plain function with one signature (as in k-diffusion):
+
+    sample_xxx(score, x, sigmas, *, generator=None, callback=None, disable=True, **knobs) -> (x, nfe)
+
+``x [B, *shape]`` sits at noise level ``sigmas[0] [B]``; ``sigmas [N+1, B]`` is a per-sample,
+decreasing schedule. The functions walk it and return the state at ``sigmas[-1]`` and the number of
+score evaluations per sample. When a schedule ends at 0, the last step (``sigma -> 0``) is the
+Tweedie step ``D(x, sigma) = x + sigma^2 s(x, sigma)`` (for the Karras samplers it coincides with
+their Euler step to 0). Schedules are data, built by the small ``get_sigmas_*`` functions.
+
+``integrate(name, ...)`` builds the schedule, dispatches by name (or to a diffusers scheduler,
+see :mod:`dlg_sampler.schedulers`) and is what "vanilla" sampling and DLG's denoising both call.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+import torch
+from scipy.integrate import solve_ivp
+from tqdm.auto import trange
+
+Score = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+#: Default end of the integrated stretch before the final Tweedie step (the paper's Tweedie level).
+SIGMA_END = 0.01
+
+
+# ----------------------------------------------------------------------------- helpers
+def append_dims(v: torch.Tensor, ndim: int) -> torch.Tensor:
+    """``[B]`` -> ``[B, 1, ..., 1]`` with ``ndim`` dims, to broadcast a per-sample value against ``x``."""
+    return v.reshape(v.shape[0], *[1] * (ndim - 1))
+
+
+def randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+class CountedScore:
+    """Wraps a score: checks its output's shape and counts evaluations (``.nfe``, per sample)."""
+
+    def __init__(self, score: Score):
+        self.score, self.nfe = score, 0
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        out = self.score(x, sigma)
+        if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(
+                f"the score returned {got} for x of shape {tuple(x.shape)}: a score must be a callable "
+                "score(x [B, *shape], sigma [B]) -> Tensor shaped like x (the VE score); wrap your model "
+                "with an adapter from dlg_sampler.adapters."
+            )
+        self.nfe += 1
+        return out.to(x.dtype)
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """Tweedie denoiser ``D(x, sigma) = x + sigma^2 s(x, sigma)``."""
+        return x + append_dims(sigma, x.ndim) ** 2 * self(x, sigma)
+
+
+def _noise_unless_last(std: torch.Tensor, sigma_next: torch.Tensor, x: torch.Tensor, generator) -> torch.Tensor:
+    """``std * z``, except for samples whose next level is 0 (the step to 0 is the noise-free Tweedie step)."""
+    return std * append_dims((sigma_next > 0).to(x.dtype), x.ndim) * randn_like(x, generator)
+
+
+def to_d(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
+    """The PF-ODE derivative ``dx/dsigma = (x - D(x, sigma)) / sigma`` (= ``-sigma s``)."""
+    return (x - denoised) / append_dims(sigma, x.ndim)
+
+
+# ----------------------------------------------------------------------------- schedules
+def get_sigmas_karras(n: int, sigma_start: torch.Tensor, sigma_end: torch.Tensor | float, rho: float = 7.0,
+                      append_zero: bool = True) -> torch.Tensor:
+    """Karras et al. (2022) eq. 5 per sample: ``n`` levels from ``sigma_start [B]`` to ``sigma_end``, ``[n(+1), B]``."""
+    sigma_end = torch.minimum(torch.as_tensor(sigma_end, dtype=sigma_start.dtype, device=sigma_start.device), sigma_start)
+    ramp = torch.linspace(0, 1, n, device=sigma_start.device, dtype=sigma_start.dtype)[:, None] if n > 1 else \
+        torch.zeros(1, 1, device=sigma_start.device, dtype=sigma_start.dtype)
+    lo, hi = sigma_end ** (1 / rho), sigma_start ** (1 / rho)
+    sigmas = (hi + ramp * (lo - hi)) ** rho
+    return torch.cat([sigmas, torch.zeros_like(sigmas[:1])]) if append_zero else sigmas
+
+
+def get_sigmas_geometric(n: int, sigma_start: torch.Tensor, sigma_end: torch.Tensor | float,
+                         append_zero: bool = True) -> torch.Tensor:
+    """The VE SDE's own discretisation (score_sde): ``n`` levels geometric from ``sigma_start [B]`` to ``sigma_end``."""
+    sigma_end = torch.minimum(torch.as_tensor(sigma_end, dtype=sigma_start.dtype, device=sigma_start.device), sigma_start)
+    ramp = torch.linspace(0, 1, n, device=sigma_start.device, dtype=sigma_start.dtype)[:, None] if n > 1 else \
+        torch.zeros(1, 1, device=sigma_start.device, dtype=sigma_start.dtype)
+    sigmas = torch.exp(sigma_start.log() + ramp * (sigma_end.log() - sigma_start.log()))
+    return torch.cat([sigmas, torch.zeros_like(sigmas[:1])]) if append_zero else sigmas
+
+
+# ----------------------------------------------------------------------------- integrators
+@torch.no_grad()
+def sample_reverse_diffusion(score: Score, x: torch.Tensor, sigmas: torch.Tensor, *, generator=None,
+                             callback=None, disable: bool = True) -> tuple[torch.Tensor, int]:
+    """Reverse-diffusion predictor (Song et al. 2021, VE): ``x <- x + (s_i^2 - s_{i+1}^2) s + sqrt(s_i^2 - s_{i+1}^2) z``."""
+    score = CountedScore(score)
+    for i in trange(len(sigmas) - 1, disable=disable):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        var = append_dims(sigma**2 - sigma_next**2, x.ndim)
+        x_mean = x + var * score(x, sigma)
+        x = x_mean + _noise_unless_last(var.sqrt(), sigma_next, x, generator)
+        _report(callback, x, i, sigma, x_mean)
+    return x, score.nfe
+
+
+@torch.no_grad()
+def sample_pc(score: Score, x: torch.Tensor, sigmas: torch.Tensor, *, snr: float = 0.16, corrector_steps: int = 1,
+              generator=None, callback=None, disable: bool = True) -> tuple[torch.Tensor, int]:
+    """Predictor-corrector (Song et al. 2021): Langevin corrector with signal-to-noise ratio ``snr``, then the RD predictor."""
+    score = CountedScore(score)
+    for i in trange(len(sigmas) - 1, disable=disable):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        # Corrector: Langevin steps at sigma_i with the step size set by snr.
+        for _ in range(corrector_steps):
+            grad, noise = score(x, sigma), randn_like(x, generator)
+            grad_norm = grad.flatten(1).norm(dim=-1)
+            noise_norm = noise.flatten(1).norm(dim=-1)
+            eps = append_dims(2 * (snr * noise_norm / grad_norm.clamp_min(1e-12)) ** 2, x.ndim)
+            x = x + eps * grad + (2 * eps).sqrt() * noise
+        # Predictor: reverse diffusion to sigma_{i+1}.
+        var = append_dims(sigma**2 - sigma_next**2, x.ndim)
+        x_mean = x + var * score(x, sigma)
+        x = x_mean + _noise_unless_last(var.sqrt(), sigma_next, x, generator)
+        _report(callback, x, i, sigma, x_mean)
+    return x, score.nfe
+
+
+@torch.no_grad()
+def sample_euler_maruyama(score: Score, x: torch.Tensor, sigmas: torch.Tensor, *, generator=None,
+                          callback=None, disable: bool = True) -> tuple[torch.Tensor, int]:
+    """Euler-Maruyama on the reverse VE SDE ``dx = -g^2 s dt + g dw``, ``g^2 dt = d(sigma^2) = 2 sigma^2 dlog(sigma)``.
+
+    The drift and diffusion are evaluated at the current level (unlike the reverse-diffusion predictor,
+    which uses the exact variance gap); the final step to 0 is the Tweedie step.
+    """
+    score = CountedScore(score)
+    for i in trange(len(sigmas) - 1, disable=disable):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        if (sigma_next > 0).all():
+            g2dt = append_dims(2 * sigma**2 * (sigma / sigma_next).log(), x.ndim)
+            x_mean = x + g2dt * score(x, sigma)
+            x = x_mean + g2dt.sqrt() * randn_like(x, generator)
+        else:
+            x = x_mean = score.denoise(x, sigma)
+        _report(callback, x, i, sigma, x_mean)
+    return x, score.nfe
+
+
+@torch.no_grad()
+def sample_ode_rk45(score: Score, x: torch.Tensor, sigmas: torch.Tensor, *, rtol: float = 1e-5, atol: float = 1e-5,
+                    generator=None, callback=None, disable: bool = True) -> tuple[torch.Tensor, int]:
+    """Probability-flow ODE ``dx/dsigma = -sigma s(x, sigma)`` with scipy's adaptive RK45 (Song et al. 2021).
+
+    Each sample travels from ``sigmas[0]`` to its last positive level along ``sigma(u) = sigma_0^(1-u) sigma_end^u``,
+    ``u in [0, 1]`` (a common clock for per-sample levels); the solver takes at most ``1 / (len(sigmas) - 1)``
+    in ``u`` per step, so the schedule's length sets a minimum number of steps. NFE is the solver's count.
+    A schedule ending at 0 finishes with the Tweedie step.
+    """
+    score = CountedScore(score)
+    ends_at_zero = bool((sigmas[-1] == 0).all())
+    sigma_0, sigma_end = sigmas[0].double(), (sigmas[-2] if ends_at_zero else sigmas[-1]).double()
+    log_ratio = (sigma_0 / sigma_end).log()  # [B], >= 0
+    shape, device, dtype = x.shape, x.device, x.dtype
+
+    def sigma_at(u: float) -> torch.Tensor:
+        return sigma_0 * torch.exp(-u * log_ratio)
+
+    def ode_func(u: float, y: np.ndarray) -> np.ndarray:
+        sigma = sigma_at(u)
+        xt = torch.from_numpy(y).reshape(shape).to(device, dtype)
+        dx_du = append_dims(sigma**2 * log_ratio, len(shape)).to(dtype) * score(xt, sigma.to(dtype))
+        return dx_du.double().cpu().numpy().reshape(-1)
+
+    n_intervals = max(len(sigmas) - 1 - int(ends_at_zero), 1)
+    if (log_ratio > 0).any():
+        sol = solve_ivp(ode_func, (0.0, 1.0), x.double().cpu().numpy().reshape(-1), rtol=rtol, atol=atol,
+                        method="RK45", max_step=1.0 / n_intervals)
+        x = torch.from_numpy(sol.y[:, -1]).reshape(shape).to(device, dtype)
+    if ends_at_zero:
+        x = score.denoise(x, sigma_end.to(dtype))
+    _report(callback, x, len(sigmas) - 2, sigmas[-1], x)
+    return x, score.nfe
+
+
+@torch.no_grad()
+def sample_karras_heun(score: Score, x: torch.Tensor, sigmas: torch.Tensor, *, generator=None,
+                       callback=None, disable: bool = True) -> tuple[torch.Tensor, int]:
+    """Karras et al. (2022) Algorithm 1: deterministic Heun steps; Euler (= Tweedie) for a step to 0."""
+    score = CountedScore(score)
+    for i in trange(len(sigmas) - 1, disable=disable):
+        t_cur, t_next = sigmas[i], sigmas[i + 1]
+        # Euler step.
+        denoised = score.denoise(x, t_cur)
+        d_cur = to_d(x, t_cur, denoised)
+        x_next = x + append_dims(t_next - t_cur, x.ndim) * d_cur
+        # Apply 2nd order correction.
+        if (t_next > 0).all():
+            d_prime = to_d(x_next, t_next, score.denoise(x_next, t_next))
+            x_next = x + append_dims(t_next - t_cur, x.ndim) * (0.5 * d_cur + 0.5 * d_prime)
+        x = x_next
+        _report(callback, x, i, t_cur, denoised)
+    return x, score.nfe
+
+
+@torch.no_grad()
+def sample_karras_stochastic(score: Score, x: torch.Tensor, sigmas: torch.Tensor, *, S_churn: float = 30.0,
+                             S_tmin: float = 0.01, S_tmax: float = 1.0, S_noise: float = 1.007, generator=None,
+                             callback=None, disable: bool = True) -> tuple[torch.Tensor, int]:
+    """Karras et al. (2022) Algorithm 2 (defaults: the paper's CIFAR-10 settings)."""
+    score = CountedScore(score)
+    n = len(sigmas) - 1
+    for i in trange(n, disable=disable):
+        t_cur, t_next = sigmas[i], sigmas[i + 1]
+        # Increase noise temporarily.
+        in_range = (t_cur >= S_tmin) & (t_cur <= S_tmax)
+        gamma = torch.where(in_range, min(S_churn / n, math.sqrt(2) - 1), 0.0).to(t_cur.dtype)
+        t_hat = t_cur + gamma * t_cur
+        x_hat = x + append_dims((t_hat**2 - t_cur**2).sqrt(), x.ndim) * S_noise * randn_like(x, generator)
+        # Euler step.
+        denoised = score.denoise(x_hat, t_hat)
+        d_cur = to_d(x_hat, t_hat, denoised)
+        x_next = x_hat + append_dims(t_next - t_hat, x.ndim) * d_cur
+        # Apply 2nd order correction.
+        if (t_next > 0).all():
+            d_prime = to_d(x_next, t_next, score.denoise(x_next, t_next))
+            x_next = x_hat + append_dims(t_next - t_hat, x.ndim) * (0.5 * d_cur + 0.5 * d_prime)
+        x = x_next
+        _report(callback, x, i, t_cur, denoised)
+    return x, score.nfe
+
+
+def _report(callback, x, i, sigma, denoised) -> None:
+    if callback is not None:
+        callback({"x": x, "i": i, "sigma": sigma, "denoised": denoised})
+
+
+#: name -> (integrator function, schedule builder).
+INTEGRATORS: dict[str, Callable[..., tuple[torch.Tensor, int]]] = {
+    "reverse_diffusion": sample_reverse_diffusion,
+    "pc": sample_pc,
+    "euler_maruyama": sample_euler_maruyama,
+    "ode_rk45": sample_ode_rk45,
+    "karras_heun": sample_karras_heun,
+    "karras_stochastic": sample_karras_stochastic,
+}
+
+#: The score_sde integrators walk the VE SDE's geometric grid; the Karras samplers (and RK45's clock) use rho=7.
+_GEOMETRIC = {"reverse_diffusion", "pc", "euler_maruyama"}
+
+
+def get_schedule(name: str, steps: int, sigma_start: torch.Tensor, sigma_end: float = SIGMA_END,
+                 append_zero: bool = True, rho: float = 7.0) -> torch.Tensor:
+    """The per-sample schedule ``[steps + 1, B]`` integrator ``name`` walks: ``steps`` intervals from ``sigma_start``.
+
+    With ``append_zero`` the last interval is the Tweedie step from ``sigma_end`` to 0, otherwise the
+    schedule ends at ``min(sigma_start, sigma_end)``.
+    """
+    n = steps if append_zero else steps + 1
+    if name in _GEOMETRIC:
+        return get_sigmas_geometric(n, sigma_start, sigma_end, append_zero)
+    return get_sigmas_karras(n, sigma_start, sigma_end, rho, append_zero)
+
+
+def check_integrator(name) -> None:
+    """Raise a clear error unless ``name`` is a core integrator name or a diffusers scheduler instance."""
+    from diffusers import SchedulerMixin
+
+    if isinstance(name, SchedulerMixin):
+        return
+    if not isinstance(name, str) or name not in INTEGRATORS:
+        raise ValueError(
+            f"unknown integrator {name!r}: use one of {sorted(INTEGRATORS)} or a diffusers scheduler instance "
+            "(e.g. DPMSolverMultistepScheduler.from_config(pipe.scheduler.config))."
+        )
+
+
+def check_steps(steps, what: str = "steps") -> int:
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps <= 0:
+        raise ValueError(f"{what} must be a positive integer, got {steps!r}.")
+    return int(steps)
+
+
+def check_sigma_start(sigma_start, x: torch.Tensor) -> torch.Tensor:
+    """Broadcast a scalar or ``[B]`` start level to ``[B]`` on ``x``'s device; must be positive and finite."""
+    sigma_start = torch.as_tensor(sigma_start, dtype=x.dtype, device=x.device)
+    if sigma_start.ndim == 0:
+        sigma_start = sigma_start.expand(x.shape[0])
+    if sigma_start.shape != (x.shape[0],):
+        raise ValueError(f"sigma_start must be a scalar or have shape [B]=({x.shape[0]},), got {tuple(sigma_start.shape)}.")
+    if not (torch.isfinite(sigma_start).all() and (sigma_start > 0).all()):
+        raise ValueError("sigma_start must be positive and finite for every sample (VE noise levels).")
+    return sigma_start
+
+
+def integrate(name, score: Score, x: torch.Tensor, sigma_start, steps: int, *, generator: torch.Generator | None = None,
+              sigma_end: float = SIGMA_END, rho: float = 7.0, callback=None, disable: bool = True,
+              **kwargs) -> tuple[torch.Tensor, int]:
+    """Integrate the reverse S/ODE from ``x [B, *shape]`` at levels ``sigma_start [B]`` to clean samples.
+
+    Args:
+        name: a key of ``INTEGRATORS`` or a diffusers scheduler instance (warm start, see
+            :func:`dlg_sampler.schedulers.warm_start`).
+        score: ``score(x [B, *shape], sigma [B]) -> [B, *shape]``, the VE score.
+        x: ``[B, *shape]`` noisy samples; ``sigma_start``: ``[B]`` (or scalar) their noise levels.
+        steps: solver steps: ``steps - 1`` steps down to ``sigma_end`` plus the final Tweedie step to 0
+            (a diffusers scheduler: its ``num_inference_steps`` over the stretch it integrates).
+        generator: randomness for the stochastic integrators.
+        sigma_end: last positive level of the schedule (ignored by schedulers).
+        kwargs: integrator knobs (``snr``, ``S_churn``, ``rtol`` ...).
+
+    Returns:
+        ``(x0 [B, *shape], nfe)`` with ``nfe`` the score evaluations per sample.
+    """
+    check_integrator(name)
+    steps = check_steps(steps)
+    sigma_start = check_sigma_start(sigma_start, x)
+    if not torch.isfinite(x).all():
+        raise ValueError("x contains NaN or Inf: pass finite initial samples (check the upstream sampler or data).")
+    if not isinstance(name, str):
+        from .schedulers import warm_start
+
+        return warm_start(name, score, x, sigma_start, steps, generator=generator, **kwargs)
+    sigmas = get_schedule(name, steps, sigma_start, sigma_end, append_zero=True, rho=rho)
+    return INTEGRATORS[name](score, x, sigmas, generator=generator, callback=callback, disable=disable, **kwargs)
