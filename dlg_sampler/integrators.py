@@ -270,11 +270,11 @@ def get_schedule(name: str, steps: int, sigma_start: torch.Tensor, sigma_end: fl
 
 def check_integrator(name) -> None:
     """Raise a clear error unless ``name`` is a core integrator name or a diffusers scheduler instance."""
+    if isinstance(name, str) and name in INTEGRATORS:
+        return
     from diffusers import SchedulerMixin
 
-    if isinstance(name, SchedulerMixin):
-        return
-    if not isinstance(name, str) or name not in INTEGRATORS:
+    if not isinstance(name, SchedulerMixin):
         raise ValueError(
             f"unknown integrator {name!r}: use one of {sorted(INTEGRATORS)} or a diffusers scheduler instance "
             "(e.g. DPMSolverMultistepScheduler.from_config(pipe.scheduler.config))."

@@ -106,9 +106,9 @@ class ExactNoisePosterior:
         self.mixture, self.levels = mixture, levels
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        xf = self.mixture._flat(x)
-        sig = self.levels.sigmas.to(x.device, torch.float64)
-        B, L = xf.shape[0], sig.shape[0]
-        # log p_{sigma_i}(x) for every level: [B, L]
-        lp = self.mixture._component_log_probs(xf.repeat_interleave(L, 0), sig.repeat(B)).logsumexp(-1)
-        return lp.reshape(B, L).float()
+        m = self.mixture
+        sq = torch.cdist(m._flat(x), m.means.to(x.device)) ** 2  # [B, K]
+        var = m.stds.to(x.device) ** 2 + self.levels.sigmas.to(x.device, torch.float64)[:, None] ** 2  # [L, K]
+        # log p_{sigma_i}(x) = logsumexp_k [log w_k + log N(x; mu_k, var_ik I)], for every level i: [B, L]
+        lp = m.weights.to(x.device).log() - 0.5 * sq[:, None, :] / var - 0.5 * m.dim * torch.log(2 * math.pi * var)
+        return lp.logsumexp(-1).float()
