@@ -107,8 +107,9 @@ def warm_start(scheduler, score: Score, x: torch.Tensor, sigma_start, steps: int
     counted = CountedScore(score)
     sched = copy.deepcopy(scheduler)
     target = float(sigma_start.max())
+    _check_covers(type(sched).__name__, target, _largest_level(sched))
     plan = _custom_schedule(sched, space, custom, target, steps, x.device) if custom else None
-    timesteps, S = plan or _truncated_schedule(sched, space, truncation, target, steps, x.device)
+    timesteps, S = plan or _truncated_schedule(sched, truncation, target, steps, x.device)
 
     # Common level: x + sqrt(S^2 - sigma_i^2) z ~ p_S, computed in float64 for small gaps.
     gap = (S**2 - sigma_start.double() ** 2).clamp_min(0).sqrt().to(x.dtype)
@@ -172,16 +173,26 @@ def _check_config(scheduler, space: str, steps: int) -> None:
                          "`steps` levels; with one level it steps with sigma_min's size at S).")
 
 
-def _check_covers(name: str, target: float, top: float) -> None:
-    if not target <= top:
-        raise ValueError(
-            f"the batch's largest noise level {target:.4g} is above {name}'s largest level {top:.4g}: a scheduler "
-            "cannot start above its own schedule. Use a scheduler config covering it (e.g. a larger "
-            "num_train_timesteps / sigma_max), or a noise grid (NoiseLevels) whose sigma_max is within the model's range."
-        )
+def _check_covers(name: str, target: float, top: float, steps: int | None = None) -> None:
+    """Raise unless the scheduler can start at ``target`` (``steps`` given: within its own schedule)."""
+    if target <= top:
+        return
+    where = f"{name}'s largest level {top:.4g}" if steps is None else \
+        f"{top:.4g}, the highest level from which {name}'s own schedule runs {steps} steps"
+    more = "" if steps is None else "more steps, "
+    raise ValueError(
+        f"the batch's largest noise level {target:.4g} is above {where}: a scheduler cannot start above its own "
+        f"schedule. Use {more}a scheduler config covering it (e.g. a larger num_train_timesteps / sigma_max), "
+        "or a noise grid (NoiseLevels) whose sigma_max is within the model's range."
+    )
 
 
 # ----------------------------------------------------------------------------- schedules
+def _largest_level(sched) -> float:
+    """The top of the scheduler's noise range: its training table's last level, else ``config.sigma_max``."""
+    return float(_table_sigmas(sched)[-1]) if hasattr(sched, "alphas_cumprod") else float(sched.config.sigma_max)
+
+
 def _table_sigmas(sched) -> torch.Tensor:
     """VE levels of a VP training table, ``sigma_t = sqrt((1 - abar_t) / abar_t)``, ``[T]`` float64."""
     abar = sched.alphas_cumprod.double().cpu()
@@ -214,14 +225,12 @@ def _custom_schedule(sched, space: str, custom: str, target: float, steps: int, 
     timesteps and ``S``, or None where the scheduler (version or config) does not take or honour it."""
     name, params = type(sched).__name__, inspect.signature(sched.set_timesteps).parameters
     if custom == "sigma_max":  # ScoreSdeVe: geometric from S to sigma_min in `steps` levels
-        _check_covers(name, target, sched.config.sigma_max)
         S = max(target, sched.config.sigma_min)
         sched.set_timesteps(steps, device=device)
         sched.set_sigmas(steps, sigma_max=S)
         return list(sched.timesteps), S
     if custom == "timesteps" and "timesteps" in params:
         table = _table_sigmas(sched)
-        _check_covers(name, target, float(table[-1]))
         if steps > len(table):
             raise ValueError(f"steps={steps} is more than the {len(table)} timesteps of {name}'s table.")
         t_start = max(int(torch.searchsorted(table, torch.tensor(target, dtype=torch.float64))), steps - 1)
@@ -232,7 +241,6 @@ def _custom_schedule(sched, space: str, custom: str, target: float, steps: int, 
             return None
     elif custom == "ramp" and "sigmas" in params:  # EDM: sigmas= is a ramp in [0, 1] over [sigma_max, sigma_min]
         cfg = sched.config
-        _check_covers(name, target, cfg.sigma_max)
         expected, inv = max(target, cfg.sigma_min), 1 / cfg.rho
         r0 = (expected**inv - cfg.sigma_max**inv) / (cfg.sigma_min**inv - cfg.sigma_max**inv)
         sched.set_timesteps(sigmas=torch.linspace(r0, 1, steps, dtype=torch.float64), device=device)
@@ -246,48 +254,58 @@ def _custom_schedule(sched, space: str, custom: str, target: float, steps: int, 
     return list(sched.timesteps), float(got[0])
 
 
-def _truncated_schedule(sched, space: str, truncation: str, target: float, steps: int,
-                        device) -> tuple[list, float]:
+def _stride_schedule(sched, truncation: str, target: float, steps: int, device) -> tuple[list, float]:
+    """DDIM, DDPM and PNDM step from the timestep they are given to ``t - T // num_inference_steps`` whatever
+    their list holds, so walk that stride: the finest one whose ``steps`` steps reach the first table
+    timestep covering ``target`` and end below 0 (at ``final_alpha_cumprod``); returns the walk and ``S``."""
+    name, table = type(sched).__name__, _table_sigmas(sched)
+    T = len(table)
+    t_target = int(torch.searchsorted(table, torch.tensor(target, dtype=torch.float64)))
+    n = T // math.ceil((t_target + 1) / steps)  # largest n whose stride T // n gives steps * stride > t_target
+    stride = T // n
+    if n < steps or (steps - 1) * stride > T - 1:
+        raise ValueError(f"{name} cannot walk {steps} steps of its stride T // num_inference_steps from level "
+                         f"{target:.4g} (timestep {t_target} of {T}): use more steps.")
+    sched.set_timesteps(n, device=device)
+    t_start = max(t_target, (steps - 1) * stride)
+    walk = [t_start - j * stride for j in range(steps)]
+    if truncation == "plms":  # PLMS repeats its second timestep (a Heun-like start)
+        walk = walk[:2] + walk[1:]
+    return walk, float(table[t_start])
+
+
+def _truncated_schedule(sched, truncation: str, target: float, steps: int, device) -> tuple[list, float]:
     """Start the scheduler's own full schedule late: the largest ``num_inference_steps`` whose last ``steps``
     steps start at a level ``S >= target``; returns the loop's timesteps and ``S``."""
+    if truncation in ("stride", "plms"):
+        return _stride_schedule(sched, truncation, target, steps, device)
     name = type(sched).__name__
     n_max = int(sched.config.get("num_train_timesteps", _MAX_INFERENCE_STEPS))
     if steps > n_max:
         raise ValueError(f"steps={steps} is more than {name} can take (num_inference_steps <= {n_max}).")
 
-    def tail(n: int) -> tuple[list, float, int] | None:
-        """Loop timesteps of the last ``steps`` steps of the ``n``-step schedule, their level and first step index."""
+    def tail(n: int) -> tuple[float, int] | None:
+        """Level and index of the first of the last ``steps`` steps of the ``n``-step schedule."""
         sched.set_timesteps(n, device=device)
-        if truncation in ("stride", "plms"):
-            # These step from the timestep they are given to t - T // n whatever their list holds ("trailing"
-            # and "linspace" lists are not evenly strided), so walk that stride up from the list's lowest entry.
-            table, stride = _table_sigmas(sched), n_max // sched.num_inference_steps
-            walk = [int(min(sched.timesteps)) + (steps - 1 - j) * stride for j in range(steps)]
-            return (walk, float(table[walk[0]]), 0) if walk[0] < len(table) else None
         sig = _step_sigmas(sched)
-        if len(sig) < steps:
-            return None
-        k = len(sig) - steps
-        return list(sched.timesteps)[k * sched.order:], float(sig[k]), k
+        return (float(sig[len(sig) - steps]), len(sig) - steps) if len(sig) >= steps else None
 
     top = tail(steps)
-    _check_covers(name, target, top[1] if top else 0.0)
+    _check_covers(name, target, top[0] if top else 0.0, steps)
     lo, hi = steps, n_max  # invariant: tail(lo) starts at or above target; binary search for the largest n
     last = tail(hi)
-    if last is not None and last[1] >= target:
+    if last is not None and last[0] >= target:
         lo = hi
     while hi - lo > 1:
         mid = (lo + hi) // 2
         cand = tail(mid)
-        lo, hi = (mid, hi) if cand is not None and cand[1] >= target else (lo, mid)
-    timesteps, S, k = tail(lo)
-    if truncation == "begin_index":  # as diffusers' img2img (order-2 schedulers index interleaved arrays at 2 k)
-        sched.set_begin_index(k * sched.order)
-    elif truncation == "slice":  # LMS: its order ramp reads the absolute step index, so cut the arrays instead
+        lo, hi = (mid, hi) if cand is not None and cand[0] >= target else (lo, mid)
+    S, k = tail(lo)
+    if truncation == "slice":  # LMS: its order ramp reads the absolute step index, so cut the arrays instead
         sched.timesteps, sched.sigmas = sched.timesteps[k:], sched.sigmas[k:]
-    elif truncation == "plms":  # PLMS repeats its second timestep (a Heun-like start)
-        timesteps = timesteps[:2] + timesteps[1:]
-    return timesteps, S
+        return list(sched.timesteps), S
+    sched.set_begin_index(k * sched.order)  # as diffusers' img2img (order-2: interleaved arrays, index 2 k)
+    return list(sched.timesteps)[k * sched.order:], S
 
 
 # ----------------------------------------------------------------------------- model calls
