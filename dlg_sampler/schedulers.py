@@ -5,7 +5,9 @@ when its ``name`` is a scheduler instance). One call:
 
 1. **Common level.** Pick the scheduler's own noise level ``S >= max(sigma_start)`` at which a schedule of
    ``steps`` solver steps starts, and bring every sample there exactly: ``x + sqrt(S^2 - sigma_i^2) z`` is
-   distributed as ``p_S`` when ``x ~ p_{sigma_i}``.
+   distributed as ``p_S`` when ``x ~ p_{sigma_i}``. With ``groups=g`` the batch is first split by sigma into
+   ``g`` equal groups, each with its own ``S`` (same NFE per sample; much less re-noising when the levels
+   are spread out, as DLG's selected sigmas are).
 2. **Schedule from S.** Where ``set_timesteps`` takes a custom schedule that can start anywhere (checked with
    ``inspect``, and read back afterwards), give it one of ``steps`` steps: for DDPM, DPM-Solver, Euler and
    Heun, integer ``timesteps=`` from the first table timestep whose level covers ``max(sigma_start)`` down
@@ -43,8 +45,6 @@ from __future__ import annotations
 import copy
 import inspect
 import math
-from typing import Callable
-
 import numpy as np
 import torch
 
@@ -86,7 +86,7 @@ def supported_schedulers() -> list[str]:
 
 @torch.no_grad()
 def warm_start(scheduler, score: Score, x: torch.Tensor, sigma_start, steps: int, *,
-               generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
+               generator: torch.Generator | None = None, groups: int = 1) -> tuple[torch.Tensor, int]:
     """Denoise VE samples ``x [B, *shape]`` at levels ``sigma_start [B]`` with a diffusers scheduler.
 
     Args:
@@ -96,18 +96,32 @@ def warm_start(scheduler, score: Score, x: torch.Tensor, sigma_start, steps: int
         x: ``[B, *shape]`` samples of ``p_{sigma_start}``; ``sigma_start``: ``[B]`` (or scalar), > 0.
         steps: the scheduler's ``num_inference_steps`` over the stretch from the common level ``S`` to 0.
         generator: randomness for the re-noising to ``S`` and for stochastic schedulers.
+        groups: split the batch by ``sigma_start`` into this many equal groups, each run from its own common
+            level (same NFE per sample, ``groups`` times the calls on smaller batches). With spread-out
+            levels (DLG's selected sigmas) this saves re-noising low-sigma samples up to the batch maximum.
 
     Returns:
         ``(x0 [B, *shape], nfe)``: clean samples in the VE data space and score calls per sample.
     """
     space, custom, truncation = _spec(scheduler)
     steps = check_steps(steps)
+    groups = check_steps(groups, "groups")
     sigma_start = check_sigma_start(sigma_start, x)
     _check_config(scheduler, space, steps)
+    _check_covers(type(scheduler).__name__, float(sigma_start.max()), _largest_level(scheduler))
+    out, nfe = torch.empty_like(x), 0
+    for idx in sigma_start.argsort().chunk(groups):
+        out[idx], group_nfe = _warm_start_group(copy.deepcopy(scheduler), space, custom, truncation, score,
+                                                x[idx], sigma_start[idx], steps, generator)
+        nfe = max(nfe, group_nfe)
+    return out, nfe
+
+
+def _warm_start_group(sched, space: str, custom: str | None, truncation: str | None, score: Score,
+                      x: torch.Tensor, sigma_start: torch.Tensor, steps: int, generator) -> tuple[torch.Tensor, int]:
+    """One common level ``S >= max(sigma_start)`` and one schedule for the whole of ``x``, driving ``sched``."""
     counted = CountedScore(score)
-    sched = copy.deepcopy(scheduler)
     target = float(sigma_start.max())
-    _check_covers(type(sched).__name__, target, _largest_level(sched))
     plan = _custom_schedule(sched, space, custom, target, steps, x.device) if custom else None
     timesteps, S = plan or _truncated_schedule(sched, truncation, target, steps, x.device)
 
@@ -135,7 +149,7 @@ def warm_start(scheduler, score: Score, x: torch.Tensor, sigma_start, steps: int
 
 
 # ----------------------------------------------------------------------------- checks
-def _spec(scheduler) -> tuple[str, str | None, str]:
+def _spec(scheduler) -> tuple[str, str | None, str | None]:
     """The bridge for ``scheduler``'s class (or its nearest supported base class); TypeError if none."""
     for cls in type(scheduler).__mro__:
         if cls.__name__ in _SUPPORTED and cls.__module__.startswith("diffusers"):
@@ -260,6 +274,8 @@ def _stride_schedule(sched, truncation: str, target: float, steps: int, device) 
     timestep covering ``target`` and end below 0 (at ``final_alpha_cumprod``); returns the walk and ``S``."""
     name, table = type(sched).__name__, _table_sigmas(sched)
     T = len(table)
+    if steps > T:
+        raise ValueError(f"steps={steps} is more than the {T} timesteps of {name}'s table.")
     t_target = int(torch.searchsorted(table, torch.tensor(target, dtype=torch.float64)))
     n = T // math.ceil((t_target + 1) / steps)  # largest n whose stride T // n gives steps * stride > t_target
     stride = T // n
@@ -321,7 +337,7 @@ def _call_sigma(sched, t) -> float:
     return float(sched.sigmas[idx])
 
 
-def _model_output(sched, space: str, score: Callable, x: torch.Tensor, sigma: float) -> torch.Tensor:
+def _model_output(sched, space: str, score: CountedScore, x: torch.Tensor, sigma: float) -> torch.Tensor:
     """The VE score at ``(x, sigma)`` converted to what ``sched.step`` expects from the model."""
     s = score(x, torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device))
     if space == "ve":

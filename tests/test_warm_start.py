@@ -212,6 +212,26 @@ def test_user_scheduler_is_not_mutated_and_history_does_not_leak(case):
     assert torch.equal(runs[0], runs[1])  # a multistep history left over from the first call would differ
 
 
+def test_groups_run_each_sigma_group_from_its_own_level():
+    """``groups=4``: four sub-batches by sigma, each from its own common level; same NFE per sample, and far
+    less re-noising of low-sigma samples (measured: sliced W1 0.204 -> 0.063 for Euler, 5 steps)."""
+    x, sigma = start("mixed")
+    calls = []
+
+    def score(x, s):
+        calls.append((len(x), float(s.max())))
+        return MIX.score(x, s)
+
+    x1, nfe1 = warm_start(EulerDiscreteScheduler(), MIX.score, x, sigma, 5, generator=torch.Generator().manual_seed(1))
+    x4, nfe4 = warm_start(EulerDiscreteScheduler(), score, x, sigma, 5, generator=torch.Generator().manual_seed(1),
+                          groups=4)
+    assert nfe1 == nfe4 == 5 and len(calls) == 4 * 5 and {n for n, _ in calls} == {N // 4}
+    first_levels = [level for _, level in calls[::5]]  # each group starts just above its own largest sigma
+    quartiles = sigma.sort().values.reshape(4, -1).max(1).values.tolist()
+    assert all(q <= s < 1.01 * q for q, s in zip(quartiles, first_levels)), (quartiles, first_levels)
+    assert sliced_w1(x4) < 0.5 * sliced_w1(x1)
+
+
 def test_integrate_dispatches_schedulers_here():
     x, sigma = start("mixed", n=256)
     a = integrate(DPMSolverMultistepScheduler(), MIX.score, x, sigma, 8, generator=torch.Generator().manual_seed(0))
