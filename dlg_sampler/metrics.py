@@ -1,0 +1,135 @@
+"""Sample-quality metrics: Frechet distance, sliced Wasserstein, k-NN precision/recall, class coverage, mode weights.
+
+All functions take torch tensors (or anything ``torch.as_tensor`` accepts), compute in float64 on the CPU and
+return Python numbers, so results do not depend on the device or dtype the samples were made in.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import scipy.linalg
+import torch
+
+
+def _as_matrix(x, name: str, *, flatten: bool = False) -> torch.Tensor:
+    """``x`` as a float64 CPU matrix ``[N, F]`` (``flatten``: ``[N, *shape]`` is flattened first)."""
+    x = torch.as_tensor(x).detach().to("cpu", torch.float64)
+    if flatten and x.dim() > 2:
+        x = x.flatten(1)
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be a matrix [N, F], got shape {tuple(x.shape)}.")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or inf values; drop or fix those samples first.")
+    return x
+
+
+def frechet_distance(feats_a, feats_b) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets ``[N, F]`` and ``[M, F]``.
+
+    ``|mu_a - mu_b|^2 + tr(C_a + C_b - 2 (C_a C_b)^{1/2})`` (the FID formula), in float64 with
+    ``scipy.linalg.sqrtm``; for ``N(0, I)`` vs ``N(m, I)`` it is ``|m|^2``.
+    """
+    a, b = _as_matrix(feats_a, "feats_a").numpy(), _as_matrix(feats_b, "feats_b").numpy()
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"feature sizes differ: {a.shape[1]} vs {b.shape[1]}; use the same feature extractor.")
+    if min(len(a), len(b)) < 2:
+        raise ValueError("frechet_distance needs at least 2 samples in each set to estimate a covariance.")
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
+    covmean = scipy.linalg.sqrtm(cov_a @ cov_b)
+    if not np.isfinite(covmean).all():  # singular product: regularise as in the reference FID code
+        eps = 1e-6 * np.eye(len(cov_a))
+        covmean = scipy.linalg.sqrtm((cov_a + eps) @ (cov_b + eps))
+    fd = ((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2.0 * np.trace(covmean.real)
+    return float(max(fd, 0.0))
+
+
+def sliced_wasserstein(a, b, num_projections: int = 256, generator: torch.Generator | None = None) -> float:
+    """Sliced 2-Wasserstein distance between samples ``a [N, D]`` and ``b [M, D]`` (``[N, *shape]`` is flattened).
+
+    ``SW_2 = (E_theta W_2^2(theta.a, theta.b))^{1/2}`` over ``num_projections`` random unit directions; each 1-D
+    ``W_2`` compares sorted projections (``N == M``) or, for unequal sizes, both quantile functions at
+    ``max(N, M)`` midpoints (linear interpolation). A shift ``m`` gives ``|m| / sqrt(D)`` (``|m|`` in 1-D).
+    """
+    a, b = _as_matrix(a, "a", flatten=True), _as_matrix(b, "b", flatten=True)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"sample dimensions differ: {a.shape[1]} vs {b.shape[1]}.")
+    if num_projections < 1:
+        raise ValueError(f"num_projections must be >= 1, got {num_projections}.")
+    theta = torch.randn(a.shape[1], num_projections, generator=generator, dtype=torch.float64)
+    theta = theta / theta.norm(dim=0, keepdim=True)
+    pa, pb = (a @ theta).sort(0).values, (b @ theta).sort(0).values  # [N, P], [M, P]
+    if len(pa) != len(pb):
+        n = max(len(pa), len(pb))
+        q = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+        pa, pb = _quantiles(pa, q), _quantiles(pb, q)
+    return float(((pa - pb) ** 2).mean().sqrt())
+
+
+def _quantiles(sorted_x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Empirical quantiles of each column of ``sorted_x [N, P]`` at levels ``q [Q]`` (midpoint rule): ``[Q, P]``."""
+    n = len(sorted_x)
+    grid = ((torch.arange(n, dtype=torch.float64) + 0.5) / n).numpy()
+    return torch.from_numpy(np.stack([np.interp(q.numpy(), grid, col) for col in sorted_x.T.numpy()], 1))
+
+
+def precision_recall(real_feats, fake_feats, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019) of ``fake_feats [M, F]`` against ``real_feats [N, F]``.
+
+    Each set's manifold is the union of balls around its points with radius the distance to the point's k-th
+    nearest neighbour in the same set. Precision: fraction of fake points inside the real manifold (fidelity);
+    recall: fraction of real points inside the fake manifold (diversity).
+    """
+    real, fake = _as_matrix(real_feats, "real_feats"), _as_matrix(fake_feats, "fake_feats")
+    if real.shape[1] != fake.shape[1]:
+        raise ValueError(f"feature sizes differ: {real.shape[1]} vs {fake.shape[1]}.")
+    if not 1 <= k < min(len(real), len(fake)):
+        raise ValueError(f"k must be in [1, min(N, M) - 1] = [1, {min(len(real), len(fake)) - 1}], got {k}.")
+
+    def radii(x: torch.Tensor) -> torch.Tensor:  # [N]: distance to the k-th neighbour (index 0 is the point itself)
+        return torch.cdist(x, x).kthvalue(k + 1, dim=1).values
+
+    d = torch.cdist(fake, real)  # [M, N]
+    precision = (d <= radii(real)[None, :]).any(1).double().mean()
+    recall = (d.T <= radii(fake)[None, :]).any(1).double().mean()
+    return float(precision), float(recall)
+
+
+def class_coverage(labels, num_classes: int = 10) -> dict:
+    """How well predicted class labels ``[N]`` cover ``num_classes`` classes.
+
+    Returns a dict: ``coverage`` (fraction of classes present), ``entropy`` (entropy of the class histogram over
+    ``log(num_classes)``: 1 is perfectly balanced), ``balance`` (smallest / largest class count: 0 if a class is
+    missing) and ``class_counts`` (list of ``num_classes`` ints).
+    """
+    labels = torch.as_tensor(labels).detach().cpu()
+    if labels.dim() != 1 or labels.dtype.is_floating_point:
+        raise ValueError(f"labels must be a 1-D integer tensor, got shape {tuple(labels.shape)} {labels.dtype}.")
+    if len(labels) == 0 or labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"labels must be non-empty and in [0, {num_classes}); pass the right num_classes.")
+    counts = torch.bincount(labels.long(), minlength=num_classes).double()
+    p = counts / counts.sum()
+    entropy = -(p[p > 0] * p[p > 0].log()).sum() / math.log(num_classes) if num_classes > 1 else torch.tensor(1.0)
+    return {
+        "coverage": float((counts > 0).double().mean()),
+        "entropy": float(entropy),
+        "balance": float(counts.min() / counts.max()),
+        "class_counts": [int(c) for c in counts],
+    }
+
+
+def mode_weight_error(weights_est, weights_true) -> float:
+    """Total-variation distance ``0.5 * sum_k |w_est_k - w_true_k|`` between two mode-weight vectors ``[K]``.
+
+    Both must be probability vectors (e.g. ``GaussianMixture.mode_weights(samples)`` and ``mixture.weights``).
+    """
+    est = torch.as_tensor(weights_est).detach().to("cpu", torch.float64)
+    true = torch.as_tensor(weights_true).detach().to("cpu", torch.float64)
+    if est.dim() != 1 or est.shape != true.shape:
+        raise ValueError(f"weights must be two vectors [K] of equal size, got {tuple(est.shape)} and {tuple(true.shape)}.")
+    for name, w in (("weights_est", est), ("weights_true", true)):
+        if (w < 0).any() or abs(float(w.sum()) - 1.0) > 1e-6:
+            raise ValueError(f"{name} must be non-negative and sum to 1 (got sum {float(w.sum()):.6g}); normalise it.")
+    return float(0.5 * (est - true).abs().sum())
