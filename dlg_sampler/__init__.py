@@ -2,10 +2,11 @@
 
 from .gibbs import gibbs_step, langevin_step, sample_sigma_index
 from .integrators import INTEGRATORS, integrate
+from .classifier import NoiseClassifier
 from .levels import NoiseLevels
 from .mixture import ExactNoisePosterior, GaussianMixture
 from .sampler import DLGSampler
 
-__all__ = ["NoiseLevels", "DLGSampler", "integrate", "INTEGRATORS", "GaussianMixture", "ExactNoisePosterior",
+__all__ = ["NoiseLevels", "NoiseClassifier", "DLGSampler", "integrate", "INTEGRATORS", "GaussianMixture", "ExactNoisePosterior",
            "langevin_step", "sample_sigma_index", "gibbs_step"]
 __version__ = "0.1.0"
