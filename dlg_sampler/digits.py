@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+from huggingface_hub import PyTorchModelHubMixin
+from torch import nn
+
+from .metrics import class_coverage, frechet_distance, precision_recall
 
 #: Fraction of the 1797 digits held out for evaluation (never seen by any shipped model).
 HELD_OUT_FRACTION = 0.2
@@ -27,3 +33,106 @@ def load_digits_data(split: str = "train", return_labels: bool = False):
     n_test = int(round(HELD_OUT_FRACTION * len(x)))
     idx = {"train": perm[n_test:], "test": perm[:n_test], "all": torch.arange(len(x))}[split]
     return (x[idx], y[idx]) if return_labels else x[idx]
+
+
+#: The shipped digits weights, inside the package.
+DIGITS_DIR = Path(__file__).parent / "weights" / "digits"
+#: The digits diffusion model: a diffusers ``DDPMPipeline`` folder (``UNet2DModel`` + linear-beta ``DDPMScheduler``).
+PIPELINE_DIR = DIGITS_DIR / "pipeline"
+#: The noise classifier trained for the digits model (``NoiseClassifier.from_pretrained``).
+CLASSIFIER_DIR = DIGITS_DIR / "classifier"
+#: The digit recogniser whose penultimate layer is the feature space of the digits Frechet distance.
+FEATURES_DIR = DIGITS_DIR / "features"
+
+
+def load_digits_pipeline(**kwargs):
+    """The shipped digits diffusion model: ``DDPMPipeline.from_pretrained(PIPELINE_DIR, **kwargs)``."""
+    from diffusers import DDPMPipeline
+
+    return DDPMPipeline.from_pretrained(PIPELINE_DIR, **kwargs)
+
+
+class DigitFeatureNet(nn.Module, PyTorchModelHubMixin, tags=["digits", "feature-extractor"]):
+    """Small CNN digit classifier for ``[N, 1, 8, 8]`` images in ``[-1, 1]``.
+
+    ``features(x) -> [N, feature_dim]`` (the penultimate layer, used for the Frechet distance);
+    ``forward(x) -> logits [N, num_classes]`` (its argmax reads the digit, used for class coverage).
+    """
+
+    def __init__(self, channels: int = 32, feature_dim: int = 64, num_classes: int = 10):
+        super().__init__()
+        c = channels
+        self.body = nn.Sequential(
+            nn.Conv2d(1, c, 3, padding=1), nn.GELU(), nn.Conv2d(c, c, 3, padding=1), nn.GELU(),
+            nn.MaxPool2d(2),  # 4x4
+            nn.Conv2d(c, 2 * c, 3, padding=1), nn.GELU(), nn.MaxPool2d(2),  # 2x2
+            nn.Flatten(), nn.Linear(8 * c, feature_dim), nn.GELU(),
+        )
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [N, 1, 8, 8]`` in ``[-1, 1]`` -> penultimate features ``[N, feature_dim]``."""
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [N, 1, 8, 8]`` -> class logits ``[N, num_classes]``."""
+        return self.head(self.body(x))
+
+
+def load_digit_features(path: str | Path = FEATURES_DIR, **kwargs) -> DigitFeatureNet:
+    """The shipped digit feature network (``DigitFeatureNet.from_pretrained``), in eval mode."""
+    return DigitFeatureNet.from_pretrained(path, **kwargs).eval()
+
+
+class DigitsEvaluator:
+    """Sample quality on the digits preset, against the held-out split (never seen by the shipped models).
+
+    Args:
+        net: the feature network; the shipped one if omitted.
+        batch_size: images per forward pass.
+    """
+
+    def __init__(self, net: DigitFeatureNet | None = None, batch_size: int = 1000):
+        self.net = (net or load_digit_features()).eval()
+        self.batch_size = batch_size
+        self._real_feats: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def _forward(self, images: torch.Tensor, fn) -> torch.Tensor:
+        images = torch.as_tensor(images)
+        if images.dim() != 4 or tuple(images.shape[1:]) != (1, 8, 8):
+            raise ValueError(f"digits images must be [N, 1, 8, 8] in [-1, 1], got shape {tuple(images.shape)}.")
+        if not torch.isfinite(images).all():
+            raise ValueError("images contain NaN or inf values; the sampler diverged for some samples.")
+        device = next(self.net.parameters()).device
+        chunks = [fn(chunk.to(device, torch.float32)).cpu() for chunk in images.split(self.batch_size)]
+        return torch.cat(chunks)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """``images [N, 1, 8, 8]`` in ``[-1, 1]`` -> features ``[N, F]``."""
+        return self._forward(images, self.net.features)
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """``images [N, 1, 8, 8]`` -> predicted digit ``[N]`` (long)."""
+        return self._forward(images, self.net).argmax(-1)
+
+    def real_features(self, split: str = "test") -> torch.Tensor:
+        """Features ``[N, F]`` of a real split (cached)."""
+        if split not in self._real_feats:
+            self._real_feats[split] = self.features(load_digits_data(split))
+        return self._real_feats[split]
+
+    def real_fd_floor(self) -> float:
+        """FD of the held-out real digits to the training digits: the best a sampler can expect to reach."""
+        return frechet_distance(self.real_features("test"), self.real_features("train"))
+
+    def evaluate(self, samples: torch.Tensor, k: int = 3) -> dict:
+        """Quality of ``samples [N, 1, 8, 8]`` in ``[-1, 1]`` against the held-out digits.
+
+        Returns ``fd``, ``precision``, ``recall`` (k-NN manifolds, ``k``), the class coverage of the predicted
+        digits (``coverage``, ``entropy``, ``balance``, ``class_counts``) and ``n``.
+        """
+        feats, real = self.features(samples), self.real_features("test")
+        precision, recall = precision_recall(real, feats, k=k)
+        return {"fd": frechet_distance(feats, real), "precision": precision, "recall": recall,
+                **class_coverage(self.predict(samples), num_classes=self.net.head.out_features), "n": len(samples)}
