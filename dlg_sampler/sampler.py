@@ -169,6 +169,13 @@ class DLGSampler:
     def step(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """One DLG batch (steps 2-5): returns ``[k, *shape]`` samples, one per chain that stayed finite (k <= C)."""
         g = generator or self.generator
+        x, sigma = self.gibbs_and_select(g)
+        return self.denoise(x, sigma, g)
+
+    @torch.no_grad()
+    def gibbs_and_select(self, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Steps 2-3 of one batch: ``(x [k, *shape], sigma [k])``, each finite chain's selected (min-sigma) state."""
+        g = generator or self.generator
         if self.x is None:
             self.warm_up(g)
         levels, x, s = self.levels, self.x, self.sigma_idx
@@ -186,17 +193,22 @@ class DLGSampler:
             best_s = torch.where(better, s, best_s)
         self.x, self.sigma_idx = x, s  # the chains persist from their last state
         keep = ~lost
-        samples = self.denoise(best_x[keep], levels.sigma(best_s[keep]).to(self.dtype), g)
         self._counts["gibbs"] += self.gibbs_steps * self.num_chains
         self._counts["batches"] += 1
         self._selected_hist += torch.bincount(best_s[keep].cpu(), minlength=len(levels))
+        selected = best_x[keep], levels.sigma(best_s[keep]).to(self.dtype)
         if lost.any():  # diverged chains restart from the warm-up path and are never emitted
             self._counts["reinitialised"] += int(lost.sum())
             self.warm_up(g, chains=lost.nonzero().squeeze(1))
-        return samples
+        return selected
 
-    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Steps 4-5: ``x [k, *shape]`` at its own levels ``sigma [k]`` -> clean samples ``[k, *shape]``."""
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, generator: torch.Generator | None = None, *,
+                tweedie: bool = True) -> torch.Tensor:
+        """Steps 4-5: ``x [k, *shape]`` at its own levels ``sigma [k]`` -> clean samples ``[k, *shape]``.
+
+        With ``tweedie=False`` (core integrators only) the samples are returned at ``tweedie_sigma``, before the
+        Tweedie step, for a caller that makes that last model call itself (``DLGScheduler``).
+        """
         if len(x) == 0:
             return x
         score = CountedScore(self.score)
@@ -205,9 +217,11 @@ class DLGSampler:
             sigmas = get_schedule(self.integrator, self.denoise_steps, sigma, self.tweedie_sigma, append_zero=False)
             x, _ = INTEGRATORS[self.integrator](score, x, sigmas, generator=generator, **self.integrator_kwargs)
             denoise_nfe = score.nfe
-            # Tweedie step: D(x, sigma_end) = x + sigma_end^2 s(x, sigma_end).
-            x = score.denoise(x, sigmas[-1])
-            self._counts["tweedie"] += len(x)
+            if tweedie:  # Tweedie step: D(x, sigma_end) = x + sigma_end^2 s(x, sigma_end).
+                x = score.denoise(x, sigmas[-1])
+                self._counts["tweedie"] += len(x)
+        elif not tweedie:
+            raise ValueError("tweedie=False needs a core integrator: a diffusers scheduler denoises to 0 itself.")
         else:  # a diffusers scheduler denoises to 0 by itself
             kwargs = {"groups": min(SCHEDULER_GROUPS, len(x)), **self.integrator_kwargs}
             x, denoise_nfe = integrate(self.integrator, score, x, sigma, self.denoise_steps, generator=generator,
@@ -215,6 +229,10 @@ class DLGSampler:
         self._counts["denoise"] += denoise_nfe * len(x)
         self._counts["samples"] += len(x)
         return x
+
+    def record_tweedie(self, k: int) -> None:
+        """Count ``k`` Tweedie steps made by a caller after ``denoise(..., tweedie=False)``."""
+        self._counts["tweedie"] += k
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Exactly ``n`` samples ``[n, *shape]`` from as many batches as needed (leftovers are kept for the next call)."""
