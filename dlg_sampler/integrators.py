@@ -329,3 +329,28 @@ def integrate(name, score: Score, x: torch.Tensor, sigma_start, steps: int, *, g
         return warm_start(name, score, x, sigma_start, steps, generator=generator, **kwargs)
     sigmas = get_schedule(name, steps, sigma_start, sigma_end, append_zero=True, rho=rho)
     return INTEGRATORS[name](score, x, sigmas, generator=generator, callback=callback, disable=disable, **kwargs)
+
+
+def count_nfe(integrator, steps: int, *, dlg: bool) -> int:
+    """Score evaluations per sample of ``steps`` denoising steps, counted by running ``integrator`` on a zero score.
+
+    ``dlg=True``: as ``DLGSampler.denoise`` runs it (down to the Tweedie level, plus the Tweedie step);
+    ``dlg=False``: as :func:`integrate` runs it (with its own last step to 0). Adaptive ``ode_rk45`` counts the
+    minimum.
+    """
+    x, sigma = torch.zeros(1, 1), torch.ones(1)
+    score = CountedScore(lambda x, sigma: torch.zeros_like(x))
+    if isinstance(integrator, str) and dlg:
+        INTEGRATORS[integrator](score, x, get_schedule(integrator, steps, sigma, SIGMA_END, append_zero=False))
+        return score.nfe + 1
+    return integrate(integrator, score, x, sigma, steps)[1]
+
+
+def steps_for_nfe(integrator, budget: int, *, dlg: bool) -> int | None:
+    """The most solver steps whose NFE per sample (:func:`count_nfe`) fits ``budget``; ``None`` if one step does not."""
+    best = None
+    for steps in range(1, budget + 1):
+        if count_nfe(integrator, steps, dlg=dlg) > budget:
+            break
+        best = steps
+    return best

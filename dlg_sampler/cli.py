@@ -1,0 +1,292 @@
+"""Console scripts: ``dlg-sample`` (DLG samples from a pretrained model) and ``dlg-train-classifier``."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import digits
+from .classifier import NoiseClassifier, train_noise_classifier
+from .integrators import steps_for_nfe
+from .models import load_images, load_model
+
+DIGITS = "digits"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dlg-train-classifier
+
+
+def train_classifier_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dlg-train-classifier",
+        description="Train a noise classifier p(sigma_i | x) for a diffusion model's sigma range (resumable).",
+    )
+    p.add_argument("--data", default=DIGITS,
+                   help="clean training images: 'digits' (the shipped preset's training split), or a folder of "
+                        "images (searched recursively, so a datasets-style imagefolder with class subfolders works)")
+    p.add_argument("--model", default=None,
+                   help="the diffusion model whose sigma range and sample shape the classifier gets (a diffusers "
+                        "folder or Hub id); default: the shipped digits model for --data digits")
+    p.add_argument("--sigma-min", type=float, default=None, help="override the grid's lowest level")
+    p.add_argument("--sigma-max", type=float, default=None, help="override the grid's highest level")
+    p.add_argument("--num-levels", type=int, default=1000)
+    p.add_argument("--image-size", type=int, default=None, help="resize folder images (default: the model's size)")
+    p.add_argument("--channels", type=int, nargs="+", default=[32, 64, 128], help="CNN conv widths")
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--out", required=True, help="output folder (save_pretrained); checkpoints go to OUT/checkpoints")
+    p.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="also push the result to this Hub repo")
+    p.add_argument("--device", default=None)
+    return p
+
+
+def train_classifier_main(argv: list[str] | None = None) -> None:
+    args = train_classifier_parser().parse_args(argv)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        sys.exit(f"error: --out {out} is a file; pass a folder path.")
+    model_spec = args.model or (digits.PIPELINE_DIR if args.data == DIGITS else None)
+    shape, sigma_min, sigma_max = None, args.sigma_min, args.sigma_max
+    if model_spec is not None:
+        model = load_model(str(model_spec), device="cpu")
+        shape, sigma_min, sigma_max = model.shape, sigma_min or model.sigma_min, sigma_max or model.sigma_max
+    if args.data == DIGITS:
+        data, held_out = digits.load_digits_data("train"), digits.load_digits_data("test")
+    else:
+        size = args.image_size or (shape[-1] if shape else None)
+        data = load_images(args.data, size=size, channels=shape[0] if shape else None)
+        held_out = None
+    if shape is not None and tuple(data.shape[1:]) != tuple(shape):
+        sys.exit(f"error: the training images have shape {list(data.shape[1:])} but the model samples "
+                 f"{list(shape)}: pass --image-size or images with the model's channel count.")
+    if sigma_min is None or sigma_max is None:
+        sys.exit("error: the noise grid is unknown: pass --model (the diffusion model the classifier is for) or "
+                 "both --sigma-min and --sigma-max.")
+    classifier = NoiseClassifier(sigma_min, sigma_max, args.num_levels, sample_shape=list(data.shape[1:]),
+                                 channels=args.channels, hidden=args.hidden)
+    print(f"noise classifier for {classifier.levels!r} on {len(data)} images of shape {list(data.shape[1:])}")
+    metrics = train_noise_classifier(classifier, data, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                     seed=args.seed, eval_data=held_out, checkpoint_dir=out / "checkpoints",
+                                     checkpoint_every=args.checkpoint_every, device=args.device)
+    classifier.save_pretrained(out)
+    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+    print(f"saved to {out}")
+    if args.push_to_hub:
+        classifier.push_to_hub(args.push_to_hub)
+        print(f"pushed to https://huggingface.co/{args.push_to_hub}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dlg-sample
+
+#: DLG settings of the shipped digits preset (DESIGN.md: eta 0.1 keeps the chains near sigma ~0.7).
+DIGITS_PRESET = {"step_size": 0.1, "gibbs_steps": 2, "nfe": 10}
+
+
+def sample_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dlg-sample",
+        description="Draw samples from a pretrained diffusion model with Denoising Langevin Gibbs (DLG). With no "
+                    "arguments: the shipped digits model and classifier, compared with the vanilla integrator.",
+    )
+    p.add_argument("--model", default=None, help="diffusers pipeline folder, Hub repo id or score_sde checkpoint "
+                                                 "(default: the shipped digits model)")
+    p.add_argument("--classifier", default=None, help="NoiseClassifier folder or Hub repo id (default: the shipped "
+                                                      "digits classifier with the digits model)")
+    p.add_argument("--score-sde-net", default=None, metavar="MODULE:FUNCTION",
+                   help="builds the network of a score_sde checkpoint")
+    p.add_argument("--sde", default="vp", choices=["vp", "subvp", "ve"], help="SDE of a score_sde checkpoint")
+    p.add_argument("--shape", type=int, nargs="+", default=None, help="sample shape of a score_sde checkpoint")
+    p.add_argument("--integrator", default="karras_heun",
+                   help="denoising integrator: one of the core names or a diffusers scheduler class name "
+                        "(configured from the pipeline's scheduler), e.g. DPMSolverMultistepScheduler")
+    p.add_argument("--nfe", type=int, default=None, help="network evaluations per sample (Gibbs + denoising + "
+                                                         "Tweedie); sets --denoise-steps (default 10 for digits)")
+    p.add_argument("--denoise-steps", type=int, default=None, help="denoising solver steps (instead of --nfe)")
+    p.add_argument("--gibbs-steps", type=int, default=None, help="Gibbs steps per batch (default 2)")
+    p.add_argument("--step-size", type=float, default=None, help="Langevin step size eta (default 0.1); it sets "
+                                                                 "the chains' working noise level")
+    p.add_argument("--chains", type=int, default=256, help="persistent chains (at most --n are used)")
+    p.add_argument("--n", type=int, default=256, help="number of samples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="samples.png", help="PNG grid (the raw samples go next to it as .safetensors)")
+    p.add_argument("--out-dir", default=None, help="write resumable shards + manifest here instead of --out")
+    p.add_argument("--shard-size", type=int, default=1024, help="samples per shard with --out-dir")
+    p.add_argument("--png", action="store_true", help="with --out-dir, also write one PNG grid per shard")
+    p.add_argument("--overwrite", action="store_true", help="with --out-dir, discard a previous run there")
+    p.add_argument("--compare", action=argparse.BooleanOptionalAction, default=None,
+                   help="also run the vanilla integrator at the same NFE and compare (default: on for digits)")
+    p.add_argument("--device", default=None)
+    return p
+
+
+def _positive(value, name: str, parser: argparse.ArgumentParser) -> None:
+    if value is not None and (not math.isfinite(value) or value <= 0):
+        parser.error(f"{name} must be positive, got {value}")
+
+
+def _make_integrator(name: str, model):
+    """A core integrator name, or a diffusers scheduler class name configured from the pipeline's scheduler."""
+    from .integrators import INTEGRATORS
+    from .schedulers import supported_schedulers
+
+    if name in INTEGRATORS:
+        return name
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    if cls is None or name not in supported_schedulers():
+        raise ValueError(f"unknown integrator {name!r}: use one of {sorted(INTEGRATORS)} or a diffusers scheduler "
+                         f"class name from {supported_schedulers()}.")
+    base = getattr(model.pipeline, "scheduler", None)
+    return cls.from_config(base.config) if base is not None else cls()
+
+
+def _save_grid(images: torch.Tensor, path: Path) -> None:
+    """``images [N, C, H, W]`` in ``[-1, 1]`` -> one PNG grid (diffusers' ``make_image_grid``), upscaled if tiny."""
+    from diffusers.utils import make_image_grid
+    from PIL import Image
+
+    arr = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    pil = [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arr]
+    scale = max(1, 64 // max(pil[0].size))
+    pil = [im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in pil]
+    cols = math.ceil(math.sqrt(len(pil)))
+    rows = math.ceil(len(pil) / cols)
+    pil += [Image.new(pil[0].mode, pil[0].size)] * (rows * cols - len(pil))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    make_image_grid(pil, rows, cols).save(path)
+
+
+def sample_main(argv: list[str] | None = None) -> None:
+    from safetensors.torch import save_file
+
+    from .models import load_classifier
+    from .sampler import DLGSampler
+    from .shards import ShardWriter, shard_sizes
+
+    parser = sample_parser()
+    args = parser.parse_args(argv)
+    for name in ("nfe", "denoise_steps", "gibbs_steps", "step_size", "chains", "n", "shard_size"):
+        _positive(getattr(args, name), "--" + name.replace("_", "-"), parser)
+    if args.nfe is not None and args.denoise_steps is not None:
+        parser.error("pass --nfe or --denoise-steps, not both")
+    preset = args.model is None
+    if preset and args.classifier is not None:
+        parser.error("--classifier needs --model (the shipped classifier belongs to the shipped model)")
+    if not preset and args.classifier is None:
+        parser.error("--model needs --classifier: a noise classifier for that model (train one with "
+                     "dlg-train-classifier --model MODEL --data IMAGES --out FOLDER)")
+    torch.manual_seed(args.seed)
+    try:
+        model = load_model(str(digits.PIPELINE_DIR if preset else args.model), score_sde_net=args.score_sde_net,
+                           sde=args.sde, shape=tuple(args.shape) if args.shape else None, device=args.device)
+        classifier = load_classifier(digits.CLASSIFIER_DIR if preset else args.classifier, args.device)
+        integrator = _make_integrator(args.integrator, model)
+    except ValueError as err:
+        sys.exit(f"error: {err}")
+    gibbs = args.gibbs_steps or DIGITS_PRESET["gibbs_steps"]
+    if args.denoise_steps is not None:
+        steps = args.denoise_steps
+    else:
+        budget = args.nfe or DIGITS_PRESET["nfe"]
+        if isinstance(integrator, str) and integrator == "ode_rk45":
+            sys.exit("error: ode_rk45 is adaptive, its NFE cannot be budgeted: pass --denoise-steps instead of --nfe.")
+        steps = steps_for_nfe(integrator, budget - gibbs, dlg=True)
+        if steps is None:
+            sys.exit(f"error: --nfe {budget} leaves no room for denoising after {gibbs} Gibbs steps: raise --nfe or "
+                     "lower --gibbs-steps.")
+    try:
+        sampler = DLGSampler(model.score, classifier, classifier.levels, shape=model.shape,
+                             num_chains=min(args.chains, args.n), integrator=integrator, denoise_steps=steps,
+                             gibbs_steps=gibbs, step_size=args.step_size or DIGITS_PRESET["step_size"],
+                             seed=args.seed, device=args.device, progress=True)
+    except ValueError as err:
+        sys.exit(f"error: {err}")
+
+    start = time.perf_counter()
+    if args.out_dir is not None:
+        config = {"model": str(args.model or "digits"), "classifier": str(args.classifier or "digits"),
+                  "integrator": args.integrator, "denoise_steps": steps, "gibbs_steps": gibbs,
+                  "step_size": sampler.step_size, "chains": sampler.num_chains, "n": args.n, "seed": args.seed,
+                  "shard_size": args.shard_size}
+        try:
+            writer = ShardWriter(args.out_dir, config, overwrite=args.overwrite)
+        except ValueError as err:
+            sys.exit(f"error: {err}")
+        for warning in writer.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        state = writer.last_state()
+        if state is not None:
+            sampler.load_state_dict(state)
+            print(f"resuming {args.out_dir}: {writer.count} of {args.n} samples already written")
+        for k, size in enumerate(shard_sizes(args.n, args.shard_size)):
+            if k < len(writer.shards):
+                continue
+            batch = sampler.sample(size)
+            path = writer.write(batch, sampler.state_dict())
+            if args.png:
+                _save_grid(model.decode(batch), path.with_suffix(".png"))
+        samples = None
+    else:
+        out = Path(args.out)
+        if out.is_dir():
+            sys.exit(f"error: --out {out} is a folder; pass a .png file path (or use --out-dir for shards).")
+        samples = sampler.sample(args.n)
+        images = model.decode(samples)
+        try:
+            _save_grid(images, out)
+            save_file({"samples": samples.contiguous().cpu(), "images": images.contiguous().cpu()},
+                      str(out.with_suffix(".safetensors")))
+        except OSError as err:
+            sys.exit(f"error: cannot write {out} ({err.strerror}): pass a writable --out path.")
+    wall = time.perf_counter() - start
+    st = sampler.stats
+    nfe = st["nfe_per_sample"]
+    line = (f"DLG {args.integrator}: {args.n} samples, NFE/sample {nfe['total']:.2f} (gibbs {nfe['gibbs']:.2f} + "
+            f"denoise {nfe['denoise']:.2f} + tweedie {nfe['tweedie']:.2f}; warm-up {st['warmup_nfe_per_chain']:.0f} "
+            f"per chain, once), selected sigma {st['selected_sigma_mean']:.3f}, wall {wall:.1f}s")
+    compare = preset if args.compare is None else args.compare
+    if preset and samples is not None:
+        evaluator = digits.DigitsEvaluator()
+        line += "; " + _quality(evaluator.evaluate(model.decode(samples)))
+    print(line)
+    if compare and samples is not None:
+        _print_vanilla(model, integrator, args, round(nfe["total"]), preset)
+    if args.out_dir is None:
+        print(f"wrote {args.out} and {Path(args.out).with_suffix('.safetensors')}")
+    else:
+        print(f"wrote {args.n} samples to {args.out_dir}")
+
+
+def _quality(q: dict) -> str:
+    return (f"FD {q['fd']:.3f}, precision {q['precision']:.2f}, recall {q['recall']:.2f}, "
+            f"classes {round(q['coverage'] * 10)}/10 (entropy {q['entropy']:.3f})")
+
+
+def _print_vanilla(model, integrator, args, nfe: int, preset: bool) -> None:
+    """The same integrator from pure noise at sigma_max with at most the same NFE per sample."""
+    from .integrators import integrate
+
+    steps = steps_for_nfe(integrator, nfe, dlg=False)
+    if steps is None:
+        print(f"vanilla {args.integrator}: cannot run within {nfe} NFE per sample")
+        return
+    g = torch.Generator(args.device or "cpu").manual_seed(args.seed)
+    x = model.sigma_max * torch.randn(args.n, *model.shape, generator=g, device=args.device or "cpu")
+    start = time.perf_counter()
+    x0, used = integrate(integrator, model.score, x, model.sigma_max, steps, generator=g)
+    line = f"vanilla {args.integrator}: NFE/sample {used}, wall {time.perf_counter() - start:.1f}s"
+    if preset:
+        line += "; " + _quality(digits.DigitsEvaluator().evaluate(model.decode(x0)))
+    print(line)

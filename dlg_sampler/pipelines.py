@@ -1,0 +1,354 @@
+"""DLG inside diffusers pipelines (DESIGN.md section 5, routes 3 and 4).
+
+- :class:`DLGScheduler`: a drop-in scheduler for the unconditional pipelines whose loop is "call the model, then
+  ``scheduler.step``" (``DDPMPipeline``, ``DDIMPipeline``, ``ScoreSdeVePipeline``):
+  ``pipe.scheduler = DLGScheduler.from_pipe(pipe, classifier=...)``; ``pipe(batch_size=B, num_inference_steps=N)``
+  then returns DLG samples with ``N`` network evaluations per sample, chains persisting across calls.
+- :class:`DLGPipeline`: conditional and latent pipelines (Stable-Diffusion-style text-to-image with
+  classifier-free guidance, DiT-style class-conditional), whose loops double the batch and guide outside the
+  scheduler, so a scheduler alone cannot run DLG in them: ``DLGPipeline.from_pipe(pipe, classifier=...)`` reuses
+  the pipeline's components (prompt encoding, guided denoiser through the adapters, VAE decode) and returns the
+  pipeline's usual output.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import ConfigMixin, SchedulerMixin
+from diffusers.configuration_utils import register_to_config
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
+from diffusers.schedulers.scheduling_sde_ve import SdeVeOutput
+
+from .classifier import NoiseClassifier
+from .integrators import INTEGRATORS, steps_for_nfe
+from .sampler import DLGSampler
+
+#: Pipelines whose own ``__call__`` runs with :class:`DLGScheduler`.
+SCHEDULER_PIPELINES = ("DDPMPipeline", "DDIMPipeline", "ScoreSdeVePipeline")
+
+
+def _resolve_classifier(classifier: NoiseClassifier | str | Path | None) -> tuple[NoiseClassifier, str | None]:
+    """A classifier instance and the reference stored in a config (its path / repo id, if it came as one)."""
+    from .models import load_classifier
+
+    if isinstance(classifier, NoiseClassifier):
+        return classifier, None
+    if classifier is None:
+        raise ValueError("DLG needs a noise classifier for this model: pass classifier=<NoiseClassifier, folder or "
+                         "Hub repo id> (train one with dlg-train-classifier).")
+    return load_classifier(classifier), str(classifier)
+
+
+def _check_unconditional(pipe: Any) -> None:
+    name = type(pipe).__name__
+    conditional = any(getattr(pipe, c, None) is not None for c in ("text_encoder", "vae", "transformer"))
+    if conditional or name not in SCHEDULER_PIPELINES:
+        raise ValueError(f"{name} cannot run DLG through its scheduler (its loop guides, doubles the batch or decodes "
+                         f"latents outside the scheduler; DLGScheduler serves {', '.join(SCHEDULER_PIPELINES)}): use "
+                         "DLGPipeline.from_pipe(pipe, classifier=...) instead.")
+
+
+class DLGScheduler(SchedulerMixin, ConfigMixin):
+    """Drop-in DLG for ``DDPMPipeline``, ``DDIMPipeline`` and ``ScoreSdeVePipeline``.
+
+    The pipeline's loop makes exactly two model calls per sample, and both are used and counted:
+
+    1. timestep ``T`` on the pipeline's own starting noise. A call on pure noise carries nothing the persistent
+       chains need, so it is counted in the budget as the price of running inside the pipeline's loop (the
+       :class:`DLGSampler` API and :class:`DLGPipeline` do not pay it); its ``step`` runs the DLG batch with the
+       bound model: Gibbs steps, selection, denoising down to the grid's lowest level, and returns the states there.
+    2. timestep 0 on those states: the **Tweedie step**, computed from the pipeline's own model output.
+
+    ``num_inference_steps`` is the budget of model calls per sample: ``1 + gibbs_steps + denoising + 1``; the
+    denoising steps are the most that fit. The chains persist across calls (one set per batch size).
+
+    Args:
+        classifier: noise classifier folder or Hub repo id (what ``save_pretrained`` stores); ``from_pipe`` also
+            takes an instance.
+        step_size, gibbs_steps, integrator, num_chains, seed, warmup_steps: the :class:`DLGSampler` settings
+            (``num_chains`` default: the batch size).
+        base_scheduler: the pipeline's original scheduler (``{"class_name": ..., "config": {...}}``), recorded by
+            ``from_pipe``: it defines the model's noise schedule.
+        correct_steps: 0, so ``ScoreSdeVePipeline`` makes no corrector calls.
+    """
+
+    config_name = "scheduler_config.json"
+    order = 1
+
+    @register_to_config
+    def __init__(self, classifier: str | None = None, step_size: float = 0.1, gibbs_steps: int = 2,
+                 integrator: str = "karras_heun", num_chains: int | None = None, seed: int = 0,
+                 warmup_steps: int = 20, base_scheduler: dict | None = None, correct_steps: int = 0):
+        if integrator not in INTEGRATORS:
+            raise ValueError(f"unknown integrator {integrator!r}: DLGScheduler uses one of {sorted(INTEGRATORS)}.")
+        self.model, self.score, self.classifier = None, None, None
+        self.samplers: dict[int, DLGSampler] = {}
+        self._pending: dict[int, torch.Tensor] = {}  # denoised states awaiting their Tweedie step, per batch size
+        self.timesteps = torch.tensor([0])
+        self.sigmas = torch.tensor([1.0])
+        self.num_inference_steps: int | None = None
+        self.denoise_steps: int | None = None
+        self.init_noise_sigma = 1.0
+        self._step_index = 0
+        self._first_calls = 0
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pipe(cls, pipe: Any, classifier: NoiseClassifier | str | Path | None = None, **kwargs: Any) -> "DLGScheduler":
+        """``pipe.scheduler = DLGScheduler.from_pipe(pipe, classifier=...)`` for an unconditional pipeline."""
+        _check_unconditional(pipe)
+        base = pipe.scheduler
+        if isinstance(base, DLGScheduler):
+            kwargs.setdefault("base_scheduler", base.config.base_scheduler)
+            classifier = classifier if classifier is not None else base.config.classifier
+        else:
+            kwargs["base_scheduler"] = {"class_name": type(base).__name__, "config": dict(base.config)}
+        instance, ref = _resolve_classifier(classifier)
+        scheduler = cls(classifier=ref, **kwargs)
+        scheduler.bind(pipe.unet, instance)
+        return scheduler
+
+    def _base(self):
+        import diffusers
+
+        spec = self.config.base_scheduler
+        if not spec:
+            raise ValueError("this DLGScheduler has no base_scheduler (the model's noise schedule): create it with "
+                             "DLGScheduler.from_pipe(pipe, classifier=...).")
+        return getattr(diffusers, spec["class_name"]).from_config(spec["config"])
+
+    def bind(self, model: Any, classifier: NoiseClassifier | None = None) -> "DLGScheduler":
+        """Attach the denoiser (``pipe.unet``) and the classifier (default: ``config.classifier``)."""
+        from .adapters import DiffusersVEScore, DiffusersVPScore
+
+        base = self._base()
+        self.vp = type(base).__name__ != "ScoreSdeVeScheduler"
+        self.score = DiffusersVPScore(model, base) if self.vp else DiffusersVEScore.from_scheduler(model, base)
+        self.classifier = classifier if classifier is not None else _resolve_classifier(self.config.classifier)[0]
+        self.classifier.levels.check_covers(self.score.sigma_min, self.score.sigma_max)
+        self.model, self.samplers, self._pending = model, {}, {}
+        self.num_train_timesteps = base.config.get("num_train_timesteps", 1000)
+        self.init_noise_sigma = 1.0 if self.vp else self.score.sigma_max
+        return self
+
+    def _sampler(self, batch: int, device: torch.device) -> DLGSampler:
+        if batch not in self.samplers:
+            c = self.config
+            self.samplers[batch] = DLGSampler(
+                self.score, self.classifier, self.classifier.levels, shape=self.classifier.sample_shape,
+                num_chains=c.num_chains or batch, integrator=c.integrator, denoise_steps=self.denoise_steps,
+                gibbs_steps=c.gibbs_steps, step_size=c.step_size, warmup_steps=c.warmup_steps, seed=c.seed,
+                tweedie_sigma=self.score.sigma_min, device=device)
+        sampler = self.samplers[batch]
+        sampler.denoise_steps = self.denoise_steps
+        return sampler
+
+    # ------------------------------------------------------------------ the pipeline's interface
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None, **kwargs: Any) -> None:
+        """Two model calls: timestep ``T`` (the pipeline's starting noise) then 0 (the Tweedie step)."""
+        if self.score is None:
+            raise ValueError("DLGScheduler is not bound to a model: assign pipe.scheduler = "
+                             "DLGScheduler.from_pipe(pipe, classifier=...) (not DLGScheduler() or from_pretrained alone; "
+                             "after from_pretrained call .bind(pipe.unet)).")
+        budget = int(num_inference_steps) - 1 - self.config.gibbs_steps  # minus the first call and the Gibbs steps
+        steps = steps_for_nfe(self.config.integrator, budget, dlg=True) if budget > 0 else None
+        if steps is None:
+            minimum = 1 + self.config.gibbs_steps + min(
+                n for n in range(2, 10) if steps_for_nfe(self.config.integrator, n, dlg=True))
+            raise ValueError(f"num_inference_steps={num_inference_steps} is below DLGScheduler's minimum {minimum} "
+                             f"(1 pipeline call + {self.config.gibbs_steps} Gibbs + denoising + Tweedie): raise it "
+                             "or lower gibbs_steps.")
+        self.num_inference_steps, self.denoise_steps = int(num_inference_steps), steps
+        top = self.num_train_timesteps - 1 if self.vp else 1.0
+        self.timesteps = torch.tensor([top, 0], device=device)
+        self.set_sigmas(num_inference_steps)
+        self._step_index = 0
+
+    def set_sigmas(self, num_inference_steps: int, *args: Any, **kwargs: Any) -> None:
+        """VE pipelines read ``sigmas[i]`` as the model's noise level of call ``i``."""
+        self.sigmas = torch.tensor([self.score.sigma_max, self.score.sigma_min])
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
+        return sample
+
+    def step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor,
+             generator: torch.Generator | None = None, return_dict: bool = True, **kwargs: Any):
+        """Call 1: run the DLG batch, return its states at the lowest level. Call 2: the Tweedie step."""
+        batch = sample.shape[0]
+        if self._step_index == 0:
+            self._step_index = 1
+            self._first_calls += batch
+            x = self._dlg_states(batch, sample.device, generator)
+            prev = x / (1 + self.score.sigma_min**2) ** 0.5 if self.vp else x
+            self._pending[batch] = x
+        else:
+            x = self._pending.pop(batch)
+            prev = self._tweedie(model_output, x)
+            self._step_index = 0
+        prev = prev.to(sample.dtype)
+        if not return_dict:
+            return (prev,)
+        return SdeVeOutput(prev_sample=prev, prev_sample_mean=prev) if not self.vp else DDPMSchedulerOutput(prev_sample=prev)
+
+    step_pred = step  # ScoreSdeVePipeline's name for its predictor step
+
+    @torch.no_grad()
+    def _dlg_states(self, batch: int, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
+        """Gibbs, selection and denoising for ``batch`` samples: states ``[batch, *shape]`` at ``sigma_min``."""
+        sampler = self._sampler(batch, device)
+        if tuple(sampler.shape) != tuple(self.classifier.sample_shape):
+            raise ValueError("the classifier's sample shape does not match the pipeline's samples.")
+        chunks, have = [], 0
+        while have < batch:  # diverged chains are never emitted: top up from another batch
+            x, sigma = sampler.gibbs_and_select(generator)
+            chunks.append(sampler.denoise(x, sigma, generator, tweedie=False))
+            have += len(chunks[-1])
+        return torch.cat(chunks)[:batch]
+
+    def _tweedie(self, model_output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Tweedie step ``D = x + sigma^2 s`` from the pipeline's model output at the lowest level."""
+        sigma = self.score.sigma_min
+        out = model_output.to(x.dtype)
+        if out.shape[1] == 2 * x.shape[1]:  # learned variance
+            out = out[:, : x.shape[1]]
+        self.samplers[x.shape[0]].record_tweedie(x.shape[0])
+        if not self.vp:
+            return x + sigma**2 * out
+        sqrt_abar = (1 + sigma**2) ** -0.5
+        prediction = self.score.prediction_type
+        if prediction == "sample":
+            return out
+        if prediction == "v_prediction":
+            out = sqrt_abar * (out + sigma * x * sqrt_abar)
+        return x - sigma * out  # x + sigma^2 (-eps / sigma)
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """NFE per sample over every call: the sampler's split plus the pipeline's first call."""
+        calls = {"gibbs": 0.0, "denoise": 0.0, "tweedie": 0.0}
+        samples = 0
+        for sampler in self.samplers.values():
+            st = sampler.stats
+            for k in calls:
+                calls[k] += st["nfe_per_sample"][k] * st["samples"]
+            samples += st["samples"]
+        per_sample = {k: v / max(samples, 1) for k, v in calls.items()}
+        per_sample["pipeline_first_call"] = self._first_calls / max(samples, 1)
+        return {"nfe_per_sample": {**per_sample, "total": sum(per_sample.values())}, "samples": samples,
+                "warmup_nfe_per_chain": {b: s.stats["warmup_nfe_per_chain"] for b, s in self.samplers.items()}}
+
+    def __len__(self) -> int:
+        return self.num_train_timesteps
+
+
+class DLGPipeline:
+    """DLG for conditional and latent diffusers pipelines, reusing the pipeline's components.
+
+    ``DLGPipeline.from_pipe(pipe, classifier=...)`` for Stable-Diffusion-style text-to-image (``encode_prompt``,
+    classifier-free guidance, VAE), DiT-style class-conditional (``transformer`` + ``class_labels``, null class for
+    guidance) and unconditional pipelines. ``__call__`` returns the pipeline's usual ``.images`` output (PIL / np /
+    pt). Chains persist per condition (prompt, negative prompt, class, guidance scale); the noise classifier works on
+    the model's samples (latents for latent models).
+    """
+
+    def __init__(self, pipe: Any, classifier: NoiseClassifier, *, step_size: float = 0.1, gibbs_steps: int = 2,
+                 integrator: str = "karras_heun", num_chains: int = 16, seed: int = 0, **sampler_kwargs: Any):
+        self.pipe, self.classifier = pipe, classifier
+        self.settings = dict(step_size=step_size, gibbs_steps=gibbs_steps, integrator=integrator,
+                             num_chains=num_chains, seed=seed, **sampler_kwargs)
+        self.samplers: dict[tuple, DLGSampler] = {}
+        model = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+        if model is None:
+            raise ValueError(f"{type(pipe).__name__} has neither .unet nor .transformer: DLGPipeline needs a denoiser.")
+        self.model = model
+        size = model.config.sample_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        self.shape = (model.config.in_channels, *size)
+        if tuple(classifier.sample_shape) != self.shape:
+            raise ValueError(f"the classifier is for samples {list(classifier.sample_shape)} but this model samples "
+                             f"{list(self.shape)} ({'latents' if getattr(pipe, 'vae', None) else 'images'}): train "
+                             "one on the model's samples (dlg-train-classifier --model ...).")
+
+    @classmethod
+    def from_pipe(cls, pipe: Any, classifier: NoiseClassifier | str | Path | None = None, **kwargs: Any) -> "DLGPipeline":
+        """Wrap a loaded diffusers pipeline; ``kwargs`` are DLG settings (``step_size``, ``gibbs_steps`` ...)."""
+        return cls(pipe, _resolve_classifier(classifier)[0], **kwargs)
+
+    def _conditions(self, prompt, negative_prompt, class_labels, guidance_scale: float, device) -> list[tuple]:
+        """One ``(key, cond_kwargs, uncond_kwargs)`` per condition."""
+        pipe, cfg = self.pipe, guidance_scale > 1.0
+        if prompt is not None:
+            if not hasattr(pipe, "encode_prompt"):
+                raise ValueError(f"{type(pipe).__name__} takes no prompt (no encode_prompt).")
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            negatives = [negative_prompt] * len(prompts) if negative_prompt is None or isinstance(negative_prompt, str) \
+                else list(negative_prompt)
+            out = []
+            for p, n in zip(prompts, negatives):
+                encoded = pipe.encode_prompt(p, device, 1, cfg, negative_prompt=n)
+                if len(encoded) != 2:
+                    raise ValueError(f"{type(pipe).__name__}.encode_prompt returns {len(encoded)} tensors; DLGPipeline "
+                                     "supports Stable-Diffusion-1/2-style pipelines (prompt and negative embeddings).")
+                cond, uncond = encoded
+                out.append(((p, n), {"encoder_hidden_states": cond},
+                            {"encoder_hidden_states": uncond} if cfg else None))
+            return out
+        if class_labels is not None:
+            labels = [class_labels] if isinstance(class_labels, int) else list(class_labels)
+            null = getattr(self.model.config, "num_embeds_ada_norm", None) or getattr(self.model.config, "num_class_embeds", None)
+            if cfg and null is None:
+                raise ValueError("classifier-free guidance needs the model's null class (num_embeds_ada_norm); pass "
+                                 "guidance_scale=1.")
+            return [(("class", c), {"class_labels": torch.tensor([c], device=device)},
+                     {"class_labels": torch.tensor([null], device=device)} if cfg else None) for c in labels]
+        if cfg:
+            raise ValueError("guidance_scale > 1 needs a condition (prompt= or class_labels=).")
+        return [(("unconditional",), {}, None)]
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str] | None = None, *, negative_prompt: str | list[str] | None = None,
+                 class_labels: int | list[int] | None = None, guidance_scale: float = 1.0, guidance_rescale: float = 0.0,
+                 num_inference_steps: int = 10, num_images_per_prompt: int = 1, generator: torch.Generator | None = None,
+                 output_type: str = "pil", return_dict: bool = True):
+        """Generate ``num_images_per_prompt`` images per condition with ``num_inference_steps`` guided model
+        evaluations per image (Gibbs + denoising + Tweedie; a guided evaluation is one doubled-batch call)."""
+        from .adapters import DiffusersVPScore, decode_latents
+
+        device = self.model.device
+        integrator = self.settings["integrator"]
+        steps = steps_for_nfe(integrator, num_inference_steps - self.settings["gibbs_steps"], dlg=True)
+        if steps is None:
+            raise ValueError(f"num_inference_steps={num_inference_steps} leaves no room for denoising after "
+                             f"{self.settings['gibbs_steps']} Gibbs steps: raise it or lower gibbs_steps.")
+        latents = []
+        for key, cond, uncond in self._conditions(prompt, negative_prompt, class_labels, guidance_scale, device):
+            key = (*key, guidance_scale, guidance_rescale)
+            if key not in self.samplers:
+                score = DiffusersVPScore(self.model, self.pipe.scheduler, guidance_scale=guidance_scale,
+                                         guidance_rescale=guidance_rescale, cond_kwargs=cond, uncond_kwargs=uncond)
+                self.classifier.levels.check_covers(score.sigma_min, score.sigma_max)
+                s = self.settings
+                self.samplers[key] = DLGSampler(
+                    score, self.classifier, self.classifier.levels, shape=self.shape, num_chains=s["num_chains"],
+                    integrator=integrator, denoise_steps=steps, gibbs_steps=s["gibbs_steps"],
+                    step_size=s["step_size"], seed=s["seed"], device=device,
+                    **{k: v for k, v in s.items() if k not in ("step_size", "gibbs_steps", "integrator", "num_chains", "seed")})
+            sampler = self.samplers[key]
+            sampler.denoise_steps = steps
+            latents.append(sampler.sample(num_images_per_prompt, generator))
+        x = torch.cat(latents)
+        vae = getattr(self.pipe, "vae", None)
+        images = decode_latents(vae, x) if vae is not None else x.clamp(-1, 1)
+        processor = getattr(self.pipe, "image_processor", None)
+        if processor is not None:
+            images = processor.postprocess(images, output_type=output_type)
+        else:
+            images = (images / 2 + 0.5).clamp(0, 1)
+            if output_type != "pt":
+                images = images.permute(0, 2, 3, 1).float().cpu().numpy()
+                images = self.pipe.numpy_to_pil(images) if output_type == "pil" else images
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
