@@ -1,0 +1,155 @@
+"""DLG inside diffusers pipelines: the drop-in DLGScheduler and DLGPipeline, with tiny random components."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (AutoencoderKL, DDIMPipeline, DDPMPipeline, DDPMScheduler, ScoreSdeVePipeline,
+                       ScoreSdeVeScheduler, StableDiffusionPipeline, UNet2DConditionModel, UNet2DModel)
+
+from dlg_sampler import NoiseClassifier
+from dlg_sampler.pipelines import DLGPipeline, DLGScheduler
+
+SMALL_UNET = dict(block_out_channels=(8, 16), layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
+
+
+def count_calls(model):
+    """Count samples the model evaluates (a forward pre-hook)."""
+    seen = []
+    model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(len(args[0] if args else kwargs["sample"])),
+                                    with_kwargs=True)
+    return seen
+
+
+def vp_parts(in_channels=1):
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=in_channels, out_channels=in_channels, **SMALL_UNET).eval()
+    scheduler = DDPMScheduler(beta_schedule="linear")
+    sig = ((1 - scheduler.alphas_cumprod.double()) / scheduler.alphas_cumprod.double()).sqrt()
+    clf = NoiseClassifier(float(sig[0]), float(sig[-1]), 200, sample_shape=(in_channels, 8, 8), channels=(8,), hidden=16)
+    return unet, scheduler, clf
+
+
+@pytest.mark.parametrize("pipeline_cls", [DDPMPipeline, DDIMPipeline])
+def test_drop_in_scheduler_runs_the_pipelines_own_call(pipeline_cls):
+    unet, scheduler, clf = vp_parts()
+    pipe = pipeline_cls(unet=unet, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = DLGScheduler.from_pipe(pipe, classifier=clf, warmup_steps=3)
+    calls = count_calls(unet)
+    out = pipe(batch_size=4, num_inference_steps=10, output_type="np")
+    assert isinstance(out.images, np.ndarray) and out.images.shape == (4, 8, 8, 1)
+    assert np.isfinite(out.images).all()
+    stats = pipe.scheduler.stats
+    assert stats["nfe_per_sample"]["total"] == 10 and stats["nfe_per_sample"]["pipeline_first_call"] == 1
+    warmup = stats["warmup_nfe_per_chain"][4]
+    assert sum(calls) == 4 * (10 + warmup)  # every model call is counted: the per-sample budget plus the warm-up
+    chains = pipe.scheduler.samplers[4].x.clone()
+    calls.clear()
+    second = pipe(batch_size=4, num_inference_steps=10, output_type="pt").images
+    assert sum(calls) == 4 * 10  # the chains persist: no second warm-up
+    assert second.shape == (4, 1, 8, 8) and not torch.equal(pipe.scheduler.samplers[4].x, chains)
+    assert pipe.scheduler.stats["samples"] == 8
+
+
+def test_drop_in_scheduler_for_score_sde_ve_pipeline():
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, time_embedding_type="fourier", **SMALL_UNET).eval()
+    scheduler = ScoreSdeVeScheduler(sigma_min=0.01, sigma_max=50.0)
+    clf = NoiseClassifier(0.01, 50.0, 100, sample_shape=(3, 8, 8), channels=(8,), hidden=16)
+    pipe = ScoreSdeVePipeline(unet=unet, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = DLGScheduler.from_pipe(pipe, classifier=clf, warmup_steps=3)
+    calls = count_calls(unet)
+    images = pipe(batch_size=2, num_inference_steps=8, output_type="np").images
+    assert images.shape == (2, 8, 8, 3) and np.isfinite(images).all()
+    assert pipe.scheduler.stats["nfe_per_sample"]["total"] == 8
+    assert sum(calls) == 2 * (8 + pipe.scheduler.stats["warmup_nfe_per_chain"][2])
+
+
+def test_scheduler_save_and_load_round_trip(tmp_path):
+    unet, scheduler, clf = vp_parts()
+    clf.save_pretrained(tmp_path / "clf")
+    pipe = DDPMPipeline(unet=unet, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = DLGScheduler.from_pipe(pipe, classifier=str(tmp_path / "clf"), step_size=0.2, gibbs_steps=3)
+    pipe.scheduler.save_pretrained(tmp_path / "sched")
+    config = json.loads((tmp_path / "sched" / "scheduler_config.json").read_text())
+    assert config["classifier"] == str(tmp_path / "clf") and config["base_scheduler"]["class_name"] == "DDPMScheduler"
+    loaded = DLGScheduler.from_pretrained(tmp_path / "sched").bind(unet)
+    assert loaded.config.step_size == 0.2 and loaded.config.gibbs_steps == 3
+    assert loaded.classifier.levels == clf.levels
+    # The whole pipeline round-trips too, and from_pipe on a DLG pipeline keeps the original schedule.
+    pipe.save_pretrained(tmp_path / "pipe")
+    again = DDPMPipeline.from_pretrained(tmp_path / "pipe")
+    again.scheduler = DLGScheduler.from_pipe(again)
+    again.set_progress_bar_config(disable=True)
+    assert again(batch_size=2, num_inference_steps=9, output_type="np").images.shape == (2, 8, 8, 1)
+
+
+def test_scheduler_misuse_is_a_clear_error():
+    unet, scheduler, clf = vp_parts()
+    pipe = DDPMPipeline(unet=unet, scheduler=scheduler)
+    wrong_grid = NoiseClassifier(0.001, 500.0, 100, sample_shape=(1, 8, 8), channels=(8,))
+    with pytest.raises(ValueError, match="outside the model's trained sigma range"):
+        DLGScheduler.from_pipe(pipe, classifier=wrong_grid)
+    pipe.scheduler = DLGScheduler.from_pipe(pipe, classifier=clf)
+    with pytest.raises(ValueError, match="below DLGScheduler's minimum"):
+        pipe(batch_size=2, num_inference_steps=3)
+    wrong_shape = NoiseClassifier(clf.levels.sigma_min, clf.levels.sigma_max, 200, sample_shape=(3, 8, 8), channels=(8,))
+    with pytest.raises(ValueError, match="shape"):
+        pipe.scheduler = DLGScheduler.from_pipe(pipe, classifier=wrong_shape)
+        pipe(batch_size=2, num_inference_steps=10)
+    with pytest.raises(ValueError, match="not bound"):
+        DLGScheduler().set_timesteps(10)
+
+
+def tiny_stable_diffusion(tmp_path):
+    """A Stable-Diffusion-style pipeline from configs only: tiny CLIP text model, tokenizer, UNet and VAE."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    words = ["a", "photo", "of", "cat", "dog"]
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, **{f"{w}</w>": i + 2 for i, w in enumerate(words)}}
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"), model_max_length=16)
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32,
+                                                num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16,
+                                                bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+                                layers_per_block=1, cross_attention_dim=16, norm_num_groups=4, attention_head_dim=4,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).eval()
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=4, sample_size=16).eval()
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def test_dlg_pipeline_text_to_image_with_guidance(tmp_path):
+    pipe = tiny_stable_diffusion(tmp_path)
+    ac = pipe.scheduler.alphas_cumprod.double()
+    sig = ((1 - ac) / ac).sqrt()
+    clf = NoiseClassifier(float(sig[0]), float(sig[-1]), 100, sample_shape=(4, 8, 8), channels=(8,), hidden=16)
+    dlg = DLGPipeline.from_pipe(pipe, classifier=clf, num_chains=3, warmup_steps=2, warmup_sweeps=(1, 1))
+    calls = count_calls(pipe.unet)
+    out = dlg(["a photo of a cat", "a dog"], guidance_scale=3.0, num_inference_steps=6, num_images_per_prompt=2)
+    assert len(out.images) == 4 and out.images[0].size == (16, 16)  # PIL, decoded by the VAE (8x8 latents)
+    assert len(dlg.samplers) == 2  # one set of chains per prompt
+    assert all(n % 2 == 0 for n in calls)  # guidance: conditional + unconditional in one doubled batch
+    first = {k: s.x.clone() for k, s in dlg.samplers.items()}
+    images = dlg("a photo of a cat", guidance_scale=3.0, num_inference_steps=6, num_images_per_prompt=2,
+                 output_type="pt").images  # one leftover sample of the first batch + a new batch
+    assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
+    key = next(k for k in dlg.samplers if k[0] == "a photo of a cat")
+    assert not torch.equal(dlg.samplers[key].x, first[key])  # the same chains went on
+    with pytest.raises(ValueError, match="DLGPipeline"):
+        pipe.scheduler = DLGScheduler.from_pipe(pipe, classifier=clf)
+    with pytest.raises(ValueError, match="latents"):
+        DLGPipeline.from_pipe(pipe, classifier=NoiseClassifier(sample_shape=(3, 16, 16), channels=(8,)))
