@@ -112,8 +112,11 @@ class ShardWriter:
                 self.warnings.append(f"shard {path.name} is missing or corrupt: resuming from the shard before it")
                 break
             self.shards.append(entry)
-        for p in self.out_dir.glob(f"{self.prefix}shard-*"):  # unlisted leftovers of a killed write
-            if p.name not in {e["file"] for e in self.shards}:
+        listed = {e["file"] for e in self.shards}
+        leftovers = [*self.out_dir.glob(f"{self.prefix}shard-*"), *self.out_dir.glob(f".{self.prefix}shard-*.tmp-*"),
+                     *self.out_dir.glob(f".{self.prefix}{MANIFEST}.tmp-*")]
+        for p in leftovers:  # unlisted shards and temporary files of a killed write
+            if p.name not in listed:
                 p.unlink()
         if len(self.shards) != len(shards):
             self._write_manifest()

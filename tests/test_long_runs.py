@@ -1,0 +1,116 @@
+"""Long runs: dlg-sample --out-dir writes atomic shards that survive SIGKILL and resume to exactly N samples,
+identical to an uninterrupted run; corrupt shards and changed settings are caught."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+from dlg_sampler import NoiseClassifier
+from dlg_sampler.shards import ShardWriter, read_samples
+
+N, SHARD = 96, 8
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A tiny random diffusers pipeline folder and a noise classifier folder for it."""
+    root = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4)
+    scheduler = DDPMScheduler(beta_schedule="linear")
+    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(root / "pipe")
+    ac = scheduler.alphas_cumprod.double()
+    sig = ((1 - ac) / ac).sqrt()
+    NoiseClassifier(float(sig[0]), float(sig[-1]), 100, channels=(8,), hidden=16).save_pretrained(root / "clf")
+    return root
+
+
+def command(model: Path, out_dir: Path, *extra: str) -> list[str]:
+    return [str(Path(sys.executable).parent / "dlg-sample"), "--model", str(model / "pipe"), "--classifier",
+            str(model / "clf"), "--out-dir", str(out_dir), "--n", str(N), "--shard-size", str(SHARD), "--chains", "8",
+            "--seed", "3", *extra]
+
+
+def run(cmd: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def listed(out_dir: Path) -> int:
+    try:
+        return len(json.loads((out_dir / "manifest.json").read_text())["shards"])
+    except (OSError, ValueError):
+        return 0
+
+
+def test_sigkill_at_several_points_then_resume_gives_the_uninterrupted_result(tiny_model, tmp_path):
+    reference = run(command(tiny_model, tmp_path / "ref"))
+    assert reference.returncode == 0, reference.stderr
+    expected = read_samples(tmp_path / "ref")
+    assert expected.shape == (N, 1, 8, 8) and len(torch.unique(expected.flatten(1), dim=0)) == N
+
+    out = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for kill_after_shards in (1, 4, 8):  # three kills at different points of the run
+        proc = subprocess.Popen(command(tiny_model, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        deadline = time.time() + 120
+        while listed(out) < kill_after_shards and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert listed(out) < N // SHARD, "the run finished before it could be killed; make it longer"
+    # A shard write interrupted between the temporary file and the rename leaves only a temporary file.
+    (out / f".shard-{listed(out):05d}.safetensors.tmp-999").write_bytes(b"partial")
+    resumed = run(command(tiny_model, out))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout
+    got = read_samples(out)
+    assert got.shape == expected.shape and torch.equal(got, expected)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+
+
+def test_corrupt_shard_is_named_and_resumed_from_the_last_good_one(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    assert run(command(tiny_model, out)).returncode == 0
+    expected = read_samples(out)
+    shard = out / "shard-00005.safetensors"
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated, e.g. a disk that filled up
+    resumed = run(command(tiny_model, out))
+    assert resumed.returncode == 0 and "shard-00005.safetensors is missing or corrupt" in resumed.stderr
+    assert torch.equal(read_samples(out), expected)
+
+
+def test_changed_setting_on_resume_is_refused_unless_overwrite(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    assert run(command(tiny_model, out)).returncode == 0
+    refused = run(command(tiny_model, out, "--step-size", "0.2"))
+    assert refused.returncode != 0 and "step_size: 0.1 -> 0.2" in refused.stderr and "--overwrite" in refused.stderr
+    assert read_samples(out).shape[0] == N  # nothing the user had is lost
+    redone = run(command(tiny_model, out, "--step-size", "0.2", "--overwrite"))
+    assert redone.returncode == 0 and read_samples(out).shape[0] == N
+
+
+def test_shard_writer_refuses_a_file_and_an_unwritable_folder(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        ShardWriter(tmp_path / "file", {})
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(ValueError, match="cannot write"):
+            ShardWriter(locked / "out", {})
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "manifest.json").write_text("{not json")
+    with pytest.raises(ValueError, match="manifest.json is corrupt"):
+        ShardWriter(bad, {})
