@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import digits
@@ -168,7 +170,23 @@ def _save_grid(images: torch.Tensor, path: Path) -> None:
     make_image_grid(pil, rows, cols).save(path)
 
 
+def process_seed(seed: int, rank: int, world: int) -> int:
+    """The seed of process ``rank`` of ``world``: the run seed itself for one process, else a distinct seed derived
+    from ``(seed, rank)`` (numpy's ``SeedSequence``), so every process owns different, reproducible chains."""
+    if world == 1:
+        return seed
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
+def _cpu_processes(device: str | None) -> bool:
+    """Run on the CPU: asked for, or launched as several processes (``WORLD_SIZE > 1``) on a machine without CUDA
+    (accelerate then joins the processes with gloo, as ``accelerate launch --multi_gpu`` on CPUs needs)."""
+    return device == "cpu" or (int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available())
+
+
 def sample_main(argv: list[str] | None = None) -> None:
+    from accelerate import Accelerator
+    from accelerate.utils import gather_object
     from safetensors.torch import save_file
 
     from .models import load_classifier
@@ -187,11 +205,19 @@ def sample_main(argv: list[str] | None = None) -> None:
     if not preset and args.classifier is None:
         parser.error("--model needs --classifier: a noise classifier for that model (train one with "
                      "dlg-train-classifier --model MODEL --data IMAGES --out FOLDER)")
-    torch.manual_seed(args.seed)
+    if args.out_dir is None and Path(args.out).is_dir():
+        parser.error(f"--out {args.out} is a folder; pass a .png file path (or --out-dir for shards)")
+    # One process, or one of `accelerate launch --num_processes K`: own device, own chains, own share of n.
+    accelerator = Accelerator(cpu=_cpu_processes(args.device))
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    device = args.device or accelerator.device
+    seed = process_seed(args.seed, rank, world)
+    n = args.n // world + (rank < args.n % world)
+    torch.manual_seed(seed)
     try:
         model = load_model(str(digits.PIPELINE_DIR if preset else args.model), score_sde_net=args.score_sde_net,
-                           sde=args.sde, shape=tuple(args.shape) if args.shape else None, device=args.device)
-        classifier = load_classifier(digits.CLASSIFIER_DIR if preset else args.classifier, args.device)
+                           sde=args.sde, shape=tuple(args.shape) if args.shape else None, device=device)
+        classifier = load_classifier(digits.CLASSIFIER_DIR if preset else args.classifier, device)
         integrator = _make_integrator(args.integrator, model)
     except ValueError as err:
         sys.exit(f"error: {err}")
@@ -208,65 +234,72 @@ def sample_main(argv: list[str] | None = None) -> None:
                      "lower --gibbs-steps.")
     try:
         sampler = DLGSampler(model.score, classifier, classifier.levels, shape=model.shape,
-                             num_chains=min(args.chains, args.n), integrator=integrator, denoise_steps=steps,
+                             num_chains=min(args.chains, max(n, 1)), integrator=integrator, denoise_steps=steps,
                              gibbs_steps=gibbs, step_size=args.step_size or DIGITS_PRESET["step_size"],
-                             seed=args.seed, device=args.device, progress=True)
+                             seed=seed, device=device, progress=main)
     except ValueError as err:
         sys.exit(f"error: {err}")
 
     start = time.perf_counter()
-    if args.out_dir is not None:
-        config = {"model": str(args.model or "digits"), "classifier": str(args.classifier or "digits"),
-                  "integrator": args.integrator, "denoise_steps": steps, "gibbs_steps": gibbs,
-                  "step_size": sampler.step_size, "chains": sampler.num_chains, "n": args.n, "seed": args.seed,
-                  "shard_size": args.shard_size}
-        try:
-            writer = ShardWriter(args.out_dir, config, overwrite=args.overwrite)
-        except ValueError as err:
-            sys.exit(f"error: {err}")
-        for warning in writer.warnings:
-            print(f"warning: {warning}", file=sys.stderr)
-        state = writer.last_state()
-        if state is not None:
-            sampler.load_state_dict(state)
-            print(f"resuming {args.out_dir}: {writer.count} of {args.n} samples already written")
-        for k, size in enumerate(shard_sizes(args.n, args.shard_size)):
-            if k < len(writer.shards):
-                continue
-            batch = sampler.sample(size)
-            path = writer.write(batch, sampler.state_dict())
-            if args.png:
-                _save_grid(model.decode(batch), path.with_suffix(".png"))
-        samples = None
-    else:
-        out = Path(args.out)
-        if out.is_dir():
-            sys.exit(f"error: --out {out} is a folder; pass a .png file path (or use --out-dir for shards).")
-        samples = sampler.sample(args.n)
-        images = model.decode(samples)
-        try:
-            _save_grid(images, out)
-            save_file({"samples": samples.contiguous().cpu(), "images": images.contiguous().cpu()},
-                      str(out.with_suffix(".safetensors")))
-        except OSError as err:
-            sys.exit(f"error: cannot write {out} ({err.strerror}): pass a writable --out path.")
+    samples = None
+    with accelerator.autocast():
+        if args.out_dir is not None:
+            config = {"model": str(args.model or "digits"), "classifier": str(args.classifier or "digits"),
+                      "integrator": args.integrator, "denoise_steps": steps, "gibbs_steps": gibbs,
+                      "step_size": sampler.step_size, "chains": sampler.num_chains, "n": args.n, "seed": args.seed,
+                      "shard_size": args.shard_size, "processes": world}
+            try:
+                writer = ShardWriter(args.out_dir, config, overwrite=args.overwrite,
+                                     prefix="" if world == 1 else f"p{rank}-")
+            except ValueError as err:
+                sys.exit(f"error: {err}")
+            for warning in writer.warnings:
+                print(f"warning: {warning}", file=sys.stderr)
+            state = writer.last_state()
+            if state is not None:
+                sampler.load_state_dict(state)
+                print(f"resuming {args.out_dir}: {writer.count} of {n} samples already written"
+                      + (f" by process {rank}" if world > 1 else ""))
+            for k, size in enumerate(shard_sizes(n, args.shard_size)):
+                if k < len(writer.shards):
+                    continue
+                batch = sampler.sample(size)
+                path = writer.write(batch, sampler.state_dict())
+                if args.png:
+                    _save_grid(model.decode(batch), path.with_suffix(".png"))
+        elif n > 0:
+            samples = sampler.sample(n)
+    if args.out_dir is None:
+        gathered = gather_object([samples.cpu()] if samples is not None else [])
+        samples = torch.cat(gathered)
+    accelerator.wait_for_everyone()
+    if not main:
+        return
     wall = time.perf_counter() - start
     st = sampler.stats
     nfe = st["nfe_per_sample"]
-    line = (f"DLG {args.integrator}: {args.n} samples, NFE/sample {nfe['total']:.2f} (gibbs {nfe['gibbs']:.2f} + "
-            f"denoise {nfe['denoise']:.2f} + tweedie {nfe['tweedie']:.2f}; warm-up {st['warmup_nfe_per_chain']:.0f} "
-            f"per chain, once), selected sigma {st['selected_sigma_mean']:.3f}, wall {wall:.1f}s")
-    compare = preset if args.compare is None else args.compare
-    if preset and samples is not None:
-        evaluator = digits.DigitsEvaluator()
-        line += "; " + _quality(evaluator.evaluate(model.decode(samples)))
-    print(line)
-    if compare and samples is not None:
-        _print_vanilla(model, integrator, args, round(nfe["total"]), preset)
-    if args.out_dir is None:
-        print(f"wrote {args.out} and {Path(args.out).with_suffix('.safetensors')}")
-    else:
+    line = (f"DLG {args.integrator}: {args.n} samples ({world} process{'es' if world > 1 else ''}), NFE/sample "
+            f"{nfe['total']:.2f} (gibbs {nfe['gibbs']:.2f} + denoise {nfe['denoise']:.2f} + tweedie "
+            f"{nfe['tweedie']:.2f}; warm-up {st['warmup_nfe_per_chain']:.0f} per chain, once), selected sigma "
+            f"{st['selected_sigma_mean']:.3f}, wall {wall:.1f}s")
+    if args.out_dir is not None:
+        print(line)
         print(f"wrote {args.n} samples to {args.out_dir}")
+        return
+    out = Path(args.out)
+    images = model.decode(samples.to(device))
+    try:
+        _save_grid(images, out)
+        save_file({"samples": samples.contiguous(), "images": images.contiguous().cpu()},
+                  str(out.with_suffix(".safetensors")))
+    except OSError as err:
+        sys.exit(f"error: cannot write {out} ({err.strerror}): pass a writable --out path.")
+    if preset:
+        line += "; " + _quality(digits.DigitsEvaluator().evaluate(images.cpu()))
+    print(line)
+    if preset if args.compare is None else args.compare:
+        _print_vanilla(model, integrator, args, round(nfe["total"]), preset, device)
+    print(f"wrote {out} and {out.with_suffix('.safetensors')}")
 
 
 def _quality(q: dict) -> str:
@@ -274,7 +307,7 @@ def _quality(q: dict) -> str:
             f"classes {round(q['coverage'] * 10)}/10 (entropy {q['entropy']:.3f})")
 
 
-def _print_vanilla(model, integrator, args, nfe: int, preset: bool) -> None:
+def _print_vanilla(model, integrator, args, nfe: int, preset: bool, device) -> None:
     """The same integrator from pure noise at sigma_max with at most the same NFE per sample."""
     from .integrators import integrate
 
@@ -282,8 +315,8 @@ def _print_vanilla(model, integrator, args, nfe: int, preset: bool) -> None:
     if steps is None:
         print(f"vanilla {args.integrator}: cannot run within {nfe} NFE per sample")
         return
-    g = torch.Generator(args.device or "cpu").manual_seed(args.seed)
-    x = model.sigma_max * torch.randn(args.n, *model.shape, generator=g, device=args.device or "cpu")
+    g = torch.Generator(device).manual_seed(args.seed)
+    x = model.sigma_max * torch.randn(args.n, *model.shape, generator=g, device=device)
     start = time.perf_counter()
     x0, used = integrate(integrator, model.score, x, model.sigma_max, steps, generator=g)
     line = f"vanilla {args.integrator}: NFE/sample {used}, wall {time.perf_counter() - start:.1f}s"
