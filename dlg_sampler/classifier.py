@@ -7,6 +7,7 @@ trained classifier can be compared with the exact (Bayes-optimal) posterior of a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -21,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import trange
 
 from .levels import NoiseLevels
+from .parallel import process_seed
 
 #: Architectures of ``NoiseClassifier``: a conv net for images ``[C, H, W]`` and an MLP for any flat shape.
 ARCHS = ("cnn", "mlp")
@@ -293,15 +295,16 @@ def _checkpoints(checkpoint_dir: Path) -> list[Path]:
 
 
 def _save_checkpoint(path: Path, classifier: NoiseClassifier, optimizer: torch.optim.Optimizer,
-                     generator: torch.Generator, state: dict[str, Any]) -> None:
-    """Write ``model.safetensors``, ``optimizer.safetensors`` (+ RNG) and ``trainer_state.json`` atomically."""
+                     generators: list[torch.Tensor], state: dict[str, Any]) -> None:
+    """Write ``model.safetensors``, ``optimizer.safetensors`` (+ every process's RNG state) and
+    ``trainer_state.json`` atomically."""
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in classifier.state_dict().items()}, str(tmp / "model.safetensors"))
     opt = optimizer.state_dict()
     tensors = {f"state.{pid}.{name}": v for pid, s in opt["state"].items() for name, v in s.items()}
-    tensors["generator_state"] = generator.get_state()
+    tensors.update({f"generator_state.{rank}": g for rank, g in enumerate(generators)})
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     state = {**state, "param_groups": opt["param_groups"]}
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
@@ -310,11 +313,12 @@ def _save_checkpoint(path: Path, classifier: NoiseClassifier, optimizer: torch.o
 
 
 def _load_checkpoint(path: Path, classifier: NoiseClassifier, optimizer: torch.optim.Optimizer,
-                     generator: torch.Generator) -> dict[str, Any]:
+                     generator: torch.Generator, rank: int = 0) -> dict[str, Any]:
     state = json.loads((path / "trainer_state.json").read_text())
     classifier.load_state_dict(load_file(str(path / "model.safetensors"), device=str(_device_of(classifier, None))))
     tensors = load_file(str(path / "optimizer.safetensors"))
-    generator.set_state(tensors.pop("generator_state"))
+    generators = {k: tensors.pop(k) for k in [k for k in tensors if k.startswith("generator_state.")]}
+    generator.set_state(generators[f"generator_state.{rank}"])
     opt_state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         _, pid, name = key.split(".", 2)
@@ -327,7 +331,7 @@ def train_noise_classifier(classifier: NoiseClassifier, data: Any, *, steps: int
                            lr: float = 1e-3, lr_schedule: str = "cosine", seed: int = 0, eval_data: Any = None,
                            eval_samples: int = 4096, checkpoint_dir: str | Path | None = None,
                            checkpoint_every: int = 1000, keep_checkpoints: int = 2, progress: bool = True,
-                           device: torch.device | str | None = None) -> dict[str, float]:
+                           device: torch.device | str | None = None, accelerator=None) -> dict[str, float]:
     """Train ``classifier`` by cross-entropy on ``(x_0 + sigma_i z, i)``, ``i`` uniform on ``classifier.levels``.
 
     Adam, one batch of clean samples per step, fresh ``i`` and ``z`` per sample from a generator seeded by ``seed``.
@@ -350,6 +354,10 @@ def train_noise_classifier(classifier: NoiseClassifier, data: Any, *, steps: int
             ``keep_checkpoints`` are kept).
         progress: show a tqdm bar.
         device: training device (default: the classifier's).
+        accelerator: an ``accelerate.Accelerator`` for data-parallel training (``accelerate launch``): every process
+            draws its own batches (generator seeded from ``(seed, rank)``), gradients are averaged, the optimizer
+            steps every ``accelerator.gradient_accumulation_steps`` batches, the main process writes checkpoints
+            (with every process's generator state; resume needs the same number of processes).
 
     Returns:
         ``steps``, ``train_loss`` (EMA of the batch cross-entropy over the last ~100 steps) and, with ``eval_data``,
@@ -365,14 +373,19 @@ def train_noise_classifier(classifier: NoiseClassifier, data: Any, *, steps: int
         raise ValueError(f"lr must be a positive finite number, got {lr!r}.")
     if lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}.")
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    if accelerator is not None:
+        device = accelerator.device
     if device is not None:
         classifier.to(device)
     device = _device_of(classifier, None)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(process_seed(seed, rank, world))
     stream = _BatchStream(data, classifier.sample_shape, batch_size, generator)
     optimizer = torch.optim.Adam(classifier.parameters(), lr=lr)
     run = {"config": classifier._hub_mixin_config, "steps": steps, "batch_size": batch_size, "lr": lr,
            "lr_schedule": lr_schedule, "seed": seed}
+    if accelerator is not None:
+        run.update(processes=world, gradient_accumulation_steps=accelerator.gradient_accumulation_steps)
     start, train_loss = 0, None
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if ckpt_dir is not None and _checkpoints(ckpt_dir):
@@ -383,32 +396,44 @@ def train_noise_classifier(classifier: NoiseClassifier, data: Any, *, steps: int
                 f"{latest} was written by a different run ({ {k: saved.get(k) for k in run} }) than this one ({run}): "
                 "pass the same classifier config and training arguments to resume, or a new checkpoint_dir."
             )
-        state = _load_checkpoint(latest, classifier, optimizer, generator)
+        state = _load_checkpoint(latest, classifier, optimizer, generator, rank)
         start, train_loss = state["step"], state["train_loss"]
         stream.skip(start)
     sigmas = classifier.levels.sigmas
     classifier.train()
-    bar = trange(start, steps, initial=start, total=steps, disable=not progress, desc="noise classifier",
-                 mininterval=5)
+    model = classifier
+    if accelerator is not None:
+        model, optimizer = accelerator.prepare(classifier, optimizer)
+    bar = trange(start, steps, initial=start, total=steps, disable=not progress or rank != 0,
+                 desc="noise classifier", mininterval=5)
     for step in bar:
         x0 = stream.next().float()
         i = torch.randint(len(sigmas), (x0.shape[0],), generator=generator)
         z = torch.randn(x0.shape, generator=generator)
         x = (x0 + sigmas[i].view(-1, *[1] * (x0.dim() - 1)) * z).to(device)
-        loss = F.cross_entropy(classifier(x), i.to(device))
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, lr, lr_schedule)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        with accelerator.accumulate(model) if accelerator is not None else contextlib.nullcontext():
+            loss = F.cross_entropy(model(x), i.to(device))
+            accelerator.backward(loss) if accelerator is not None else loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         train_loss = loss.item() if train_loss is None else 0.99 * train_loss + 0.01 * loss.item()
         if step % 50 == 0:
             bar.set_postfix(loss=f"{train_loss:.3f}")
         if ckpt_dir is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
-            _save_checkpoint(ckpt_dir / f"checkpoint-{step + 1}", classifier, optimizer, generator,
-                             {**run, "step": step + 1, "train_loss": train_loss})
-            for old in _checkpoints(ckpt_dir)[:-keep_checkpoints]:
-                shutil.rmtree(old)
+            generators = [generator.get_state()]
+            if accelerator is not None and world > 1:
+                from accelerate.utils import gather_object
+
+                generators = gather_object(generators)
+            if rank == 0:
+                _save_checkpoint(ckpt_dir / f"checkpoint-{step + 1}", classifier, optimizer, generators,
+                                 {**run, "step": step + 1, "train_loss": train_loss})
+                for old in _checkpoints(ckpt_dir)[:-keep_checkpoints]:
+                    shutil.rmtree(old)
+            if accelerator is not None:
+                accelerator.wait_for_everyone()
     classifier.eval()
     metrics: dict[str, float] = {"steps": steps, "train_loss": train_loss}
     if eval_data is not None:

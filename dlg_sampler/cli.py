@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from . import digits
 from .classifier import NoiseClassifier, train_noise_classifier
 from .integrators import steps_for_nfe
+from .parallel import cpu_processes, process_seed
 from .models import load_images, load_model
 
 DIGITS = "digits"
@@ -48,11 +47,14 @@ def train_classifier_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--out", required=True, help="output folder (save_pretrained); checkpoints go to OUT/checkpoints")
     p.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="also push the result to this Hub repo")
+    p.add_argument("--gradient-accumulation-steps", type=int, default=1)
     p.add_argument("--device", default=None)
     return p
 
 
 def train_classifier_main(argv: list[str] | None = None) -> None:
+    from accelerate import Accelerator
+
     args = train_classifier_parser().parse_args(argv)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -76,10 +78,19 @@ def train_classifier_main(argv: list[str] | None = None) -> None:
                  "both --sigma-min and --sigma-max.")
     classifier = NoiseClassifier(sigma_min, sigma_max, args.num_levels, sample_shape=list(data.shape[1:]),
                                  channels=args.channels, hidden=args.hidden)
-    print(f"noise classifier for {classifier.levels!r} on {len(data)} images of shape {list(data.shape[1:])}")
+    # One process, or data-parallel under `accelerate launch` (gradients averaged, main process saves).
+    accelerator = Accelerator(cpu=cpu_processes(args.device),
+                              gradient_accumulation_steps=args.gradient_accumulation_steps)
+    if accelerator.is_main_process:
+        print(f"noise classifier for {classifier.levels!r} on {len(data)} images of shape {list(data.shape[1:])}"
+              f" ({accelerator.num_processes} process{'es' if accelerator.num_processes > 1 else ''})")
     metrics = train_noise_classifier(classifier, data, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                                     seed=args.seed, eval_data=held_out, checkpoint_dir=out / "checkpoints",
-                                     checkpoint_every=args.checkpoint_every, device=args.device)
+                                     seed=args.seed, eval_data=held_out if accelerator.is_main_process else None,
+                                     checkpoint_dir=out / "checkpoints", checkpoint_every=args.checkpoint_every,
+                                     accelerator=accelerator)
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return
     classifier.save_pretrained(out)
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
     print(f"saved to {out}")
@@ -170,20 +181,6 @@ def _save_grid(images: torch.Tensor, path: Path) -> None:
     make_image_grid(pil, rows, cols).save(path)
 
 
-def process_seed(seed: int, rank: int, world: int) -> int:
-    """The seed of process ``rank`` of ``world``: the run seed itself for one process, else a distinct seed derived
-    from ``(seed, rank)`` (numpy's ``SeedSequence``), so every process owns different, reproducible chains."""
-    if world == 1:
-        return seed
-    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
-
-
-def _cpu_processes(device: str | None) -> bool:
-    """Run on the CPU: asked for, or launched as several processes (``WORLD_SIZE > 1``) on a machine without CUDA
-    (accelerate then joins the processes with gloo, as ``accelerate launch --multi_gpu`` on CPUs needs)."""
-    return device == "cpu" or (int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available())
-
-
 def sample_main(argv: list[str] | None = None) -> None:
     from accelerate import Accelerator
     from accelerate.utils import gather_object
@@ -208,7 +205,7 @@ def sample_main(argv: list[str] | None = None) -> None:
     if args.out_dir is None and Path(args.out).is_dir():
         parser.error(f"--out {args.out} is a folder; pass a .png file path (or --out-dir for shards)")
     # One process, or one of `accelerate launch --num_processes K`: own device, own chains, own share of n.
-    accelerator = Accelerator(cpu=_cpu_processes(args.device))
+    accelerator = Accelerator(cpu=cpu_processes(args.device))
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     device = args.device or accelerator.device
     seed = process_seed(args.seed, rank, world)
