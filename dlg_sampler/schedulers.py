@@ -188,8 +188,9 @@ def _check_config(scheduler, space: str, steps: int) -> None:
 
 
 def _check_covers(name: str, target: float, top: float, steps: int | None = None) -> None:
-    """Raise unless the scheduler can start at ``target`` (``steps`` given: within its own schedule)."""
-    if target <= top:
+    """Raise unless the scheduler can start at ``target`` (``steps`` given: within its own schedule); float32
+    rounding of the same level is tolerated."""
+    if target <= top * (1 + 1e-5):
         return
     where = f"{name}'s largest level {top:.4g}" if steps is None else \
         f"{top:.4g}, the highest level from which {name}'s own schedule runs {steps} steps"
@@ -211,6 +212,11 @@ def _table_sigmas(sched) -> torch.Tensor:
     """VE levels of a VP training table, ``sigma_t = sqrt((1 - abar_t) / abar_t)``, ``[T]`` float64."""
     abar = sched.alphas_cumprod.double().cpu()
     return ((1 - abar) / abar).sqrt()
+
+
+def _covering_timestep(table: torch.Tensor, target: float) -> int:
+    """The first timestep whose level covers ``target`` (the last one for a level at the top, up to rounding)."""
+    return min(int(torch.searchsorted(table, torch.tensor(target, dtype=torch.float64))), len(table) - 1)
 
 
 def _step_sigmas(sched) -> torch.Tensor:
@@ -247,7 +253,7 @@ def _custom_schedule(sched, space: str, custom: str, target: float, steps: int, 
         table = _table_sigmas(sched)
         if steps > len(table):
             raise ValueError(f"steps={steps} is more than the {len(table)} timesteps of {name}'s table.")
-        t_start = max(int(torch.searchsorted(table, torch.tensor(target, dtype=torch.float64))), steps - 1)
+        t_start = max(_covering_timestep(table, target), steps - 1)
         expected = float(table[t_start])
         try:
             sched.set_timesteps(timesteps=_karras_timesteps(table, t_start, steps), device=device)
@@ -276,7 +282,7 @@ def _stride_schedule(sched, truncation: str, target: float, steps: int, device) 
     T = len(table)
     if steps > T:
         raise ValueError(f"steps={steps} is more than the {T} timesteps of {name}'s table.")
-    t_target = int(torch.searchsorted(table, torch.tensor(target, dtype=torch.float64)))
+    t_target = _covering_timestep(table, target)
     n = T // math.ceil((t_target + 1) / steps)  # largest n whose stride T // n gives steps * stride > t_target
     stride = T // n
     if n < steps or (steps - 1) * stride > T - 1:
