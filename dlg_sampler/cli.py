@@ -14,7 +14,7 @@ from . import digits
 from .classifier import NoiseClassifier, train_noise_classifier
 from .integrators import steps_for_nfe
 from .parallel import cpu_processes, process_seed
-from .models import load_images, load_model
+from .models import load_images, load_model, make_integrator
 
 DIGITS = "digits"
 
@@ -49,22 +49,59 @@ def train_classifier_parser() -> argparse.ArgumentParser:
     p.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="also push the result to this Hub repo")
     p.add_argument("--gradient-accumulation-steps", type=int, default=1)
     p.add_argument("--device", default=None)
+    g = p.add_argument_group("training on the model's own samples (no training data needed)")
+    g.add_argument("--from-model", default=None, metavar="MODEL",
+                   help="train on a pool of this model's own samples instead of --data: a diffusers folder or Hub id "
+                        "('digits': the shipped digits model); for latent models pool and classifier are latents")
+    g.add_argument("--pool-size", type=int, default=10000, help="samples in the pool")
+    g.add_argument("--pool-nfe", type=int, default=40, help="network evaluations per pool sample")
+    g.add_argument("--pool-integrator", default="karras_heun",
+                   help="a core integrator name or a diffusers scheduler class name (configured from the pipeline's "
+                        "scheduler), run from sigma_max")
+    g.add_argument("--pool-dir", default=None, help="resumable pool shards (default OUT/pool): rerun the same command "
+                                                    "after a stop to continue")
+    g.add_argument("--pool-shard-size", type=int, default=1024, help="samples per pool shard")
+    g.add_argument("--pool-batch-size", type=int, default=256, help="samples per integrator call")
+    g.add_argument("--overwrite-pool", action="store_true", help="discard a pool of other settings in --pool-dir")
+    g.add_argument("--mix-data", default=None, metavar="FOLDER|digits",
+                   help="real samples to add to the pool (images; encoded by the VAE for latent models)")
     return p
 
 
 def train_classifier_main(argv: list[str] | None = None) -> None:
-    from accelerate import Accelerator
+    from accelerate import Accelerator, PartialState
 
     args = train_classifier_parser().parse_args(argv)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         sys.exit(f"error: --out {out} is a file; pass a folder path.")
-    model_spec = args.model or (digits.PIPELINE_DIR if args.data == DIGITS else None)
+    if args.from_model is not None and (args.model is not None or args.data != DIGITS):
+        sys.exit("error: --from-model names the model and draws the data: drop --model, and pass real images as "
+                 "--mix-data instead of --data.")
+    pool_model = digits.PIPELINE_DIR if args.from_model == DIGITS else args.from_model
+    model_spec = pool_model or args.model or (digits.PIPELINE_DIR if args.data == DIGITS else None)
     shape, sigma_min, sigma_max = None, args.sigma_min, args.sigma_max
     if model_spec is not None:
-        model = load_model(str(model_spec), device="cpu")
+        # A pool is drawn on this process's device (GPU where there is one).
+        state = PartialState(cpu=cpu_processes(args.device)) if pool_model else None
+        model = load_model(str(model_spec), device=(args.device or state.device) if state else "cpu")
         shape, sigma_min, sigma_max = model.shape, sigma_min or model.sigma_min, sigma_max or model.sigma_max
-    if args.data == DIGITS:
+    if pool_model is not None:
+        from .pool import build_sample_pool, load_real_samples
+
+        try:
+            extra = load_real_samples(args.mix_data, model, args.image_size) if args.mix_data else None
+            with state.main_process_first():  # one process draws the pool, the others then read it
+                data = build_sample_pool(model, args.pool_dir or out / "pool", args.pool_size,
+                                         integrator=args.pool_integrator, nfe=args.pool_nfe,
+                                         batch_size=args.pool_batch_size, seed=args.seed,
+                                         shard_size=args.pool_shard_size, extra=extra, model_id=str(args.from_model),
+                                         overwrite=args.overwrite_pool, progress=state.is_main_process)
+        except ValueError as err:  # the shard writer's advice names dlg-sample's flags: give this command's
+            sys.exit(f"error: {err}".replace("--out-dir", "--pool-dir").replace("--overwrite", "--overwrite-pool"))
+        is_digits = Path(pool_model).resolve() == digits.PIPELINE_DIR.resolve()
+        held_out = digits.load_digits_data("test") if is_digits else None
+    elif args.data == DIGITS:
         data, held_out = digits.load_digits_data("train"), digits.load_digits_data("test")
     else:
         size = args.image_size or (shape[-1] if shape else None)
@@ -76,6 +113,7 @@ def train_classifier_main(argv: list[str] | None = None) -> None:
     if sigma_min is None or sigma_max is None:
         sys.exit("error: the noise grid is unknown: pass --model (the diffusion model the classifier is for) or "
                  "both --sigma-min and --sigma-max.")
+    torch.manual_seed(args.seed)  # the initial weights follow --seed too
     classifier = NoiseClassifier(sigma_min, sigma_max, args.num_levels, sample_shape=list(data.shape[1:]),
                                  channels=args.channels, hidden=args.hidden)
     # One process, or data-parallel under `accelerate launch` (gradients averaged, main process saves).
@@ -148,23 +186,6 @@ def _positive(value, name: str, parser: argparse.ArgumentParser) -> None:
         parser.error(f"{name} must be positive, got {value}")
 
 
-def _make_integrator(name: str, model):
-    """A core integrator name, or a diffusers scheduler class name configured from the pipeline's scheduler."""
-    from .integrators import INTEGRATORS
-    from .schedulers import supported_schedulers
-
-    if name in INTEGRATORS:
-        return name
-    import diffusers
-
-    cls = getattr(diffusers, name, None)
-    if cls is None or name not in supported_schedulers():
-        raise ValueError(f"unknown integrator {name!r}: use one of {sorted(INTEGRATORS)} or a diffusers scheduler "
-                         f"class name from {supported_schedulers()}.")
-    base = getattr(model.pipeline, "scheduler", None)
-    return cls.from_config(base.config) if base is not None else cls()
-
-
 def _save_grid(images: torch.Tensor, path: Path) -> None:
     """``images [N, C, H, W]`` in ``[-1, 1]`` -> one PNG grid (diffusers' ``make_image_grid``), upscaled if tiny."""
     from diffusers.utils import make_image_grid
@@ -215,7 +236,7 @@ def sample_main(argv: list[str] | None = None) -> None:
         model = load_model(str(digits.PIPELINE_DIR if preset else args.model), score_sde_net=args.score_sde_net,
                            sde=args.sde, shape=tuple(args.shape) if args.shape else None, device=device)
         classifier = load_classifier(digits.CLASSIFIER_DIR if preset else args.classifier, device)
-        integrator = _make_integrator(args.integrator, model)
+        integrator = make_integrator(args.integrator, model)
     except ValueError as err:
         sys.exit(f"error: {err}")
     gibbs = args.gibbs_steps or DIGITS_PRESET["gibbs_steps"]
@@ -287,7 +308,7 @@ def sample_main(argv: list[str] | None = None) -> None:
     images = model.decode(samples.to(device))
     try:
         _save_grid(images, out)
-        save_file({"samples": samples.contiguous(), "images": images.contiguous().cpu()},
+        save_file({"samples": samples.contiguous().clone(), "images": images.contiguous().cpu().clone()},
                   str(out.with_suffix(".safetensors")))
     except OSError as err:
         sys.exit(f"error: cannot write {out} ({err.strerror}): pass a writable --out path.")
@@ -308,6 +329,8 @@ def _print_vanilla(model, integrator, args, nfe: int, preset: bool, device) -> N
     """The same integrator from pure noise at sigma_max with at most the same NFE per sample."""
     from .integrators import integrate
 
+    if not isinstance(integrator, str):  # its own schedule must start at the top level (see bench.make_scheduler)
+        integrator = type(integrator).from_config({**integrator.config, "timestep_spacing": "trailing"})
     steps = steps_for_nfe(integrator, nfe, dlg=False)
     if steps is None:
         print(f"vanilla {args.integrator}: cannot run within {nfe} NFE per sample")

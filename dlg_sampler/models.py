@@ -90,6 +90,25 @@ def load_model(spec: str, *, score_sde_net: str | None = None, sde: str = "vp", 
     return LoadedModel(score, _sample_shape(net.config), float(score.sigma_min), float(score.sigma_max), decode, pipe)
 
 
+def make_integrator(name: str, model: LoadedModel):
+    """A core integrator name (returned as is), or a diffusers scheduler class name: that scheduler configured from
+    the model's pipeline scheduler (``cls.from_config(pipe.scheduler.config)``; default config without a pipeline).
+    Either can be passed to :func:`dlg_sampler.integrators.integrate`."""
+    from .integrators import INTEGRATORS
+    from .schedulers import supported_schedulers
+
+    if name in INTEGRATORS:
+        return name
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    if cls is None or name not in supported_schedulers():
+        raise ValueError(f"unknown integrator {name!r}: use one of {sorted(INTEGRATORS)} or a diffusers scheduler "
+                         f"class name from {supported_schedulers()}.")
+    base = getattr(model.pipeline, "scheduler", None)
+    return cls.from_config(base.config) if base is not None else cls()
+
+
 def load_classifier(spec: str | Path, device: torch.device | str | None = None) -> NoiseClassifier:
     """``NoiseClassifier.from_pretrained(spec)`` (a local folder or a Hub repo id) with a clear error."""
     try:
