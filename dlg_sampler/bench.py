@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import time
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from typing import Any, Callable
 import torch
 
 from .classifier import NoiseClassifier, train_noise_classifier
-from .integrators import INTEGRATORS, count_nfe, integrate, steps_for_nfe
+from .integrators import INTEGRATORS, integrate, steps_for_nfe
 from .levels import NoiseLevels
 from .metrics import mode_weight_error, sliced_wasserstein
 from .mixture import GaussianMixture
@@ -310,7 +309,7 @@ def check_targets(results: dict[str, dict]) -> list[dict]:
 
 
 def write_markdown(results: dict, targets: list[dict], meta: dict, path: Path) -> None:
-    lines = [f"# dlg-bench results", "", f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']}  ",
+    lines = ["# dlg-bench results", "", f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']}  ",
              f"Date: {meta['date']}, wall time {meta['wall_s']:.0f} s", ""]
     for name, res in results.items():
         metric = res["metric"]

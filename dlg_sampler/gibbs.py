@@ -6,7 +6,7 @@ from typing import Callable
 
 import torch
 
-from .integrators import Score, append_dims, randn_like
+from .integrators import Score, randn_like
 from .levels import NoiseLevels
 
 NoisePosterior = Callable[[torch.Tensor], torch.Tensor]
