@@ -31,7 +31,9 @@ evaluator = DigitsEvaluator()
 nfe = sampler.stats["nfe_per_sample"]
 print(f"DLG + {args.scheduler}: NFE {nfe['total']:.1f}, FD {evaluator.evaluate(x)['fd']:.3f}")
 
-# The same scheduler alone from pure noise, at the same NFE, through the same one-signature call.
-x0, used = integrate(scheduler, score, score.sigma_max * torch.randn(args.n, 1, 8, 8), score.sigma_max,
+# The same scheduler alone from pure noise, at the same NFE, through the same one-signature call ("trailing"
+# spacing: its own schedule must start at the top level, where pure noise lives).
+alone = getattr(diffusers, args.scheduler).from_config(pipe.scheduler.config, timestep_spacing="trailing")
+x0, used = integrate(alone, score, score.sigma_max * torch.randn(args.n, 1, 8, 8), score.sigma_max,
                      round(nfe["total"]))
 print(f"{args.scheduler} alone: NFE {used}, FD {evaluator.evaluate(x0)['fd']:.3f}")
