@@ -329,8 +329,10 @@ def test_ddpm_pipeline_save_load_round_trip(tmp_path):
     x = adapter.sigma_max * torch.randn(3, 2, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         x0, nfe = integrate("karras_heun", adapter, x, adapter.sigma_max, 3)
-        assert torch.equal(adapter(x, torch.full((3,), 2.0)), DiffusersVPScore(unet, DDPMScheduler(
-            prediction_type="v_prediction"))(x, torch.full((3,), 2.0)))  # the loaded weights are the saved ones
+        loaded, saved = adapter(x, torch.full((3,), 2.0)), DiffusersVPScore(unet, DDPMScheduler(
+            prediction_type="v_prediction"))(x, torch.full((3,), 2.0))
+        # The loaded weights are the saved ones (bit equality would also test the thread count's reduction order).
+        assert torch.allclose(loaded, saved, rtol=1e-5, atol=1e-5)
     assert finite_and_shaped(x0, (3, 2, 8, 8)) and nfe == 5
 
 
