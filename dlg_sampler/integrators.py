@@ -196,17 +196,23 @@ def sample_karras_heun(score: Score, x: torch.Tensor, sigmas: torch.Tensor, *, g
     score = CountedScore(score)
     for i in trange(len(sigmas) - 1, disable=disable):
         t_cur, t_next = sigmas[i], sigmas[i + 1]
-        # Euler step.
-        denoised = score.denoise(x, t_cur)
-        d_cur = to_d(x, t_cur, denoised)
-        x_next = x + append_dims(t_next - t_cur, x.ndim) * d_cur
-        # Apply 2nd order correction.
-        if (t_next > 0).all():
-            d_prime = to_d(x_next, t_next, score.denoise(x_next, t_next))
-            x_next = x + append_dims(t_next - t_cur, x.ndim) * (0.5 * d_cur + 0.5 * d_prime)
-        x = x_next
+        x, denoised = _heun_step(score, x, t_cur, t_next)
         _report(callback, x, i, t_cur, denoised)
     return x, score.nfe
+
+
+def _heun_step(score: CountedScore, x: torch.Tensor, t_cur: torch.Tensor,
+               t_next: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of Karras et al.'s Algorithm 1 from ``t_cur [B]`` to ``t_next [B]``: ``(x_next, denoised at t_cur)``."""
+    # Euler step.
+    denoised = score.denoise(x, t_cur)
+    d_cur = to_d(x, t_cur, denoised)
+    x_next = x + append_dims(t_next - t_cur, x.ndim) * d_cur
+    # Apply 2nd order correction.
+    if (t_next > 0).all():
+        d_prime = to_d(x_next, t_next, score.denoise(x_next, t_next))
+        x_next = x + append_dims(t_next - t_cur, x.ndim) * (0.5 * d_cur + 0.5 * d_prime)
+    return x_next, denoised
 
 
 @torch.no_grad()
@@ -223,15 +229,8 @@ def sample_karras_stochastic(score: Score, x: torch.Tensor, sigmas: torch.Tensor
         gamma = torch.where(in_range, min(S_churn / n, math.sqrt(2) - 1), 0.0).to(t_cur.dtype)
         t_hat = t_cur + gamma * t_cur
         x_hat = x + append_dims((t_hat**2 - t_cur**2).sqrt(), x.ndim) * S_noise * randn_like(x, generator)
-        # Euler step.
-        denoised = score.denoise(x_hat, t_hat)
-        d_cur = to_d(x_hat, t_hat, denoised)
-        x_next = x_hat + append_dims(t_next - t_hat, x.ndim) * d_cur
-        # Apply 2nd order correction.
-        if (t_next > 0).all():
-            d_prime = to_d(x_next, t_next, score.denoise(x_next, t_next))
-            x_next = x_hat + append_dims(t_next - t_hat, x.ndim) * (0.5 * d_cur + 0.5 * d_prime)
-        x = x_next
+        # Euler step from t_hat, then the 2nd order correction.
+        x, denoised = _heun_step(score, x_hat, t_hat, t_next)
         _report(callback, x, i, t_cur, denoised)
     return x, score.nfe
 
