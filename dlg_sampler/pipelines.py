@@ -85,7 +85,7 @@ class DLGScheduler(SchedulerMixin, ConfigMixin):
                  warmup_steps: int = 20, base_scheduler: dict | None = None, correct_steps: int = 0):
         if integrator not in INTEGRATORS:
             raise ValueError(f"unknown integrator {integrator!r}: DLGScheduler uses one of {sorted(INTEGRATORS)}.")
-        self.model, self.score, self.classifier = None, None, None
+        self.score, self.classifier = None, None
         self.samplers: dict[int, DLGSampler] = {}
         self._pending: dict[int, torch.Tensor] = {}  # denoised states awaiting their Tweedie step, per batch size
         self.timesteps = torch.tensor([0])
@@ -130,7 +130,7 @@ class DLGScheduler(SchedulerMixin, ConfigMixin):
         self.score = DiffusersVPScore(model, base) if self.vp else DiffusersVEScore.from_scheduler(model, base)
         self.classifier = classifier if classifier is not None else _resolve_classifier(self.config.classifier)[0]
         self.classifier.levels.check_covers(self.score.sigma_min, self.score.sigma_max)
-        self.model, self.samplers, self._pending = model, {}, {}
+        self.samplers, self._pending = {}, {}
         self.num_train_timesteps = base.config.get("num_train_timesteps", 1000)
         self.init_noise_sigma = 1.0 if self.vp else self.score.sigma_max
         return self
@@ -179,6 +179,10 @@ class DLGScheduler(SchedulerMixin, ConfigMixin):
              generator: torch.Generator | None = None, return_dict: bool = True, **kwargs: Any):
         """Call 1: run the DLG batch, return its states at the lowest level. Call 2: the Tweedie step."""
         batch = sample.shape[0]
+        if tuple(sample.shape[1:]) != tuple(self.classifier.sample_shape):
+            raise ValueError(f"the pipeline samples shape {list(sample.shape[1:])} but the noise classifier is for "
+                             f"{list(self.classifier.sample_shape)}: pass a classifier trained for this model "
+                             "(dlg-train-classifier --model ...).")
         if self._step_index == 0:
             self._step_index = 1
             self._first_calls += batch
@@ -200,8 +204,6 @@ class DLGScheduler(SchedulerMixin, ConfigMixin):
     def _dlg_states(self, batch: int, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
         """Gibbs, selection and denoising for ``batch`` samples: states ``[batch, *shape]`` at ``sigma_min``."""
         sampler = self._sampler(batch, device)
-        if tuple(sampler.shape) != tuple(self.classifier.sample_shape):
-            raise ValueError("the classifier's sample shape does not match the pipeline's samples.")
         chunks, have = [], 0
         while have < batch:  # diverged chains are never emitted: top up from another batch
             x, sigma = sampler.gibbs_and_select(generator)
