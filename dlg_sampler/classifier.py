@@ -17,10 +17,10 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from huggingface_hub import PyTorchModelHubMixin
 from safetensors.torch import load_file, save_file
 from tqdm.auto import trange
 
+from .hub import QuietHubMixin
 from .levels import NoiseLevels
 from .parallel import process_seed
 
@@ -37,7 +37,7 @@ def _rms(v: torch.Tensor) -> torch.Tensor:
     return v.flatten(1).pow(2).mean(-1).sqrt().clamp_min(_STAT_FLOOR)
 
 
-class NoiseClassifier(nn.Module, PyTorchModelHubMixin, library_name="dlg-sampler",
+class NoiseClassifier(nn.Module, QuietHubMixin, library_name="dlg-sampler",
                       tags=["dlg-sampler", "denoising-mcmc", "noise-classifier"]):
     """Noise-level classifier ``x [B, *sample_shape] -> logits [B, L]`` over ``NoiseLevels(sigma_min, sigma_max, L)``.
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -12,11 +14,65 @@ import torch
 
 from . import digits
 from .classifier import NoiseClassifier, train_noise_classifier
-from .integrators import steps_for_nfe
+from .integrators import INTEGRATORS, steps_for_nfe
 from .parallel import cpu_processes, process_seed
-from .models import load_images, load_model, make_integrator
+from .models import image_files, load_images, load_model, make_integrator
 
 DIGITS = "digits"
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows every option's default, except where there is none to show (``None``, ``False``)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _check_device(device: str | None, parser: argparse.ArgumentParser) -> None:
+    """Refuse a ``--device`` this torch build or machine cannot use, before anything loads."""
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        parser.error(f"--device {device!r} is not a device name: use cpu, cuda, cuda:N or mps")
+    if dev.type == "cuda":
+        if torch.version.cuda is None and torch.version.hip is None:
+            parser.error(f"--device {device}: this torch {torch.__version__} is a CPU-only build. Install a CUDA "
+                         "build of torch first (the command for your CUDA version is on "
+                         "https://pytorch.org/get-started/locally/), or use --device cpu")
+        if not torch.cuda.is_available():
+            parser.error(f"--device {device}: torch sees no CUDA GPU (check nvidia-smi and CUDA_VISIBLE_DEVICES), "
+                         "or use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            parser.error(f"--device {device}: there are {torch.cuda.device_count()} CUDA GPUs (cuda:0 .. "
+                         f"cuda:{torch.cuda.device_count() - 1})")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        parser.error(f"--device {device}: MPS is not available in this torch build or machine; use --device cpu")
+
+
+def _check_writable(path: str | Path, flag: str, parser: argparse.ArgumentParser, *, folder: bool) -> None:
+    """Refuse an output ``path`` (a file, or a ``folder``) that cannot be written, before any compute: its nearest
+    existing folder must take a new file, and an existing file must be writable. Creates nothing."""
+    path = Path(path)
+    if not folder and path.is_dir():
+        parser.error(f"{flag} {path} is a folder, not a file; pass a file path")
+    if folder and path.exists() and not path.is_dir():
+        parser.error(f"{flag} {path} is a file, not a folder; pass a folder path")
+    existing = path if folder and path.is_dir() else path.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        parser.error(f"{flag} {path}: {existing} is a file, so nothing can be written under it; pass another path")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+        if path.is_file() and not os.access(path, os.W_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as err:
+        parser.error(f"{flag} {path}: cannot write there ({err.strerror or err}); pass a writable path")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -27,6 +83,7 @@ def train_classifier_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dlg-train-classifier",
         description="Train a noise classifier p(sigma_i | x) for a diffusion model's sigma range (resumable).",
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("--data", default=DIGITS,
                    help="clean training images: 'digits' (the shipped preset's training split), or a folder of "
@@ -36,19 +93,21 @@ def train_classifier_parser() -> argparse.ArgumentParser:
                         "folder or Hub id); default: the shipped digits model for --data digits")
     p.add_argument("--sigma-min", type=float, default=None, help="override the grid's lowest level")
     p.add_argument("--sigma-max", type=float, default=None, help="override the grid's highest level")
-    p.add_argument("--num-levels", type=int, default=1000)
+    p.add_argument("--num-levels", type=int, default=1000, help="noise levels of the geometric grid (the paper: 1000)")
     p.add_argument("--image-size", type=int, default=None, help="resize folder images (default: the model's size)")
     p.add_argument("--channels", type=int, nargs="+", default=[32, 64, 128], help="CNN conv widths")
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--steps", type=int, default=6000)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--hidden", type=int, default=128, help="width of the classifier's head")
+    p.add_argument("--steps", type=int, default=6000, help="optimiser steps")
+    p.add_argument("--batch-size", type=int, default=256, help="clean images per step")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (cosine decay to 1%%)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the initial weights, batches, levels and noise")
+    p.add_argument("--checkpoint-every", type=int, default=500, help="steps between resumable checkpoints")
     p.add_argument("--out", required=True, help="output folder (save_pretrained); checkpoints go to OUT/checkpoints")
     p.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="also push the result to this Hub repo")
-    p.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    p.add_argument("--device", default=None)
+    p.add_argument("--gradient-accumulation-steps", type=int, default=1,
+                   help="batches per optimiser step (under accelerate launch: per process)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: a GPU if torch sees one, "
+                                                  "else the CPU; under accelerate launch: the process's own)")
     g = p.add_argument_group("training on the model's own samples (no training data needed)")
     g.add_argument("--from-model", default=None, metavar="MODEL",
                    help="train on a pool of this model's own samples instead of --data: a diffusers folder or Hub id "
@@ -71,10 +130,19 @@ def train_classifier_parser() -> argparse.ArgumentParser:
 def train_classifier_main(argv: list[str] | None = None) -> None:
     from accelerate import Accelerator, PartialState
 
-    args = train_classifier_parser().parse_args(argv)
+    parser = train_classifier_parser()
+    args = parser.parse_args(argv)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         sys.exit(f"error: --out {out} is a file; pass a folder path.")
+    _check_writable(out, "--out", parser, folder=True)
+    _check_device(args.device, parser)
+    for flag, folder in (("--data", args.data if args.from_model is None else DIGITS), ("--mix-data", args.mix_data)):
+        if folder not in (None, DIGITS):
+            try:
+                image_files(folder)
+            except ValueError as err:
+                sys.exit(f"error: {flag}: {err}")
     if args.from_model is not None and (args.model is not None or args.data != DIGITS):
         sys.exit("error: --from-model names the model and draws the data: drop --model, and pass real images as "
                  "--mix-data instead of --data.")
@@ -84,7 +152,10 @@ def train_classifier_main(argv: list[str] | None = None) -> None:
     if model_spec is not None:
         # A pool is drawn on this process's device (GPU where there is one).
         state = PartialState(cpu=cpu_processes(args.device)) if pool_model else None
-        model = load_model(str(model_spec), device=(args.device or state.device) if state else "cpu")
+        try:
+            model = load_model(str(model_spec), device=(args.device or state.device) if state else "cpu")
+        except ValueError as err:
+            sys.exit(f"error: {err}")
         shape, sigma_min, sigma_max = model.shape, sigma_min or model.sigma_min, sigma_max or model.sigma_max
     if pool_model is not None:
         from .pool import build_sample_pool, load_real_samples
@@ -105,7 +176,10 @@ def train_classifier_main(argv: list[str] | None = None) -> None:
         data, held_out = digits.load_digits_data("train"), digits.load_digits_data("test")
     else:
         size = args.image_size or (shape[-1] if shape else None)
-        data = load_images(args.data, size=size, channels=shape[0] if shape else None)
+        try:
+            data = load_images(args.data, size=size, channels=shape[0] if shape else None)
+        except ValueError as err:
+            sys.exit(f"error: --data: {err}")
         held_out = None
     if shape is not None and tuple(data.shape[1:]) != tuple(shape):
         sys.exit(f"error: the training images have shape {list(data.shape[1:])} but the model samples "
@@ -149,15 +223,26 @@ def sample_parser() -> argparse.ArgumentParser:
         prog="dlg-sample",
         description="Draw samples from a pretrained diffusion model with Denoising Langevin Gibbs (DLG). With no "
                     "arguments: the shipped digits model and classifier, compared with the vanilla integrator.",
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("--model", default=None, help="diffusers pipeline folder, Hub repo id or score_sde checkpoint "
                                                  "(default: the shipped digits model)")
     p.add_argument("--classifier", default=None, help="NoiseClassifier folder or Hub repo id (default: the shipped "
                                                       "digits classifier with the digits model)")
-    p.add_argument("--score-sde-net", default=None, metavar="MODULE:FUNCTION",
-                   help="builds the network of a score_sde checkpoint")
-    p.add_argument("--sde", default="vp", choices=["vp", "subvp", "ve"], help="SDE of a score_sde checkpoint")
-    p.add_argument("--shape", type=int, nargs="+", default=None, help="sample shape of a score_sde checkpoint")
+    g = p.add_argument_group("score_sde checkpoints (--model checkpoint_*.pth): the values of the model's config")
+    g.add_argument("--score-sde-net", default=None, metavar="MODULE:FUNCTION",
+                   help="builds the untrained network: FUNCTION() of MODULE, imported from the current directory "
+                        "first (e.g. my_models:build_ncsnpp for ./my_models.py); MODULE may be a .py path")
+    g.add_argument("--sde", default="vp", choices=["vp", "subvp", "ve"], help="the SDE the model was trained with")
+    g.add_argument("--shape", type=int, nargs="+", default=None, metavar="C H W", help="sample shape")
+    g.add_argument("--beta-min", type=float, default=0.1, help="vp / subvp: config.model.beta_min")
+    g.add_argument("--beta-max", type=float, default=20.0, help="vp / subvp: config.model.beta_max")
+    g.add_argument("--sde-sigma-min", type=float, default=0.01, help="ve: config.model.sigma_min")
+    g.add_argument("--sde-sigma-max", type=float, default=50.0, help="ve: config.model.sigma_max (CIFAR-10: 50, "
+                                                                       "CelebA-HQ-256: 348)")
+    g.add_argument("--continuous", action=argparse.BooleanOptionalAction, default=True,
+                   help="config.training.continuous: the network takes continuous times (--no-continuous: "
+                        "discrete labels, as NCSN / DDPM-style score_sde models)")
     p.add_argument("--integrator", default="karras_heun",
                    help="denoising integrator: one of the core names or a diffusers scheduler class name "
                         "(configured from the pipeline's scheduler), e.g. DPMSolverMultistepScheduler")
@@ -169,7 +254,8 @@ def sample_parser() -> argparse.ArgumentParser:
                                                                  "the chains' working noise level")
     p.add_argument("--chains", type=int, default=256, help="persistent chains (at most --n are used)")
     p.add_argument("--n", type=int, default=256, help="number of samples")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the chains (each process of accelerate launch derives "
+                                                       "its own)")
     p.add_argument("--out", default="samples.png", help="PNG grid (the raw samples go next to it as .safetensors)")
     p.add_argument("--out-dir", default=None, help="write resumable shards + manifest here instead of --out")
     p.add_argument("--shard-size", type=int, default=1024, help="samples per shard with --out-dir")
@@ -177,13 +263,24 @@ def sample_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="with --out-dir, discard a previous run there")
     p.add_argument("--compare", action=argparse.BooleanOptionalAction, default=None,
                    help="also run the vanilla integrator at the same NFE and compare (default: on for digits)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: a GPU if torch sees one, "
+                                                  "else the CPU; under accelerate launch: the process's own)")
     return p
 
 
 def _positive(value, name: str, parser: argparse.ArgumentParser) -> None:
     if value is not None and (not math.isfinite(value) or value <= 0):
         parser.error(f"{name} must be positive, got {value}")
+
+
+def _denoise_steps(integrator, budget: int, gibbs: int, name: str) -> int:
+    """The denoising steps that fit ``--nfe budget`` after ``gibbs`` Gibbs steps; exits naming the minimum."""
+    steps = steps_for_nfe(integrator, budget - gibbs, dlg=True) if budget > gibbs else None
+    if steps is None:
+        minimum = gibbs + min(n for n in range(1, 20) if steps_for_nfe(integrator, n, dlg=True))
+        sys.exit(f"error: --nfe {budget} leaves no room for denoising after {gibbs} Gibbs steps: {name} needs at "
+                 f"least --nfe {minimum} ({gibbs} Gibbs + denoising + Tweedie); raise --nfe or lower --gibbs-steps.")
+    return steps
 
 
 def _save_grid(images: torch.Tensor, path: Path) -> None:
@@ -225,6 +322,16 @@ def sample_main(argv: list[str] | None = None) -> None:
                      "dlg-train-classifier --model MODEL --data IMAGES --out FOLDER)")
     if args.out_dir is None and Path(args.out).is_dir():
         parser.error(f"--out {args.out} is a folder; pass a .png file path (or --out-dir for shards)")
+    if args.out_dir is None:
+        _check_writable(args.out, "--out", parser, folder=False)
+    else:
+        _check_writable(args.out_dir, "--out-dir", parser, folder=True)
+    _check_device(args.device, parser)
+    if args.denoise_steps is None and args.integrator in INTEGRATORS:  # scheduler names: once configured, below
+        if args.integrator == "ode_rk45":
+            sys.exit("error: ode_rk45 is adaptive, its NFE cannot be budgeted: pass --denoise-steps instead of --nfe.")
+        _denoise_steps(args.integrator, args.nfe or DIGITS_PRESET["nfe"],
+                       args.gibbs_steps or DIGITS_PRESET["gibbs_steps"], args.integrator)
     # One process, or one of `accelerate launch --num_processes K`: own device, own chains, own share of n.
     accelerator = Accelerator(cpu=cpu_processes(args.device))
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
@@ -232,10 +339,13 @@ def sample_main(argv: list[str] | None = None) -> None:
     seed = process_seed(args.seed, rank, world)
     n = args.n // world + (rank < args.n % world)
     torch.manual_seed(seed)
+    score_sde_kwargs = {"beta_min": args.beta_min, "beta_max": args.beta_max, "sigma_min": args.sde_sigma_min,
+                        "sigma_max": args.sde_sigma_max, "continuous": args.continuous}
     try:
-        model = load_model(str(digits.PIPELINE_DIR if preset else args.model), score_sde_net=args.score_sde_net,
-                           sde=args.sde, shape=tuple(args.shape) if args.shape else None, device=device)
         classifier = load_classifier(digits.CLASSIFIER_DIR if preset else args.classifier, device)
+        model = load_model(str(digits.PIPELINE_DIR if preset else args.model), score_sde_net=args.score_sde_net,
+                           sde=args.sde, shape=tuple(args.shape) if args.shape else None,
+                           score_sde_kwargs=score_sde_kwargs, device=device)
         integrator = make_integrator(args.integrator, model)
     except ValueError as err:
         sys.exit(f"error: {err}")
@@ -244,12 +354,7 @@ def sample_main(argv: list[str] | None = None) -> None:
         steps = args.denoise_steps
     else:
         budget = args.nfe or DIGITS_PRESET["nfe"]
-        if isinstance(integrator, str) and integrator == "ode_rk45":
-            sys.exit("error: ode_rk45 is adaptive, its NFE cannot be budgeted: pass --denoise-steps instead of --nfe.")
-        steps = steps_for_nfe(integrator, budget - gibbs, dlg=True)
-        if steps is None:
-            sys.exit(f"error: --nfe {budget} leaves no room for denoising after {gibbs} Gibbs steps: raise --nfe or "
-                     "lower --gibbs-steps.")
+        steps = _denoise_steps(integrator, budget, gibbs, args.integrator)
     try:
         sampler = DLGSampler(model.score, classifier, classifier.levels, shape=model.shape,
                              num_chains=min(args.chains, max(n, 1)), integrator=integrator, denoise_steps=steps,

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
+from .hub import QuietHubMixin
 from .metrics import class_coverage, frechet_distance, precision_recall
 
 #: Fraction of the 1797 digits held out for evaluation (never seen by any shipped model).
@@ -52,7 +52,7 @@ def load_digits_pipeline(**kwargs):
     return DDPMPipeline.from_pretrained(PIPELINE_DIR, **kwargs)
 
 
-class DigitFeatureNet(nn.Module, PyTorchModelHubMixin, tags=["digits", "feature-extractor"]):
+class DigitFeatureNet(nn.Module, QuietHubMixin, tags=["digits", "feature-extractor"]):
     """Small CNN digit classifier for ``[N, 1, 8, 8]`` images in ``[-1, 1]``.
 
     ``features(x) -> [N, feature_dim]`` (the penultimate layer, used for the Frechet distance);

@@ -4,6 +4,9 @@ score with its sample shape and trained sigma range, a noise classifier, and fol
 from __future__ import annotations
 
 import importlib
+import inspect
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -12,6 +15,7 @@ import numpy as np
 import torch
 
 from .classifier import NoiseClassifier
+from .hub import describe_folder, download_folder, local_or_repo_id, pipeline_access, pipeline_error, read_config
 from .integrators import Score
 
 #: Image files ``load_images`` reads.
@@ -49,35 +53,36 @@ def _is_score_sde_checkpoint(spec: str) -> bool:
 
 
 def load_model(spec: str, *, score_sde_net: str | None = None, sde: str = "vp", shape: tuple[int, ...] | None = None,
-               device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> LoadedModel:
-    """Load ``spec``: a local diffusers pipeline folder, a Hub repo id (``from_pretrained``, so the HF cache and
-    ``HF_HUB_OFFLINE`` apply) or a score_sde checkpoint file (``checkpoint_*.pth``; its network is built by
-    ``score_sde_net="module:function"``, the SDE named by ``sde``, and the sample ``shape`` must be given)."""
+               score_sde_kwargs: dict | None = None, device: torch.device | str | None = None,
+               dtype: torch.dtype | None = None) -> LoadedModel:
+    """Load ``spec``: a local diffusers pipeline folder, a Hub repo id (``from_pretrained``; the HF cache alone when
+    ``HF_HUB_OFFLINE`` is set or the Hub does not answer) or a score_sde checkpoint file (``checkpoint_*.pth``; its
+    network is built by ``score_sde_net="module:function"`` (:func:`build_network`), the SDE named by ``sde`` with
+    ``score_sde_kwargs`` (``beta_min``, ``beta_max``, ``sigma_min``, ``sigma_max``, ``continuous`` of
+    :class:`~dlg_sampler.adapters.ScoreSdeScore`), and the sample ``shape`` must be given)."""
     from .adapters import ScoreSdeScore, decode_latents, from_pipeline, load_score_sde_checkpoint
 
     if _is_score_sde_checkpoint(spec):
         if score_sde_net is None or shape is None:
             raise ValueError(f"{spec} is a score_sde checkpoint: its network must be built by code; pass "
                              "--score-sde-net module:function (returns the untrained nn.Module) and --shape C H W.")
-        module_name, _, fn_name = score_sde_net.partition(":")
-        net = getattr(importlib.import_module(module_name), fn_name)()
+        net = build_network(score_sde_net)
         load_score_sde_checkpoint(spec, net)
         net = net.to(device or "cpu", dtype or torch.float32).eval()
-        score = ScoreSdeScore(net, sde=sde)
+        score = ScoreSdeScore(net, sde=sde, **(score_sde_kwargs or {}))
         return LoadedModel(score, tuple(shape), score.sigma_min, score.sigma_max, lambda x: x)
 
     from diffusers import DiffusionPipeline
 
-    path = Path(spec)
-    if path.exists() and not (path / "model_index.json").exists():
-        raise ValueError(f"{spec} is not a diffusers pipeline folder (no model_index.json): pass a folder written by "
-                         "pipeline.save_pretrained(...), a Hub repo id, or a score_sde checkpoint file.")
+    expected = ("a diffusers pipeline folder (model_index.json, written by pipeline.save_pretrained) or a score_sde "
+                "checkpoint file (.pth)")
+    path = local_or_repo_id(spec, "the model", expected)
+    if isinstance(path, Path) and not (path / "model_index.json").exists():
+        raise ValueError(f"the model {spec!r} is not {expected}: it holds {describe_folder(path)}.")
     try:
-        pipe = DiffusionPipeline.from_pretrained(spec, torch_dtype=dtype)
+        pipe = DiffusionPipeline.from_pretrained(spec, torch_dtype=dtype, **pipeline_access(spec))
     except (OSError, EnvironmentError) as err:
-        raise ValueError(f"could not load the diffusers pipeline {spec!r} ({err}). A local folder needs "
-                         "model_index.json plus each component's config and weights; a Hub id needs network "
-                         "access or a populated HF cache (HF_HUB_OFFLINE=1 uses the cache only).") from err
+        raise ValueError(pipeline_error(spec, err)) from err
     pipe.to(device or "cpu")
     pipe.set_progress_bar_config(disable=True)
     score = from_pipeline(pipe)
@@ -88,6 +93,40 @@ def load_model(spec: str, *, score_sde_net: str | None = None, sde: str = "vp", 
     else:
         decode = lambda x: x  # noqa: E731
     return LoadedModel(score, _sample_shape(net.config), float(score.sigma_min), float(score.sigma_max), decode, pipe)
+
+
+def build_network(spec: str) -> torch.nn.Module:
+    """The untrained network of a score_sde checkpoint from ``"module:function"``: ``function()`` of ``module``,
+    imported from the current directory first (console scripts do not put it on the import path), then from
+    ``PYTHONPATH`` and the installed packages. ``module`` may also be a ``.py`` file path."""
+    module_name, sep, fn_name = spec.partition(":")
+    if not sep or not module_name or not fn_name:
+        raise ValueError(f"--score-sde-net {spec!r} must be MODULE:FUNCTION, e.g. my_models:build_ncsnpp (a file "
+                         "my_models.py in the current directory with a function build_ncsnpp() returning the network).")
+    folder, module_name = (str(Path(module_name).parent), Path(module_name).stem) if module_name.endswith(".py") \
+        else (os.getcwd(), module_name)
+    sys.path.insert(0, folder)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name is None or not module_name.startswith(err.name):  # found, but an import inside it failed
+            raise ValueError(f"--score-sde-net {spec!r}: importing {module_name!r} failed: {err}; install the "
+                             "package it needs.") from err
+        raise ValueError(f"--score-sde-net {spec!r}: no module {module_name!r} in {folder} or on PYTHONPATH: run from "
+                         f"the folder holding {module_name.replace('.', '/')}.py, or add its folder to PYTHONPATH."
+                         ) from err
+    finally:
+        sys.path.remove(folder)
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        public = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
+        raise ValueError(f"--score-sde-net {spec!r}: module {module_name!r} ({module.__file__}) has no function "
+                         f"{fn_name!r}; its functions and classes: {', '.join(public) or 'none'}.")
+    net = fn()
+    if not isinstance(net, torch.nn.Module):
+        raise ValueError(f"--score-sde-net {spec!r} returned {type(net).__name__}, not a torch.nn.Module: the "
+                         "function must build and return the (untrained) network.")
+    return net
 
 
 def make_integrator(name: str, model: LoadedModel):
@@ -109,15 +148,46 @@ def make_integrator(name: str, model: LoadedModel):
     return cls.from_config(base.config) if base is not None else cls()
 
 
+#: What a noise classifier folder holds.
+CLASSIFIER_FILES = ["config.json", "model.safetensors"]
+_CLASSIFIER_EXPECTED = ("a NoiseClassifier folder (config.json + model.safetensors, written by dlg-train-classifier "
+                        "or NoiseClassifier.save_pretrained)")
+
+
 def load_classifier(spec: str | Path, device: torch.device | str | None = None) -> NoiseClassifier:
-    """``NoiseClassifier.from_pretrained(spec)`` (a local folder or a Hub repo id) with a clear error."""
+    """A ``NoiseClassifier`` from a local folder or a Hub repo id, in eval mode on ``device``.
+
+    Raises ``ValueError`` naming what was expected and what was found: no such folder, a folder of another model,
+    a repo that is not cached while the Hub is unavailable (see :mod:`dlg_sampler.hub`).
+    """
+    what = "the noise classifier"
+    ref = local_or_repo_id(spec, what, _CLASSIFIER_EXPECTED)
+    folder = ref if isinstance(ref, Path) else download_folder(ref, what, CLASSIFIER_FILES)
+    config = read_config(folder)
+    params = set(inspect.signature(NoiseClassifier.__init__).parameters) - {"self"}
+    if (config is None or not (folder / "model.safetensors").is_file() or not set(config) <= params
+            or not {"sigma_min", "sigma_max", "num_levels", "sample_shape"} <= set(config)):
+        raise ValueError(f"{what} {str(spec)!r} is not {_CLASSIFIER_EXPECTED}: it holds {describe_folder(folder)}.")
     try:
-        classifier = NoiseClassifier.from_pretrained(str(spec))
-    except Exception as err:  # huggingface_hub raises several types for a missing repo / file
-        raise ValueError(f"could not load the noise classifier {str(spec)!r} ({type(err).__name__}: {err}). Pass a "
-                         "folder written by NoiseClassifier.save_pretrained / dlg-train-classifier, or a Hub repo id "
-                         "(available offline only from the HF cache).") from err
+        classifier = NoiseClassifier.from_pretrained(folder)
+    except (ValueError, TypeError, RuntimeError, OSError) as err:  # a damaged or mismatched weights file
+        raise ValueError(f"{what} {str(spec)!r} could not be loaded ({type(err).__name__}: {err}): its "
+                         "model.safetensors does not match its config.json; save it again with "
+                         "NoiseClassifier.save_pretrained.") from err
     return classifier.to(device or "cpu").eval()
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """The image files under ``folder`` (recursively, sorted); ``ValueError`` if it is no folder or holds none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a folder{' (no such path)' if not folder.exists() else ''}: pass a folder "
+                         "of images (subfolders are searched too).")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}: pass the folder that holds the "
+                         "training images.")
+    return files
 
 
 def load_images(folder: str | Path, size: int | None = None, channels: int | None = None) -> torch.Tensor:
@@ -128,15 +198,14 @@ def load_images(folder: str | Path, size: int | None = None, channels: int | Non
     """
     from PIL import Image
 
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ValueError(f"{folder} is not a folder: pass a folder of images (subfolders are searched too).")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}.")
     arrays = []
+    files = image_files(folder)
     for f in files:
-        img = Image.open(f)
+        try:
+            img = Image.open(f)
+            img.load()
+        except OSError as err:  # PIL.UnidentifiedImageError, truncated files
+            raise ValueError(f"cannot read the image {f} ({err}): remove or replace it.") from err
         mode = {1: "L", 3: "RGB"}.get(channels or (1 if img.mode in ("L", "1", "I", "I;16") else 3))
         if mode is None:
             raise ValueError(f"channels must be 1 or 3 for image folders, got {channels}.")

@@ -107,7 +107,7 @@ def test_dlg_sample_with_a_diffusers_scheduler_and_a_local_model_folder(tmp_path
     (["--nfe", "2"], "leaves no room for denoising"),
     (["--step-size", "nan"], "--step-size must be positive"),
     (["--integrator", "rk4"], "unknown integrator 'rk4': use one of"),
-    (["--model", "no/such-folder-or-repo", "--classifier", "x"], "could not load the diffusers pipeline"),
+    (["--model", "no/such-folder-or-repo", "--classifier", str(CLASSIFIER_DIR)], "could not load the diffusers pipeline"),
     (["--model", "MODEL_WITHOUT_WEIGHTS", "--classifier", str(CLASSIFIER_DIR)], "weights"),
     (["--model", str(PIPELINE_DIR), "--classifier", "WRONG_GRID"], "outside the model's trained sigma range"),
     (["--model", str(PIPELINE_DIR), "--classifier", "WRONG_SHAPE"], "shape"),
