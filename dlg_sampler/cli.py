@@ -124,7 +124,25 @@ def train_classifier_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite-pool", action="store_true", help="discard a pool of other settings in --pool-dir")
     g.add_argument("--mix-data", default=None, metavar="FOLDER|digits",
                    help="real samples to add to the pool (images; encoded by the VAE for latent models)")
+    g.add_argument("--prompts", default=None, metavar="FILE",
+                   help="text-to-image models: the prompts the pool is drawn with in turn, one per line (default: 16 "
+                        "everyday prompts, dlg_sampler.models.DEFAULT_PROMPTS); pass the prompts you will sample with")
+    g.add_argument("--guidance-scale", type=float, default=None,
+                   help="text-to-image models: the pool's classifier-free guidance scale (default: the pipeline's "
+                        "own, 7.5 for Stable Diffusion); use the scale you will sample with")
     return p
+
+
+def _read_prompts(path: str) -> list[str]:
+    """The prompts of a ``--prompts`` file: one per line, surrounding spaces and blank lines dropped."""
+    try:
+        prompts = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as err:
+        sys.exit(f"error: --prompts {path}: cannot read it ({getattr(err, 'strerror', None) or err}); pass a text "
+                 "file with one prompt per line.")
+    if not prompts:
+        sys.exit(f"error: --prompts {path} holds no prompt; write one prompt per line.")
+    return prompts
 
 
 def train_classifier_main(argv: list[str] | None = None) -> None:
@@ -146,6 +164,11 @@ def train_classifier_main(argv: list[str] | None = None) -> None:
     if args.from_model is not None and (args.model is not None or args.data != DIGITS):
         sys.exit("error: --from-model names the model and draws the data: drop --model, and pass real images as "
                  "--mix-data instead of --data.")
+    if args.from_model is None and (args.prompts is not None or args.guidance_scale is not None):
+        sys.exit("error: --prompts and --guidance-scale set how --from-model samples a text-to-image model: add "
+                 "--from-model MODEL, or drop them.")
+    _positive(args.guidance_scale, "--guidance-scale", parser)
+    prompts = _read_prompts(args.prompts) if args.prompts is not None else None
     pool_model = digits.PIPELINE_DIR if args.from_model == DIGITS else args.from_model
     model_spec = pool_model or args.model or (digits.PIPELINE_DIR if args.data == DIGITS else None)
     shape, sigma_min, sigma_max = None, args.sigma_min, args.sigma_max
@@ -153,7 +176,8 @@ def train_classifier_main(argv: list[str] | None = None) -> None:
         # A pool is drawn on this process's device (GPU where there is one).
         state = PartialState(cpu=cpu_processes(args.device)) if pool_model else None
         try:
-            model = load_model(str(model_spec), device=(args.device or state.device) if state else "cpu")
+            model = load_model(str(model_spec), prompts=prompts, guidance_scale=args.guidance_scale,
+                               device=(args.device or state.device) if state else "cpu")
         except ValueError as err:
             sys.exit(f"error: {err}")
         shape, sigma_min, sigma_max = model.shape, sigma_min or model.sigma_min, sigma_max or model.sigma_max
@@ -175,9 +199,11 @@ def train_classifier_main(argv: list[str] | None = None) -> None:
     elif args.data == DIGITS:
         data, held_out = digits.load_digits_data("train"), digits.load_digits_data("test")
     else:
-        size = args.image_size or (shape[-1] if shape else None)
-        try:
-            data = load_images(args.data, size=size, channels=shape[0] if shape else None)
+        from .pool import load_real_samples
+
+        try:  # in the model's space: VAE latents for latent models
+            data = load_real_samples(args.data, model, args.image_size) if shape else \
+                load_images(args.data, size=args.image_size)
         except ValueError as err:
             sys.exit(f"error: --data: {err}")
         held_out = None
@@ -349,6 +375,9 @@ def sample_main(argv: list[str] | None = None) -> None:
         integrator = make_integrator(args.integrator, model)
     except ValueError as err:
         sys.exit(f"error: {err}")
+    if model.prompts:
+        sys.exit(f"error: --model {args.model} is a text-to-image pipeline; dlg-sample draws from unconditional "
+                 "models. Sample it with DLGPipeline.from_pipe(pipe, classifier=...) (examples/text_to_image.py).")
     gibbs = args.gibbs_steps or DIGITS_PRESET["gibbs_steps"]
     if args.denoise_steps is not None:
         steps = args.denoise_steps

@@ -20,6 +20,15 @@ from .integrators import Score
 
 #: Image files ``load_images`` reads.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+#: Prompts a text-to-image model is sampled with when none are given: everyday subjects and styles. A classifier
+#: is only as good as the pool it learns from, so pass the prompts of your own use (``--prompts FILE``) instead.
+DEFAULT_PROMPTS = (
+    "a photo of a cat", "a photo of a dog", "a portrait photo of a person", "a landscape with mountains and a lake",
+    "a city street at night", "a bowl of fruit on a wooden table", "an oil painting of a ship at sea",
+    "a watercolor painting of a forest", "a close-up photo of a flower", "a bird sitting on a branch",
+    "a red car on a country road", "a cozy living room interior", "a plate of food in a restaurant",
+    "a beach at sunset", "a snowy village in winter", "a digital illustration of a castle",
+)
 
 
 @dataclass
@@ -32,6 +41,10 @@ class LoadedModel:
         sigma_min, sigma_max: the model's trained noise range (the classifier grid defaults to it).
         decode: ``samples [B, *shape] -> images [B, C, H, W]`` in ``[-1, 1]`` (the VAE for latent models).
         pipeline: the diffusers pipeline, if the model came from one.
+        prompts: text-to-image models: the prompts the model is sampled with; ``prompt_scores[i]`` is the score
+            guided by ``prompts[i]`` (``score`` is the first).
+        prompt_scores: one guided score per prompt (classifier-free guidance at ``guidance_scale``).
+        guidance_scale: the classifier-free guidance scale of ``prompt_scores`` (1: no guidance).
     """
 
     score: Score
@@ -40,6 +53,9 @@ class LoadedModel:
     sigma_max: float
     decode: Callable[[torch.Tensor], torch.Tensor]
     pipeline: object | None = None
+    prompts: tuple[str, ...] = ()
+    prompt_scores: tuple[Score, ...] = ()
+    guidance_scale: float = 1.0
 
 
 def _sample_shape(config) -> tuple[int, ...]:
@@ -53,13 +69,19 @@ def _is_score_sde_checkpoint(spec: str) -> bool:
 
 
 def load_model(spec: str, *, score_sde_net: str | None = None, sde: str = "vp", shape: tuple[int, ...] | None = None,
-               score_sde_kwargs: dict | None = None, device: torch.device | str | None = None,
+               score_sde_kwargs: dict | None = None, prompts: list[str] | None = None,
+               guidance_scale: float | None = None, device: torch.device | str | None = None,
                dtype: torch.dtype | None = None) -> LoadedModel:
     """Load ``spec``: a local diffusers pipeline folder, a Hub repo id (``from_pretrained``; the HF cache alone when
     ``HF_HUB_OFFLINE`` is set or the Hub does not answer) or a score_sde checkpoint file (``checkpoint_*.pth``; its
     network is built by ``score_sde_net="module:function"`` (:func:`build_network`), the SDE named by ``sde`` with
     ``score_sde_kwargs`` (``beta_min``, ``beta_max``, ``sigma_min``, ``sigma_max``, ``continuous`` of
-    :class:`~dlg_sampler.adapters.ScoreSdeScore`), and the sample ``shape`` must be given)."""
+    :class:`~dlg_sampler.adapters.ScoreSdeScore`), and the sample ``shape`` must be given).
+
+    A text-to-image pipeline (Stable-Diffusion-style) is sampled the way users sample it: each of ``prompts``
+    (default :data:`DEFAULT_PROMPTS`) encoded by the pipeline, with classifier-free guidance at
+    ``guidance_scale`` (default: the pipeline's own, 7.5 for Stable Diffusion); see :class:`LoadedModel`.
+    """
     from .adapters import ScoreSdeScore, decode_latents, from_pipeline, load_score_sde_checkpoint
 
     if _is_score_sde_checkpoint(spec):
@@ -85,14 +107,35 @@ def load_model(spec: str, *, score_sde_net: str | None = None, sde: str = "vp", 
         raise ValueError(pipeline_error(spec, err)) from err
     pipe.to(device or "cpu")
     pipe.set_progress_bar_config(disable=True)
-    score = from_pipeline(pipe)
+    conditioning = _text_conditioning(pipe, spec, prompts, guidance_scale, device or "cpu")
+    score = conditioning["prompt_scores"][0] if conditioning else from_pipeline(pipe)
     net = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
     vae = getattr(pipe, "vae", None)
     if vae is not None:
         decode = lambda latents: decode_latents(vae, latents)  # noqa: E731
     else:
         decode = lambda x: x  # noqa: E731
-    return LoadedModel(score, _sample_shape(net.config), float(score.sigma_min), float(score.sigma_max), decode, pipe)
+    return LoadedModel(score, _sample_shape(net.config), float(score.sigma_min), float(score.sigma_max), decode, pipe,
+                       **conditioning)
+
+
+def _text_conditioning(pipe, spec: str, prompts: list[str] | None, guidance_scale: float | None, device) -> dict:
+    """``LoadedModel`` fields of a text-to-image pipeline (empty for others): one guided score per prompt."""
+    from .adapters import from_pipeline
+    from .pipelines import default_guidance_scale, is_text_to_image, text_conditions
+
+    if not is_text_to_image(pipe):
+        if prompts is not None or guidance_scale is not None:
+            raise ValueError(f"the model {spec!r} ({type(pipe).__name__}) takes no text prompt: drop --prompts and "
+                             "--guidance-scale.")
+        return {}
+    prompts = tuple(prompts or DEFAULT_PROMPTS)
+    scale = default_guidance_scale(pipe) if guidance_scale is None else float(guidance_scale)
+    with torch.no_grad():
+        conditions = text_conditions(pipe, list(prompts), None, scale, device)
+    scores = tuple(from_pipeline(pipe, guidance_scale=scale, cond_kwargs=cond, uncond_kwargs=uncond)
+                   for cond, uncond in conditions)
+    return {"prompts": prompts, "prompt_scores": scores, "guidance_scale": scale}
 
 
 def build_network(spec: str) -> torch.nn.Module:

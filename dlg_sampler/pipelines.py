@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,36 @@ def _check_unconditional(pipe: Any) -> None:
         raise ValueError(f"{name} cannot run DLG through its scheduler (its loop guides, doubles the batch or decodes "
                          f"latents outside the scheduler; DLGScheduler serves {', '.join(SCHEDULER_PIPELINES)}): use "
                          "DLGPipeline.from_pipe(pipe, classifier=...) instead.")
+
+
+def is_text_to_image(pipe: Any) -> bool:
+    """Whether ``pipe`` is a Stable-Diffusion-style text-to-image pipeline (a text encoder and ``encode_prompt``)."""
+    return getattr(pipe, "text_encoder", None) is not None and hasattr(pipe, "encode_prompt")
+
+
+def default_guidance_scale(pipe: Any) -> float:
+    """The guidance scale ``pipe(...)`` uses when none is given (Stable Diffusion: 7.5), else 1 (no guidance)."""
+    param = inspect.signature(type(pipe).__call__).parameters.get("guidance_scale")
+    return float(param.default) if param is not None and isinstance(param.default, (int, float)) else 1.0
+
+
+def text_conditions(pipe: Any, prompts: list[str], negative_prompts: list[str | None] | None, guidance_scale: float,
+                    device: torch.device | str) -> list[tuple[dict[str, Any], dict[str, Any] | None]]:
+    """The conditioning of each prompt as the pipeline encodes it (its own ``encode_prompt``): one
+    ``(cond_kwargs, uncond_kwargs)`` per prompt for :class:`~dlg_sampler.adapters.DiffusersVPScore`, with
+    ``encoder_hidden_states`` ``[1, tokens, dim]``; ``uncond_kwargs`` (the negative prompt, default empty) only with
+    classifier-free guidance (``guidance_scale > 1``)."""
+    if not hasattr(pipe, "encode_prompt"):
+        raise ValueError(f"{type(pipe).__name__} takes no prompt (no encode_prompt).")
+    cfg, out = guidance_scale > 1.0, []
+    for p, n in zip(prompts, negative_prompts or [None] * len(prompts)):
+        encoded = pipe.encode_prompt(p, device, 1, cfg, negative_prompt=n)
+        if len(encoded) != 2:
+            raise ValueError(f"{type(pipe).__name__}.encode_prompt returns {len(encoded)} tensors; dlg-sampler "
+                             "supports Stable-Diffusion-1/2-style pipelines (prompt and negative embeddings).")
+        cond, uncond = encoded
+        out.append(({"encoder_hidden_states": cond}, {"encoder_hidden_states": uncond} if cfg else None))
+    return out
 
 
 class DLGScheduler(SchedulerMixin, ConfigMixin):
@@ -284,21 +315,11 @@ class DLGPipeline:
         """One ``(key, cond_kwargs, uncond_kwargs)`` per condition."""
         pipe, cfg = self.pipe, guidance_scale > 1.0
         if prompt is not None:
-            if not hasattr(pipe, "encode_prompt"):
-                raise ValueError(f"{type(pipe).__name__} takes no prompt (no encode_prompt).")
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
             negatives = [negative_prompt] * len(prompts) if negative_prompt is None or isinstance(negative_prompt, str) \
                 else list(negative_prompt)
-            out = []
-            for p, n in zip(prompts, negatives):
-                encoded = pipe.encode_prompt(p, device, 1, cfg, negative_prompt=n)
-                if len(encoded) != 2:
-                    raise ValueError(f"{type(pipe).__name__}.encode_prompt returns {len(encoded)} tensors; DLGPipeline "
-                                     "supports Stable-Diffusion-1/2-style pipelines (prompt and negative embeddings).")
-                cond, uncond = encoded
-                out.append(((p, n), {"encoder_hidden_states": cond},
-                            {"encoder_hidden_states": uncond} if cfg else None))
-            return out
+            return [((p, n), cond, uncond) for p, n, (cond, uncond)
+                    in zip(prompts, negatives, text_conditions(pipe, prompts, negatives, guidance_scale, device))]
         if class_labels is not None:
             labels = [class_labels] if isinstance(class_labels, int) else list(class_labels)
             null = getattr(self.model.config, "num_embeds_ada_norm", None) or getattr(self.model.config, "num_class_embeds", None)

@@ -32,15 +32,24 @@ def shard_seed(seed: int, shard: int) -> int:
 
 @torch.no_grad()
 def draw(model: LoadedModel, n: int, integrator, steps: int, generator: torch.Generator,
-         device: torch.device | str) -> tuple[torch.Tensor, int]:
+         device: torch.device | str, first: int = 0) -> tuple[torch.Tensor, int]:
     """``n`` samples of the model, integrated from ``sigma_max * z`` to 0: ``(x0 [n, *model.shape], nfe per sample)``.
 
     Core integrators end at the model's ``sigma_min`` (at least the default ``SIGMA_END``) before their final
-    Tweedie step.
+    Tweedie step. Text-to-image models: sample ``j`` is the pool's sample ``first + j`` and is drawn with prompt
+    ``(first + j) mod P`` of ``model.prompts`` (one integrator call per prompt, so no integrator can mix up the
+    conditioning of reordered samples).
     """
     x = model.sigma_max * torch.randn(n, *model.shape, generator=generator, device=device)
-    return integrate(integrator, model.score, x, model.sigma_max, steps, generator=generator,
-                     sigma_end=max(model.sigma_min, SIGMA_END))
+    kwargs = dict(generator=generator, sigma_end=max(model.sigma_min, SIGMA_END))
+    if not model.prompt_scores:
+        return integrate(integrator, model.score, x, model.sigma_max, steps, **kwargs)
+    prompt = (first + torch.arange(n, device=x.device)) % len(model.prompt_scores)
+    nfe = 0
+    for i in prompt.unique().tolist():
+        rows = prompt == i
+        x[rows], nfe = integrate(integrator, model.prompt_scores[i], x[rows], model.sigma_max, steps, **kwargs)
+    return x, nfe
 
 
 def encode_to_model_space(model: LoadedModel, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
@@ -92,6 +101,10 @@ def build_sample_pool(model: LoadedModel, out_dir: str | Path, size: int, *, int
                       device: torch.device | str | None = None) -> torch.Tensor:
     """Draw (or finish drawing) ``size`` samples of ``model`` into ``out_dir`` and return them.
 
+    A text-to-image model is sampled with its prompts in turn (sample ``k`` with prompt ``k mod P``, see
+    :func:`draw`) and classifier-free guidance, as users sample it; prompts and guidance scale are part of the
+    configuration.
+
     Before drawing, prints the cost: ``size x NFE/sample`` score evaluations; then the time the rest will take,
     measured on the first batch (a timed probe that is kept; it includes one-time warm-up, so it errs high); a tqdm
     bar follows the rest. The folder holds ``manifest.json`` and ``shard-*.safetensors`` (``"samples"
@@ -142,6 +155,8 @@ def build_sample_pool(model: LoadedModel, out_dir: str | Path, size: int, *, int
               "integrator": scheduler if isinstance(scheduler, str) else
               {type(scheduler).__name__: json.loads(scheduler.to_json_string())},
               "steps": steps, "seed": seed, "size": size, "shard_size": shard_size, "batch_size": batch_size}
+    if model.prompts:
+        config.update(prompts=list(model.prompts), guidance_scale=model.guidance_scale)
     writer = ShardWriter(out_dir, config, overwrite=overwrite)
     for warning in writer.warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -150,17 +165,21 @@ def build_sample_pool(model: LoadedModel, out_dir: str | Path, size: int, *, int
         per_sample = count_nfe(scheduler, steps, dlg=False)
         adaptive = "at least " if isinstance(scheduler, str) and scheduler == "ode_rk45" else ""
         if progress:
+            guided = (f" with {len(model.prompts)} prompts in turn, guidance scale {model.guidance_scale:g}"
+                      + (" (2 network passes per NFE)" if model.guidance_scale > 1 else "")) if model.prompts else ""
             print(f"sample pool {out_dir}: {size} samples x {adaptive}{per_sample} NFE ({integrator}, {steps} steps) = "
-                  f"{size * per_sample} NFE; {remaining} samples ({remaining * per_sample} NFE) to draw", flush=True)
+                  f"{size * per_sample} NFE{guided}; {remaining} samples ({remaining * per_sample} NFE) to draw",
+                  flush=True)
         bar = None
         for k, count in enumerate(shard_sizes(size, shard_size)):
             if k < len(writer.shards):
                 continue
             generator = torch.Generator(device).manual_seed(shard_seed(seed, k))
-            chunks = []
+            chunks, first = [], k * shard_size
             for n in shard_sizes(count, batch_size):
                 start = time.perf_counter()
-                x0 = draw(model, n, scheduler, steps, generator, device)[0].float().cpu()
+                x0 = draw(model, n, scheduler, steps, generator, device, first)[0].float().cpu()
+                first += n
                 if not torch.isfinite(x0).all():
                     raise ValueError(f"{integrator} diverged (non-finite samples in shard {k}): try another "
                                      "integrator or more steps.")

@@ -1,6 +1,7 @@
 """Every script in examples/ runs as written (small settings), on the shipped preset or tiny local models."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -52,11 +53,8 @@ def test_train_classifier_for_your_model(tmp_path):
     assert clf.sample_shape == (1, 8, 8) and (tmp_path / "clf" / "checkpoints" / "checkpoint-20").exists()
 
 
-def test_text_to_image(tmp_path):
-    from test_pipelines import tiny_stable_diffusion
-
-    pipe = tiny_stable_diffusion(tmp_path)
-    pipe.save_pretrained(tmp_path / "sd")
+def test_text_to_image(tmp_path, tiny_sd):
+    shutil.copytree(tiny_sd, tmp_path / "sd")
     ac = DDPMScheduler.from_pretrained(tmp_path / "sd", subfolder="scheduler").alphas_cumprod.double()
     sig = ((1 - ac) / ac).sqrt()
     NoiseClassifier(float(sig[0]), float(sig[-1]), 100, sample_shape=(4, 8, 8), channels=(8,), hidden=16

@@ -5,8 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import (AutoencoderKL, DDIMPipeline, DDPMPipeline, DDPMScheduler, ScoreSdeVePipeline,
-                       ScoreSdeVeScheduler, StableDiffusionPipeline, UNet2DConditionModel, UNet2DModel)
+from diffusers import DDIMPipeline, DDPMPipeline, DDPMScheduler, ScoreSdeVePipeline, ScoreSdeVeScheduler, UNet2DModel
 
 from dlg_sampler import NoiseClassifier
 from dlg_sampler.pipelines import DLGPipeline, DLGScheduler
@@ -106,34 +105,8 @@ def test_scheduler_misuse_is_a_clear_error():
         DLGScheduler().set_timesteps(10)
 
 
-def tiny_stable_diffusion(tmp_path):
-    """A Stable-Diffusion-style pipeline from configs only: tiny CLIP text model, tokenizer, UNet and VAE."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    torch.manual_seed(0)
-    words = ["a", "photo", "of", "cat", "dog"]
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, **{f"{w}</w>": i + 2 for i, w in enumerate(words)}}
-    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
-    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"), model_max_length=16)
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32,
-                                                num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16,
-                                                bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
-                                layers_per_block=1, cross_attention_dim=16, norm_num_groups=4, attention_head_dim=4,
-                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).eval()
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        norm_num_groups=4, sample_size=16).eval()
-    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-
-
-def test_dlg_pipeline_text_to_image_with_guidance(tmp_path):
-    pipe = tiny_stable_diffusion(tmp_path)
+def test_dlg_pipeline_text_to_image_with_guidance(tiny_sd_pipe):
+    pipe = tiny_sd_pipe
     ac = pipe.scheduler.alphas_cumprod.double()
     sig = ((1 - ac) / ac).sqrt()
     clf = NoiseClassifier(float(sig[0]), float(sig[-1]), 100, sample_shape=(4, 8, 8), channels=(8,), hidden=16)

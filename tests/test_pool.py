@@ -218,3 +218,102 @@ def test_latent_pool_and_classifier_live_in_latent_space(tmp_path):
                           hidden=16)
     metrics = train_noise_classifier(clf, pool, steps=5, batch_size=8, progress=False)
     assert np.isfinite(metrics["train_loss"]) and clf(pool[:3]).shape == (3, 50)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# text-to-image models (the tiny Stable-Diffusion-style pipeline): prompts in turn with guidance, latents, and the
+# whole route from the model alone to DLGPipeline images
+
+def test_text_to_image_pool_draws_each_prompt_in_turn_with_guidance(tiny_sd, tmp_path):
+    from dlg_sampler.models import DEFAULT_PROMPTS
+
+    default = load_model(str(tiny_sd))
+    assert default.prompts == DEFAULT_PROMPTS and default.guidance_scale == 7.5  # as pipe(...) samples by default
+    prompts = ["a", "a a", "a a a"]  # distinct embeddings under the tiny tokenizer's five-word vocabulary
+    model = load_model(str(tiny_sd), prompts=prompts, guidance_scale=3.0)
+    embeddings = [s.cond_kwargs["encoder_hidden_states"][0] for s in model.prompt_scores]
+    empty = model.prompt_scores[0].uncond_kwargs["encoder_hidden_states"][0]
+    seen = []
+
+    def record(module, args, kwargs):
+        states = kwargs["encoder_hidden_states"]
+        uncond, cond = states.chunk(2)  # classifier-free guidance: one doubled batch, unconditional half first
+        assert all(torch.equal(u, empty) for u in uncond)
+        seen.extend(next(i for i, e in enumerate(embeddings) if torch.equal(c, e)) for c in cond)
+
+    model.pipeline.unet.register_forward_pre_hook(record, with_kwargs=True)
+    pool = build_sample_pool(model, tmp_path, 8, nfe=3, batch_size=4, shard_size=4, progress=False)
+    assert pool.shape == (8, 4, 8, 8) and torch.isfinite(pool).all()
+    # samples 0..7 take prompts 0, 1, 2, 0, 1, 2, 0, 1; each is evaluated 3 times (3 NFE)
+    assert [seen.count(i) for i in range(3)] == [3 * 3, 3 * 3, 2 * 3]
+    config = json.loads((tmp_path / "manifest.json").read_text())["config"]
+    assert config["prompts"] == prompts and config["guidance_scale"] == 3.0
+    with pytest.raises(ValueError, match=r"prompts: \[.*\] -> \['a'\]"):  # another prompt set is another pool
+        build_sample_pool(load_model(str(tiny_sd), prompts=["a"], guidance_scale=3.0), tmp_path, 8, nfe=3,
+                          batch_size=4, shard_size=4, progress=False)
+
+
+def test_text_to_image_classifier_from_the_model_alone_then_dlg_pipeline_images(tiny_sd, tmp_path, monkeypatch,
+                                                                                  capsys):
+    """The documented route for text-to-image (no classifier is published): dlg-train-classifier --from-model ->
+    DLGPipeline.from_pipe(pipe, classifier=FOLDER) -> images."""
+    from diffusers import StableDiffusionPipeline
+
+    from dlg_sampler.cli import train_classifier_main
+    from dlg_sampler.pipelines import DLGPipeline
+
+    monkeypatch.chdir(tmp_path)
+    Path("prompts.txt").write_text("a photo of a cat\n\n  a photo of a dog  \n")
+    train_classifier_main(["--from-model", str(tiny_sd), "--prompts", "prompts.txt", "--guidance-scale", "3",
+                           "--pool-size", "8", "--pool-batch-size", "4", "--pool-shard-size", "4", "--pool-nfe", "5",
+                           "--steps", "5", "--batch-size", "8", "--num-levels", "50", "--channels", "8",
+                           "--hidden", "16", "--out", "clf"])
+    out = capsys.readouterr().out
+    assert "with 2 prompts in turn, guidance scale 3 (2 network passes per NFE)" in out and "saved to clf" in out
+    assert NoiseClassifier.from_pretrained("clf").sample_shape == (4, 8, 8)  # the classifier works on latents
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    dlg = DLGPipeline.from_pipe(pipe, classifier="clf", num_chains=2, warmup_steps=2, warmup_sweeps=(1, 1))
+    images = dlg("a photo of a cat", guidance_scale=3.0, num_inference_steps=6, num_images_per_prompt=2).images
+    assert len(images) == 2 and images[0].size == (16, 16)
+
+
+def test_text_to_image_classifier_from_real_images_is_trained_on_latents(tiny_sd, tmp_path, monkeypatch, capsys):
+    from dlg_sampler.cli import train_classifier_main
+
+    monkeypatch.chdir(tmp_path)
+    Path("images").mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((16, 16, 3), 40 * i, dtype=np.uint8)).save(f"images/{i}.png")
+    train_classifier_main(["--model", str(tiny_sd), "--data", "images", "--steps", "2", "--batch-size", "4",
+                           "--num-levels", "50", "--channels", "8", "--hidden", "16", "--out", "clf"])
+    assert "on 3 images of shape [4, 8, 8]" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--from-model", "PIPE", "--prompts", "prompts.txt"], "takes no text prompt: drop --prompts and --guidance-scale"),
+    (["--from-model", "SD", "--prompts", "missing.txt"], "--prompts missing.txt: cannot read it"),
+    (["--from-model", "SD", "--prompts", "empty.txt"], "--prompts empty.txt holds no prompt"),
+    (["--from-model", "SD", "--guidance-scale", "0"], "--guidance-scale must be positive"),
+    (["--data", "digits", "--prompts", "prompts.txt"], "add --from-model MODEL, or drop them"),
+])
+def test_text_to_image_mistakes_are_clear(args, message, tiny_sd, tiny_pipe, tmp_path, monkeypatch, capsys):
+    from dlg_sampler.cli import train_classifier_main
+
+    monkeypatch.chdir(tmp_path)
+    Path("prompts.txt").write_text("a photo of a cat\n")
+    Path("empty.txt").write_text("\n  \n")
+    args = [{"SD": str(tiny_sd), "PIPE": str(tiny_pipe)}.get(a, a) for a in args]
+    with pytest.raises(SystemExit) as exc:
+        train_classifier_main([*args, "--out", "clf"])
+    assert message in capsys.readouterr().err + str(exc.value.code)
+
+
+def test_dlg_sample_points_text_to_image_models_to_dlg_pipeline(tiny_sd, tmp_path, monkeypatch, capsys):
+    from dlg_sampler.cli import sample_main
+
+    monkeypatch.chdir(tmp_path)
+    NoiseClassifier(0.03, 14.0, 50, sample_shape=(4, 8, 8), channels=(8,)).save_pretrained("clf")
+    with pytest.raises(SystemExit) as exc:
+        sample_main(["--model", str(tiny_sd), "--classifier", "clf"])
+    assert "is a text-to-image pipeline" in str(exc.value.code) and "DLGPipeline.from_pipe" in str(exc.value.code)
