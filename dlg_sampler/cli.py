@@ -310,19 +310,11 @@ def _denoise_steps(integrator, budget: int, gibbs: int, name: str) -> int:
 
 
 def _save_grid(images: torch.Tensor, path: Path) -> None:
-    """``images [N, C, H, W]`` in ``[-1, 1]`` -> one PNG grid (diffusers' ``make_image_grid``), upscaled if tiny."""
-    from diffusers.utils import make_image_grid
-    from PIL import Image
+    """``images [N, C, H, W]`` in ``[-1, 1]`` -> one square-ish, padded PNG grid (:func:`~dlg_sampler.images.image_grid`)."""
+    from .images import image_grid
 
-    arr = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    pil = [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arr]
-    scale = max(1, 64 // max(pil[0].size))
-    pil = [im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in pil]
-    cols = math.ceil(math.sqrt(len(pil)))
-    rows = math.ceil(len(pil) / cols)
-    pil += [Image.new(pil[0].mode, pil[0].size)] * (rows * cols - len(pil))
     path.parent.mkdir(parents=True, exist_ok=True)
-    make_image_grid(pil, rows, cols).save(path)
+    image_grid(images).save(path)
 
 
 def sample_main(argv: list[str] | None = None) -> None:

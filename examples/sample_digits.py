@@ -11,6 +11,7 @@ from diffusers import DDPMPipeline
 from dlg_sampler import DLGSampler, NoiseClassifier, integrate
 from dlg_sampler.adapters import from_pipeline
 from dlg_sampler.digits import CLASSIFIER_DIR, PIPELINE_DIR, DigitsEvaluator
+from dlg_sampler.images import image_grid
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--n", type=int, default=500)
@@ -31,9 +32,5 @@ x_vanilla, nfe = integrate("karras_heun", score, score.sigma_max * torch.randn(a
 print(f"vanilla Karras Heun, {nfe} NFE", {k: round(v, 3) for k, v in evaluator.evaluate(x_vanilla).items()
                                           if k in ("fd", "coverage", "entropy")})
 
-images = pipe.numpy_to_pil(((x + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy())
-from diffusers.utils import make_image_grid  # noqa: E402
-
-cols = 16 if args.n % 16 == 0 else 1
-make_image_grid([im.resize((32, 32)) for im in images], rows=args.n // cols, cols=cols).save(args.out)
+image_grid(x).save(args.out)                              # square-ish, padded, tiles upscaled to 64 px
 print("wrote", args.out)

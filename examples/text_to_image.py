@@ -11,6 +11,7 @@ import argparse
 
 from diffusers import StableDiffusionPipeline
 
+from dlg_sampler.images import image_grid
 from dlg_sampler.pipelines import DLGPipeline
 
 parser = argparse.ArgumentParser()
@@ -28,5 +29,5 @@ pipe = StableDiffusionPipeline.from_pretrained(args.model, safety_checker=None)
 dlg = DLGPipeline.from_pipe(pipe, classifier=args.classifier, num_chains=args.chains)
 images = dlg(args.prompt, guidance_scale=args.guidance_scale, num_inference_steps=args.steps,
              num_images_per_prompt=args.n).images
-images[0].save(args.out)
+image_grid(images).save(args.out)
 print(f"wrote {args.out}; NFE per image {next(iter(dlg.samplers.values())).stats['nfe_per_sample']}")

@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from huggingface_hub import constants
@@ -213,3 +214,13 @@ def test_help_explains_every_option_and_shows_defaults(parser):
     shown = [f"{a.option_strings[0]}" for a in parser._actions
              if isinstance(a.default, (int, float)) and not isinstance(a.default, bool)]
     assert shown and all(f"(default: {parser.get_default(o.lstrip('-').replace('-', '_'))})" in text for o in shown)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the PNG grid
+
+def test_sample_grid_is_square_and_padded(tmp_path):
+    cli._save_grid(torch.rand(500, 1, 8, 8) * 2 - 1, tmp_path / "grid.png")
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    assert grid.shape[:2] == (22 * 68, 23 * 68)  # 500 tiles of 64 px + 2 px borders in 23 columns: about square
+    assert (grid[:, 66:70] == 255).all() and (grid[66:70, :] == 255).all()  # a light border between tiles

@@ -6,8 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import DDPMScheduler
+from PIL import Image
 
 from dlg_sampler import NoiseClassifier
 
@@ -24,7 +26,10 @@ def run(script: str, *args: str, cwd: Path) -> str:
 
 def test_sample_digits(tmp_path):
     out = run("sample_digits.py", "--n", "64", "--out", "grid.png", cwd=tmp_path)
-    assert "DLG" in out and "'fd'" in out and (tmp_path / "grid.png").exists()
+    assert "DLG" in out and "'fd'" in out
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    assert grid.shape[:2] == (8 * 68, 8 * 68)  # 8 x 8 tiles of 64 px, each with a 2 px border (was one 16 x 4 strip)
+    assert (grid[:, [0, 1, 66, 67, 68]] == 255).all() and (grid[[66, 67, 68, 69], :] == 255).all()
 
 
 def test_warm_start_scheduler(tmp_path):
