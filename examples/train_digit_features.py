@@ -1,6 +1,9 @@
 """Reproduce the shipped digit feature network (the Frechet-distance features and digit reader of the digits preset).
 
-    python examples/train_digit_features.py --steps 3000 --out dlg_sampler/weights/digits/features
+    python examples/train_digit_features.py --steps 3000 --out digit-features
+
+The result goes to a new folder (default ``digit-features/``); an existing non-empty folder, such as the
+shipped ``dlg_sampler/weights/digits/features``, is only replaced with ``--overwrite``.
 
 A small CNN (``dlg_sampler.digits.DigitFeatureNet``) trained to classify the training split of scikit-learn's
 8x8 digits, with light augmentation: random translations of up to one pixel (the background is -1) and,
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -44,8 +48,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-noise", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default="dlg_sampler/weights/digits/features")
+    parser.add_argument("--out", default="digit-features", help="output folder (a new one, or --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (e.g. the shipped weights)")
     args = parser.parse_args(argv)
+    if Path(args.out).exists() and any(Path(args.out).iterdir()) and not args.overwrite:
+        parser.error(f"--out {args.out} already holds files; pass another --out, or --overwrite to replace them")
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)

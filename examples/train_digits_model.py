@@ -1,6 +1,9 @@
 """Reproduce the shipped digits diffusion model: a small diffusers UNet2DModel trained as a standard DDPM.
 
-    python examples/train_digits_model.py --steps 6000 --out dlg_sampler/weights/digits/pipeline
+    python examples/train_digits_model.py --steps 6000 --out digits-model
+
+The result goes to a new folder (default ``digits-model/``); an existing non-empty folder, such as the
+shipped ``dlg_sampler/weights/digits/pipeline``, is only replaced with ``--overwrite``.
 
 Data: the training split of scikit-learn's bundled 8x8 digits (``dlg_sampler.digits.load_digits_data``), in
 [-1, 1]. Schedule: ``DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")`` (linear, not cosine,
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -40,8 +44,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ema-decay", type=float, default=0.999)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default="dlg_sampler/weights/digits/pipeline")
+    parser.add_argument("--out", default="digits-model", help="output folder (a new one, or --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (e.g. the shipped weights)")
     args = parser.parse_args(argv)
+    if Path(args.out).exists() and any(Path(args.out).iterdir()) and not args.overwrite:
+        parser.error(f"--out {args.out} already holds files; pass another --out, or --overwrite to replace them")
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
