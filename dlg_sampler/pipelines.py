@@ -30,10 +30,12 @@ from .sampler import DLGSampler
 
 #: Pipelines whose own ``__call__`` runs with :class:`DLGScheduler`.
 SCHEDULER_PIPELINES = ("DDPMPipeline", "DDIMPipeline", "ScoreSdeVePipeline")
+#: Where ``DLGScheduler.save_pretrained`` puts a local classifier, relative to the saved folder.
+CLASSIFIER_SUBFOLDER = "classifier"
 
 
 def _resolve_classifier(classifier: NoiseClassifier | str | Path | None) -> tuple[NoiseClassifier, str | None]:
-    """A classifier instance and the reference stored in a config (its path / repo id, if it came as one)."""
+    """A classifier instance and the reference stored in a config (its absolute path / repo id, if it came as one)."""
     from .models import load_classifier
 
     if isinstance(classifier, NoiseClassifier):
@@ -41,7 +43,8 @@ def _resolve_classifier(classifier: NoiseClassifier | str | Path | None) -> tupl
     if classifier is None:
         raise ValueError("DLG needs a noise classifier for this model: pass classifier=<NoiseClassifier, folder or "
                          "Hub repo id> (train one with dlg-train-classifier).")
-    return load_classifier(classifier), str(classifier)
+    local = Path(classifier).expanduser()
+    return load_classifier(classifier), str(local.resolve()) if local.is_dir() else str(classifier)
 
 
 def _check_unconditional(pipe: Any) -> None:
@@ -97,9 +100,16 @@ class DLGScheduler(SchedulerMixin, ConfigMixin):
     ``num_inference_steps`` is the budget of model calls per sample: ``1 + gibbs_steps + denoising + 1``; the
     denoising steps are the most that fit. The chains persist across calls (one set per batch size).
 
+    Saving: ``save_pretrained(folder)`` (also through ``pipe.save_pretrained``) writes the settings, the model's
+    original schedule and the classifier reference. A Hub repo id is stored as it is; a local classifier (a folder
+    or an instance) is saved into ``folder/classifier`` and stored as ``"classifier"``, relative to the saved
+    folder, so the folder is complete and portable, like a pipeline folder (move it, push it). ``from_pretrained``
+    resolves that reference against the folder it reads; then call ``.bind(pipe.unet)``. To use another classifier,
+    make a new one: ``DLGScheduler.from_pipe(pipe, classifier=...)`` (it keeps the model's original schedule).
+
     Args:
-        classifier: noise classifier folder or Hub repo id (what ``save_pretrained`` stores); ``from_pipe`` also
-            takes an instance.
+        classifier: noise classifier folder or Hub repo id (what ``save_pretrained`` stores: the repo id, or
+            ``"classifier"`` relative to the saved folder); ``from_pipe`` also takes an instance.
         step_size, gibbs_steps, integrator, num_chains, seed, warmup_steps: the :class:`DLGSampler` settings
             (``num_chains`` default: the batch size).
         base_scheduler: the pipeline's original scheduler (``{"class_name": ..., "config": {...}}``), recorded by
@@ -142,6 +152,41 @@ class DLGScheduler(SchedulerMixin, ConfigMixin):
         scheduler = cls(classifier=ref, **kwargs)
         scheduler.bind(pipe.unet, instance)
         return scheduler
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path | None = None, subfolder: str | None = None,
+                        return_unused_kwargs: bool = False, **kwargs: Any):
+        """``SchedulerMixin.from_pretrained``, with a classifier reference relative to the saved folder resolved
+        against it (a Hub repo id is kept). The model is not stored: call ``.bind(pipe.unet)`` next."""
+        out = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder,
+                                      return_unused_kwargs=return_unused_kwargs, **kwargs)
+        scheduler = out[0] if return_unused_kwargs else out
+        ref = scheduler.config.classifier
+        folder = Path(pretrained_model_name_or_path or ".") / (subfolder or "")
+        if ref is not None and (folder / ref).is_dir():
+            scheduler.register_to_config(classifier=str((folder / ref).resolve()))
+        return out
+
+    def save_pretrained(self, save_directory: str | Path, push_to_hub: bool = False, **kwargs: Any) -> None:
+        """Save the config into ``save_directory``; a local classifier goes into ``save_directory/classifier`` and is
+        referenced relative to the folder (a Hub repo id is stored as is). ``kwargs`` as ``SchedulerMixin``'s."""
+        from .models import load_classifier
+
+        ref = self.config.classifier
+        if ref is None and self.classifier is None:
+            raise ValueError("this DLGScheduler has no classifier to save: create it with DLGScheduler.from_pipe(pipe, "
+                             "classifier=...).")
+        local = ref is None or Path(ref).expanduser().is_absolute() or Path(ref).expanduser().exists()
+        if local:  # an instance or a folder (from_pipe and from_pretrained store absolute paths): saved inside
+            classifier = self.classifier if self.classifier is not None else load_classifier(ref)
+            classifier.save_pretrained(Path(save_directory) / CLASSIFIER_SUBFOLDER)
+            ref = CLASSIFIER_SUBFOLDER
+        current = self.config.classifier
+        self.register_to_config(classifier=ref)
+        try:
+            super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+        finally:
+            self.register_to_config(classifier=current)
 
     def _base(self):
         import diffusers

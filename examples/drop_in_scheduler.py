@@ -11,6 +11,7 @@ import argparse
 from diffusers import DDPMPipeline
 
 from dlg_sampler.digits import CLASSIFIER_DIR, PIPELINE_DIR
+from dlg_sampler.images import image_grid
 from dlg_sampler.pipelines import DLGScheduler
 
 parser = argparse.ArgumentParser()
@@ -24,6 +25,9 @@ pipe.scheduler = DLGScheduler.from_pipe(pipe, classifier=str(CLASSIFIER_DIR))
 for call in range(2):  # the chains persist across calls: the warm-up is paid once
     images = pipe(batch_size=args.batch_size, num_inference_steps=args.steps).images
     print(f"call {call}: {len(images)} images, NFE per sample {pipe.scheduler.stats['nfe_per_sample']}")
-images[0].resize((64, 64)).save(args.out)
-pipe.scheduler.save_pretrained("dlg_scheduler")  # reload: DLGScheduler.from_pretrained(...).bind(pipe.unet)
+image_grid(images).save(args.out)
+# The saved folder holds the classifier too (dlg_scheduler/classifier, referenced relative to the folder), so it can
+# be moved or pushed as it is. Reload: DLGScheduler.from_pretrained("dlg_scheduler").bind(pipe.unet); another
+# classifier: DLGScheduler.from_pipe(pipe, classifier=...).
+pipe.scheduler.save_pretrained("dlg_scheduler")
 print("wrote", args.out, "and dlg_scheduler/")

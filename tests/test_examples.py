@@ -14,6 +14,7 @@ from diffusers import DDPMPipeline, DDPMScheduler
 from PIL import Image
 
 from dlg_sampler import NoiseClassifier
+from dlg_sampler.digits import CLASSIFIER_DIR
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -42,7 +43,11 @@ def test_warm_start_scheduler(tmp_path):
 
 def test_drop_in_scheduler(tmp_path):
     out = run("drop_in_scheduler.py", "--batch-size", "4", "--steps", "10", cwd=tmp_path)
-    assert "call 1: 4 images" in out and (tmp_path / "dlg_scheduler" / "scheduler_config.json").exists()
+    assert "call 1: 4 images" in out
+    config = (tmp_path / "dlg_scheduler" / "scheduler_config.json").read_text()
+    assert '"classifier": "classifier"' in config and str(CLASSIFIER_DIR) not in config  # portable, not a local path
+    assert NoiseClassifier.from_pretrained(tmp_path / "dlg_scheduler" / "classifier").levels == \
+        NoiseClassifier.from_pretrained(CLASSIFIER_DIR).levels
 
 
 def test_train_classifier_for_your_model(tmp_path):

@@ -1,6 +1,8 @@
 """DLG inside diffusers pipelines: the drop-in DLGScheduler and DLGPipeline, with tiny random components."""
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -68,18 +70,35 @@ def test_drop_in_scheduler_for_score_sde_ve_pipeline():
     assert sum(calls) == 2 * (8 + pipe.scheduler.stats["warmup_nfe_per_chain"][2])
 
 
-def test_scheduler_save_and_load_round_trip(tmp_path):
+def test_scheduler_save_and_load_round_trip(tmp_path, monkeypatch):
+    """The saved folder holds its classifier and refers to it relative to itself (it stored the absolute path of
+    the user's folder): moved, with the original classifier gone, loaded from another working directory, it binds."""
     unet, scheduler, clf = vp_parts()
-    clf.save_pretrained(tmp_path / "clf")
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    clf.save_pretrained("clf")
     pipe = DDPMPipeline(unet=unet, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = DLGScheduler.from_pipe(pipe, classifier=str(tmp_path / "clf"), step_size=0.2, gibbs_steps=3)
-    pipe.scheduler.save_pretrained(tmp_path / "sched")
-    config = json.loads((tmp_path / "sched" / "scheduler_config.json").read_text())
-    assert config["classifier"] == str(tmp_path / "clf") and config["base_scheduler"]["class_name"] == "DDPMScheduler"
-    loaded = DLGScheduler.from_pretrained(tmp_path / "sched").bind(unet)
+    pipe.scheduler = DLGScheduler.from_pipe(pipe, classifier="clf", step_size=0.2, gibbs_steps=3)
+    pipe.scheduler.save_pretrained("sched")
+    text = Path("sched/scheduler_config.json").read_text()
+    config = json.loads(text)
+    assert config["classifier"] == "classifier" and str(tmp_path) not in text
+    assert config["base_scheduler"]["class_name"] == "DDPMScheduler"
+    assert pipe.scheduler.config.classifier == str(tmp_path / "work" / "clf")  # saving leaves the live config
+    shutil.move("sched", tmp_path / "moved")
+    shutil.rmtree("clf")
+    monkeypatch.chdir(tmp_path)
+    loaded = DLGScheduler.from_pretrained("moved").bind(unet)
     assert loaded.config.step_size == 0.2 and loaded.config.gibbs_steps == 3
     assert loaded.classifier.levels == clf.levels
+    x = torch.randn(2, 1, 8, 8)
+    assert torch.equal(loaded.classifier(x), clf(x))
+    # A Hub repo id is stored as it is; a classifier given as an instance is saved into the folder too.
+    DLGScheduler(classifier="someone/clf").save_pretrained(tmp_path / "hub")
+    assert json.loads((tmp_path / "hub" / "scheduler_config.json").read_text())["classifier"] == "someone/clf"
+    DLGScheduler.from_pipe(DDPMPipeline(unet=unet, scheduler=scheduler), classifier=clf).save_pretrained("inst")
+    assert DLGScheduler.from_pretrained("inst").bind(unet).classifier.levels == clf.levels
     # The whole pipeline round-trips too, and from_pipe on a DLG pipeline keeps the original schedule.
     pipe.save_pretrained(tmp_path / "pipe")
     again = DDPMPipeline.from_pretrained(tmp_path / "pipe")
