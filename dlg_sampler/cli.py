@@ -240,7 +240,7 @@ def train_classifier_main(argv: list[str] | None = None) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # dlg-sample
 
-#: DLG settings of the shipped digits preset (DESIGN.md: eta 0.1 keeps the chains near sigma ~0.7).
+#: DLG settings of the shipped digits preset (eta 0.1 keeps the chains near sigma ~0.7).
 DIGITS_PRESET = {"step_size": 0.1, "gibbs_steps": 2, "nfe": 10}
 
 

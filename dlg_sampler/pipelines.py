@@ -1,4 +1,4 @@
-"""DLG inside diffusers pipelines (DESIGN.md section 5, routes 3 and 4).
+"""DLG inside diffusers pipelines (docs/design.md, *Inside diffusers*, routes 3 and 4).
 
 - :class:`DLGScheduler`: a drop-in scheduler for the unconditional pipelines whose loop is "call the model, then
   ``scheduler.step``" (``DDPMPipeline``, ``DDIMPipeline``, ``ScoreSdeVePipeline``):

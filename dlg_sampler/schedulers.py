@@ -1,4 +1,4 @@
-"""Warm-start any diffusers scheduler from per-sample VE states (DESIGN.md section 5, route 2).
+"""Warm-start any diffusers scheduler from per-sample VE states (docs/design.md, *Inside diffusers*, route 2).
 
 :func:`warm_start` has the signature of :func:`dlg_sampler.integrators.integrate` (which dispatches here
 when its ``name`` is a scheduler instance). One call:

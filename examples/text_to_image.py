@@ -1,10 +1,13 @@
 """DLG for a Stable-Diffusion-style pipeline (text encoder, classifier-free guidance, VAE): ``DLGPipeline``.
 
-    python examples/text_to_image.py --model runwayml/stable-diffusion-v1-5 --classifier you/sd15-latent-classifier \
+    dlg-train-classifier --from-model runwayml/stable-diffusion-v1-5 --prompts prompts.txt --guidance-scale 7.5 \
+        --out sd15-classifier
+    python examples/text_to_image.py --model runwayml/stable-diffusion-v1-5 --classifier sd15-classifier \
         --prompt "a photo of a cat" --guidance-scale 7.5 --steps 12
 
-The classifier works on the model's latents (``[4, 64, 64]`` for SD 1.5 at 512 px); train one from the model alone
-with ``dlg-train-classifier --from-model MODEL --out FOLDER``. Chains persist per prompt.
+The classifier works on the model's latents (``[4, 64, 64]`` for SD 1.5 at 512 px). No such classifier is
+published: the first command trains one from the model alone, sampling it with your prompts (one per line) and
+guidance scale, as you will sample it. Chains persist per prompt; the images are saved as one grid.
 """
 
 import argparse

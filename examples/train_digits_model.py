@@ -6,10 +6,10 @@ The result goes to a new folder (default ``digits-model/``); an existing non-emp
 shipped ``dlg_sampler/weights/digits/pipeline``, is only replaced with ``--overwrite``.
 
 Data: the training split of scikit-learn's bundled 8x8 digits (``dlg_sampler.digits.load_digits_data``), in
-[-1, 1]. Schedule: ``DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")`` (linear, not cosine,
-so that diffusers' DPM-Solver / UniPC peers behave; see DESIGN.md), epsilon prediction, AdamW with a
-one-cycle learning rate, EMA of the weights (the EMA weights are what is saved). Seeded and deterministic
-on CPU for a fixed thread count.
+[-1, 1]. Schedule: ``DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")``: linear, not cosine,
+because on a cosine schedule diffusers' DPM-Solver++ and UniPC, the peers the benchmarks compare with, broke down
+from their first step (where abar is ~0). Epsilon prediction, AdamW with a one-cycle learning rate, EMA of the
+weights (the EMA weights are what is saved). Seeded and deterministic on CPU for a fixed thread count.
 """
 
 from __future__ import annotations

@@ -1,8 +1,13 @@
-"""Project hygiene: the test run's warning filters and the documentation's references."""
+"""Project hygiene: the test run's warning filters, the documents the project points to, the usage guide."""
 
+import re
 import warnings
+from pathlib import Path
 
+import pytest
 from diffusers import DPMSolverMultistepScheduler
+
+from dlg_sampler import cli
 
 
 def test_known_third_party_warnings_are_filtered_and_ours_are_not():
@@ -14,3 +19,29 @@ def test_known_third_party_warnings_are_filtered_and_ours_are_not():
         warnings.warn_explicit("__array__ implementation doesn't accept a copy keyword", DeprecationWarning,
                                "sampler.py", 1, module="dlg_sampler.sampler")
     assert [str(w.message) for w in seen] == ["__array__ implementation doesn't accept a copy keyword"]
+
+
+ROOT = Path(__file__).resolve().parent.parent
+#: What the project ships and documents (not the virtual environment or build outputs).
+PROJECT_FILES = [ROOT / "README.md", ROOT / "pyproject.toml",
+                 *(p for d in ("dlg_sampler", "adapters", "examples", "tests", "docs", "benchmarks")
+                   for p in (ROOT / d).rglob("*") if p.suffix in (".py", ".md", ".toml"))]
+
+
+def test_every_document_the_project_points_to_is_in_the_project():
+    """Code and examples pointed to a design document that was never part of the project."""
+    shipped = {p.relative_to(ROOT).as_posix() for p in ROOT.rglob("*.md") if ".venv" not in p.parts}
+    missing = set()
+    for path in PROJECT_FILES:
+        for name in re.findall(r"(?<![\w/.:-])([\w./-]*\w\.md)\b", path.read_text(errors="ignore")):
+            local = (path.parent / name).resolve()
+            if not (local.exists() or name in shipped or any(s.endswith("/" + name) for s in shipped)):
+                missing.add(f"{path.relative_to(ROOT)}: {name}")
+    assert not missing, sorted(missing)
+
+
+@pytest.mark.parametrize("parser", [cli.sample_parser(), cli.train_classifier_parser()])
+def test_usage_guide_explains_every_command_line_option(parser):
+    guide = (ROOT / "docs" / "usage.md").read_text()
+    options = [o for a in parser._actions for o in a.option_strings if o.startswith("--") and o != "--help"]
+    assert [o for o in options if f"`{o}" not in guide and f"/ `{o}`" not in guide and f" {o}" not in guide] == []
