@@ -45,3 +45,11 @@ def test_usage_guide_explains_every_command_line_option(parser):
     guide = (ROOT / "docs" / "usage.md").read_text()
     options = [o for a in parser._actions for o in a.option_strings if o.startswith("--") and o != "--help"]
     assert [o for o in options if f"`{o}" not in guide and f"/ `{o}`" not in guide and f" {o}" not in guide] == []
+
+
+def test_readme_says_how_to_install_torch_off_this_machine():
+    """The pinned torch==2.13.0 is the CPU build only where pip reads this project's wheel cache."""
+    readme = (ROOT / "README.md").read_text()
+    setup = readme[readme.index("## Two commands"):readme.index("## The algorithm")]
+    assert "--index-url https://download.pytorch.org/whl/cpu" in setup and "pytorch.org/get-started" in setup
+    assert "docs/usage.md" in setup  # --device, threads
