@@ -168,6 +168,10 @@ def workload_section(name: str, groups: list[Group], info: dict[str, Any], plots
                       fmt(g.stat("denoise_steps"))] + [fmt(g.stat(m)) for m in metrics]
                      + [fmt(g.stat("outputs_per_chain")), fmt(g.stat("lag1")), fmt(g.stat("ess_fraction")),
                         _mean(g, "classifier_per_sample"), _mean(g, "wall_s")] for g in dlg])
+    diverged = [f"{g.label} @{g.budget} (seed {s}: {r['nonfinite']} samples)" for g in groups
+                for s, r in g.rows.items() if r.get("nonfinite")]
+    if diverged:
+        lines += ["", "Non-finite samples (metrics left out, shown as -): " + "; ".join(diverged)]
     lines += [""] + wins_and_losses(groups) + [""] + [f"![{name}: {p}]({p})" for p in plots] + [""]
     return lines
 

@@ -7,6 +7,7 @@ is ``(workload, spec, budget, seed, n)``; finished rows are appended to ``result
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import math
@@ -67,7 +68,7 @@ def lag1_autocorr(batches: list[torch.Tensor]) -> float | None:
     every batch from chain ``c``. Each coordinate is standardised over all outputs (constant ones are left out),
     then the product of consecutive outputs is averaged over chains, coordinates and the pairs of full batches
     (a batch that lost a diverged chain breaks the row order). ``None`` with fewer than two full batches."""
-    full = len(batches[0])
+    full = max(len(b) for b in batches)
     y = torch.cat(batches).flatten(1).double()
     std = y.std(0, unbiased=False)
     keep = std > 1e-6 * std.max().clamp_min(1e-30)
@@ -137,7 +138,7 @@ def run_dlg(w: Workload, config: dict[str, Any], budget: int | None, seed: int, 
     opc = kwargs.pop(OUTPUTS_PER_CHAIN)
     chains = n // opc
     if chains < 1:
-        raise ValueError(f"n={n} is smaller than outputs_per_chain={opc}: raise --n or lower --outputs-per-chain.")
+        return None, {"skipped": f"n={n} is smaller than outputs_per_chain={opc}"}
     fixed = kwargs.pop("denoise_steps", None)
     integrator = kwargs.pop("integrator", "karras_heun")
     kwargs["integrator"] = resolve_integrator(integrator, w)
@@ -161,7 +162,7 @@ def run_dlg(w: Workload, config: dict[str, Any], budget: int | None, seed: int, 
                                  f"exceed {budget} NFE"}
     score.evals = posterior.evals = 0
     sampler = build(steps)
-    sampler.load_state_dict(state)
+    sampler.load_state_dict(copy.deepcopy(state))  # the cached warm state serves other budgets too
     batches, have, start = [], 0, time.perf_counter()
     while have < n:
         batches.append(sampler.step())
