@@ -121,7 +121,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
 
     def build(name: str) -> Workload:
         w = build_workload(name, ns[name], quick, args.reference_dir,
-                           args.reference_n or (QUICK_REFERENCE_N if quick else REFERENCE_N))
+                           args.reference_n or (QUICK_REFERENCE_N if quick else REFERENCE_N), args.reference_seed)
         meta["workloads"][name] = {**w.info, "n": ns[name]}
         write_json(meta, out / META)
         return w

@@ -87,7 +87,8 @@ def train_mixture_classifier(mixture: GaussianMixture, levels: NoiseLevels, quic
                                     eval_data=held_out, progress=False)
     exact = evaluate_noise_classifier(mixture.noise_posterior(levels), held_out, levels, 4096,
                                       torch.Generator().manual_seed(1))
-    return clf, {"classifier_ce": result["eval_ce"], "exact_posterior_ce": exact["ce"]}
+    return clf, {"trained classifier, held-out cross-entropy (nats)": result["eval_ce"],
+                 "exact posterior, same cross-entropy": exact["ce"]}
 
 
 def mixture_workload(name: str, spec: MixtureSpec, n: int, quick: bool = False) -> Workload:
@@ -134,20 +135,20 @@ def digits_workload(n: int, reference: torch.Tensor, reference_info: dict[str, A
                 "fd_real": frechet_distance(feats, evaluator.real_features("test")),
                 "class_tv": float(0.5 * (props - ref_props).abs().sum())}
 
-    info = {"reference": reference_info, "real_fd_floor": evaluator.real_fd_floor(),
-            "reference_fd_real": frechet_distance(ref_feats, evaluator.real_features("test"))}
+    info = {"reference": reference_info, "FD held-out vs training digits": evaluator.real_fd_floor(),
+            "FD model reference vs held-out digits": frechet_distance(ref_feats, evaluator.real_features("test"))}
     return Workload("digits", model.score, clf, clf.levels, model.shape, dict(model.pipeline.scheduler.config), n,
                     evaluate, ("fd_ref", "fd_real", "class_tv"), postprocess=postprocess, info=info)
 
 
 def build_workload(name: str, n: int | None, quick: bool, reference_dir: Path | None = None,
-                   reference_n: int | None = None) -> Workload:
+                   reference_n: int | None = None, reference_seed: int = 0) -> Workload:
     """Workload ``name`` of ``WORKLOADS`` with ``n`` samples per run (default: the registry's); digits makes its
     model reference first if it is missing (announcing the cost)."""
     spec = WORKLOADS[name]
     if isinstance(spec, DigitsSpec):
         from .reference import ensure_reference
 
-        samples, info = ensure_reference(reference_n, reference_dir=reference_dir)
+        samples, info = ensure_reference(reference_n, reference_seed, reference_dir)
         return digits_workload(n or spec.n, samples, info)
     return mixture_workload(name, spec, n or spec.n, quick)
