@@ -126,7 +126,8 @@ def test_resume_after_a_failure_runs_only_what_is_missing(tmp_path, monkeypatch)
     with pytest.warns(UserWarning, match="cut-off last line"):
         cli.main(TINY + ["--out", str(tmp_path)])
     keys = {r["key"] for r in _rows(tmp_path)}
-    assert cut in calls and len(calls) == len(keys) - 4 and keys == set(calls) | {json.loads(x)["key"] for x in lines[:4]}
+    assert cut in calls and len(calls) == len(keys) - 4
+    assert keys == set(calls) | {json.loads(x)["key"] for x in lines[:4]}
     calls.clear()
     cli.main(TINY + ["--out", str(tmp_path)])
     assert calls == []

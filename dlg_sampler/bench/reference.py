@@ -86,6 +86,9 @@ def sample_in_chunks(draw: Callable[[int, torch.Generator], torch.Tensor], n: in
     """``n`` samples ``[n, *shape]`` from ``draw(m, generator)`` in chunks of ``CHUNK``, each saved to ``folder`` as
     it is done; chunks already there are loaded, not redrawn (chunk ``i`` is seeded by ``(kind, seed, i)``)."""
     folder.mkdir(parents=True, exist_ok=True)
+    done = len(list(folder.glob("chunk-*.safetensors")))
+    if done:
+        print(f"{desc}: resuming, {done} chunks already in {folder}", flush=True)
     out = []
     for i, start in enumerate(tqdm(range(0, n, CHUNK), desc=desc, unit="chunk", dynamic_ncols=True)):
         m, path = min(CHUNK, n - start), folder / f"chunk-{i:05d}.safetensors"

@@ -147,9 +147,9 @@ def workload_section(name: str, groups: list[Group], info: dict[str, Any], plots
     metrics = metrics_of(groups)
     any_row = next(iter(groups[0].rows.values()))
     seeds = sorted({s for g in groups for s in g.rows})
-    lines = [f"## {name}", "", f"{any_row['n']} samples per run, seeds {', '.join(map(str, seeds))} (every sampler runs "
-             "the same seeds); mean [min-max] over seeds, lower is better. NFE = every model evaluation the run "
-             "made / samples returned (DLG: warm-up included, its share in brackets)."]
+    lines = [f"## {name}", "", f"{any_row['n']} samples per run, seeds {', '.join(map(str, seeds))} (every sampler "
+             "runs the same seeds); mean [min-max] over seeds, lower is better. NFE = every model evaluation the "
+             "run made / samples returned (DLG: warm-up included, its share in brackets)."]
     lines += [""] + [f"- {k}: {v}" for k, v in _info_lines(info)]
     floor = [g for g in groups if g.kind == "exact"]
     if floor:
@@ -426,7 +426,8 @@ def report(out: Path) -> Path:
     skipped: dict[str, list[str]] = {}
     for r in rows:
         if "skipped" in r:
-            skipped.setdefault(f"{r['workload']}: {r['label']} @{r['budget']}: {r['skipped']}", []).append(str(r["seed"]))
+            what = f"{r['workload']}: {r['label']} @{r['budget']}: {r['skipped']}"
+            skipped.setdefault(what, []).append(str(r["seed"]))
     meta["skipped"] = [f"{k} (seeds {', '.join(v)})" for k, v in skipped.items()]
     by_workload = group_rows(rows)
     plots = make_plots(by_workload, meta, out)

@@ -172,7 +172,8 @@ def run_dlg(w: Workload, config: dict[str, Any], budget: int | None, seed: int, 
     rho = lag1_autocorr([w.postprocess(b) for b in batches]) if len(batches) > 1 else None
     return x0, {"nfe": (warm_evals + score.evals) / n, "denoise_steps": steps, "chains": chains,
                 "outputs_per_chain": len(batches), "warmup_nfe_per_sample": warm_evals / n,
-                "classifier_per_sample": (warm_clf + posterior.evals) / n, "lag1": rho, "ess_fraction": ess_fraction(rho),
+                "classifier_per_sample": (warm_clf + posterior.evals) / n, "lag1": rho,
+                "ess_fraction": ess_fraction(rho),
                 "lost_outputs": chains * len(batches) - have, "wall_s": warm_wall + wall,
                 "sampler_stats": _shown_stats(sampler.stats)}
 
