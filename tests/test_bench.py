@@ -203,3 +203,20 @@ def test_help_shows_every_option_with_its_default_and_no_rest_markup():
     for action in cli.parser()._actions:
         if action.option_strings and action.dest not in ("help", "quick"):
             assert "default" in action.help, action.dest
+
+
+def test_plan_merges_a_lever_point_equal_to_the_chosen_one_and_pairs_seeds():
+    plan = runs.plan_runs({"mixture": 100}, [0, 1], {"mixture": ["UniPC"]}, [10], [10], 20, ["step_size"], [])
+    chosen = [r for r in plan if "chosen" in r.tags]
+    assert len(chosen) == 2 and all("lever:step_size=0.05" in r.tags for r in chosen)
+    assert len({r.key for r in plan}) == len(plan) and {r.seed for r in plan if r.spec["kind"] == "vanilla"} == {0, 1}
+
+
+def test_verdicts_are_paired_by_seed_and_the_frontier_keeps_improvements():
+    def group(kind, values):
+        return report.Group("x", {"kind": kind, "sampler": "UniPC"}, 10, [],
+                            {s: {"nfe": 10.0, "sw": v} for s, v in enumerate(values)})
+
+    assert report.verdict(group("dlg", [1, 2, 3]), group("vanilla", [2, 3, 4]), "sw") == "wins (3/3 seeds)"
+    assert report.verdict(group("dlg", [1, 4, 3]), group("vanilla", [2, 3, 4]), "sw") == "mixed (2/3 seeds)"
+    assert report.pareto([(10, 3.0), (8, 4.0), (12, 3.5), (15, 1.0)]) == [(8, 4.0), (10, 3.0), (15, 1.0)]
