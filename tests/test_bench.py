@@ -1,14 +1,23 @@
-"""dlg-bench in a tiny configuration: files written, numbers consistent with counted model calls."""
+"""dlg-bench on tiny mixture runs: every model call counted, resume, reference checksum, plot-less path, report."""
 
 import json
+import shutil
+import sys
 
+import pytest
 import torch
 
-from dlg_sampler import bench
+from dlg_sampler.bench import cli, reference, report, runs
+from dlg_sampler.bench.registry import WORKLOADS
+from dlg_sampler.bench.workloads import mixture_workload
+
+#: A tiny bench: 2 seeds x (floor + 2 samplers x 2 budgets + DLG at 2 budgets + a lever) on the separated mixture.
+TINY = ["--workloads", "separated", "--n", "200", "--seeds", "0", "1", "--nfe", "8", "12", "--lever-nfe", "12",
+        "--samplers", "karras_heun", "DPM++2M", "--levers", "gibbs_steps", "--configs", "--outputs-per-chain", "10"]
 
 
 class Counting:
-    """Counts sample evaluations of a score."""
+    """The test's own count of sample evaluations of a score."""
 
     def __init__(self, score):
         self.score, self.evaluations = score, 0
@@ -18,37 +27,196 @@ class Counting:
         return self.score(x, sigma)
 
 
-def test_tiny_run_writes_tables_plots_and_json(tmp_path):
-    bench.main(["--quick", "--workloads", "mixture", "--n", "120", "--nfe", "5", "10", "--out", str(tmp_path)])
-    data = json.loads((tmp_path / "results.json").read_text())
-    rows = data["results"]["mixture (exact posterior)"]["rows"]
-    samplers = {r["sampler"] for r in rows}
-    assert set(bench.SCHEDULERS) | {"karras_heun", "euler_maruyama", "ode_rk45"} <= samplers
-    assert any(r["dlg"] for r in rows) and any(r.get("reference") for r in rows)
-    persistent = next(r for r in rows if r.get("persistence"))
-    assert -1 <= persistent["lag1_autocorr"] <= 1 and persistent["batches"] > 1
-    md = (tmp_path / "RESULTS.md").read_text()
-    assert "| DLG + karras_heun |" in md and "## Targets" in md and "lag-1 autocorrelation" in md
-    assert (tmp_path / "mixture.png").stat().st_size > 10_000
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One tiny bench run, shared (tests that change it work on a copy)."""
+    out = tmp_path_factory.mktemp("bench")
+    cli.main(TINY + ["--out", str(out)])
+    return out
 
 
-def test_reported_nfe_equals_counted_model_calls():
-    w = bench.mixture_workload(64, 0, trained=False, quick=True)
+def _rows(out):
+    return [json.loads(line) for line in (out / report.RESULTS).read_text().splitlines()]
+
+
+@pytest.mark.parametrize("spec,budget", [
+    ({"kind": "vanilla", "sampler": "karras_heun"}, 10),
+    ({"kind": "vanilla", "sampler": "DPM++2M"}, 10),
+    ({"kind": "dlg", "config": {"outputs_per_chain": 8, "integrator": "karras_heun", "gibbs_steps": 2,
+                                "step_size": 0.05}}, 16),
+    ({"kind": "dlg", "config": {"outputs_per_chain": 8, "integrator": "UniPC", "gibbs_steps": 3, "step_size": 0.05,
+                                "sigma_mode": "sample"}}, 20),
+    ({"kind": "dlg", "config": {"outputs_per_chain": 1, "denoise_steps": 2, "gibbs_steps": 1, "step_size": 0.05}},
+     None),
+])
+def test_reported_nfe_is_every_counted_model_evaluation(spec, budget):
+    """The row's NFE x n equals every score evaluation the run made (DLG: warm-up, burn-in, Gibbs, denoising,
+    Tweedie); a fitted DLG row stays within its budget."""
+    w = mixture_workload("separated", WORKLOADS["separated"], 64)
     w.score = counting = Counting(w.score)
-    for label, integrator in [("karras_heun", "karras_heun"), ("euler_maruyama", "euler_maruyama"),
-                              ("DPM++2M", bench.make_scheduler("DPM++2M", w.scheduler_config)),
-                              ("Heun", bench.make_scheduler("Heun", w.scheduler_config))]:
-        counting.evaluations = 0
-        row = bench.run_vanilla(w, label, integrator, 10, 0)
-        assert counting.evaluations == row["nfe"] * w.n and row["nfe"] <= 10
-        counting.evaluations = 0
-        row = bench.run_dlg(w, label, integrator, 10, 0, chains=32)
-        per_sample = row["nfe"] * w.n + row["warmup_nfe_per_chain"] * 32
-        assert abs(counting.evaluations - per_sample) < 1e-6 and row["nfe"] <= 10
+    row = runs.perform(w, runs.Run("separated", spec, budget, 0, 64, "x"), warm={})
+    assert counting.evaluations > 0 and row["nfe"] * 64 == pytest.approx(counting.evaluations, abs=1e-9)
+    if spec["kind"] == "dlg":
+        assert 0 < row["warmup_nfe_per_sample"] < row["nfe"]
+        assert row["outputs_per_chain"] == spec["config"]["outputs_per_chain"]
+        if budget is not None:
+            assert row["nfe"] <= budget
 
 
-def test_exact_samples_score_near_zero_and_noise_does_not():
-    w = bench.mixture_workload(1000, 0, trained=False, quick=True)
-    exact = w.evaluate(w.exact(1000, torch.Generator().manual_seed(7)))
-    noise = w.evaluate(3 * torch.randn(1000, 16, generator=torch.Generator().manual_seed(7)))
-    assert exact["sw"] < 0.25 < 1.0 < noise["sw"] and exact["mode_error"] < 0.05
+def test_shared_warm_up_is_charged_to_every_row_and_changes_nothing():
+    """Budgets share one warm-up; each row is charged all of it and equals a run with its own warm-up."""
+    w = mixture_workload("separated", WORKLOADS["separated"], 80)
+    spec = {"kind": "dlg", "config": {"outputs_per_chain": 20, "gibbs_steps": 2, "step_size": 0.05}}
+    warm = {}
+    shared = [runs.perform(w, runs.Run("separated", spec, b, 0, 80, "x"), warm) for b in (10, 15)]
+    alone = runs.perform(w, runs.Run("separated", spec, 15, 0, 80, "x"), {})
+    assert shared[1]["nfe"] == alone["nfe"] > shared[0]["nfe"] and shared[1]["sw"] == alone["sw"]
+
+
+def test_lag1_of_independent_outputs_is_near_0_and_of_repeated_outputs_is_1():
+    g = torch.Generator().manual_seed(0)
+    independent = [torch.randn(200, 1, 4, 4, generator=g) for _ in range(10)]
+    assert abs(runs.lag1_autocorr(independent)) < 0.03
+    repeated = [independent[0]] * 10
+    assert runs.lag1_autocorr(repeated) == pytest.approx(1.0)
+    assert runs.ess_fraction(1.0) == 0.0 and runs.lag1_autocorr(independent[:1]) is None
+
+
+def test_fit_denoise_steps_spends_what_the_warm_up_leaves():
+    # 100 samples, warm-up 300 evaluations (3 per sample), 2 Gibbs: 12 - 3 - 2 = 7 NFE for Heun + Tweedie.
+    steps = runs.fit_denoise_steps(12, 100, 300, 2, "karras_heun")
+    from dlg_sampler.integrators import count_nfe
+
+    assert count_nfe("karras_heun", steps, dlg=True) <= 7 < count_nfe("karras_heun", steps + 1, dlg=True)
+    assert runs.fit_denoise_steps(5, 100, 300, 2, "karras_heun") is None
+
+
+def test_tiny_run_writes_rows_report_and_plots(tiny_run):
+    rows = _rows(tiny_run)
+    kinds = {r["spec"]["kind"] for r in rows}
+    assert kinds == {"exact", "vanilla", "dlg"} and {r["seed"] for r in rows} == {0, 1}
+    dlg = [r for r in rows if r["spec"]["kind"] == "dlg" and "skipped" not in r]
+    assert dlg and all(r["outputs_per_chain"] == 10 and -1 <= r["lag1"] <= 1 and r["nfe"] <= r["budget"] for r in dlg)
+    md = (tiny_run / "RESULTS.md").read_text()
+    assert "DLG (chosen)" in md and "## Targets" in md and "at equal total NFE" in md and "lag-1" in md
+    assert (tiny_run / "separated-families.png").stat().st_size > 10_000
+    assert (tiny_run / "separated-frontier.png").stat().st_size > 10_000
+
+
+def test_resume_after_a_failure_runs_only_what_is_missing(tmp_path, monkeypatch):
+    """An exception after 5 rows keeps those rows; the same command then runs only the rest, and a row cut off
+    by a kill is redone."""
+    perform, calls = runs.perform, []
+
+    def failing(w, run, warm):
+        if len(calls) == 5:
+            raise RuntimeError("injected")
+        calls.append(run.key)
+        return perform(w, run, warm)
+
+    monkeypatch.setattr(runs, "perform", failing)
+    with pytest.raises(RuntimeError, match="injected"):
+        cli.main(TINY + ["--out", str(tmp_path)])
+    assert len(_rows(tmp_path)) == 5
+    lines = (tmp_path / report.RESULTS).read_text().splitlines()
+    cut = json.loads(lines[-1])["key"]
+    (tmp_path / report.RESULTS).write_text("\n".join(lines[:-1] + [lines[-1][:40]]))  # killed while writing row 5
+    calls.clear()
+    monkeypatch.setattr(runs, "perform", lambda w, run, warm: calls.append(run.key) or perform(w, run, warm))
+    with pytest.warns(UserWarning, match="cut-off last line"):
+        cli.main(TINY + ["--out", str(tmp_path)])
+    keys = {r["key"] for r in _rows(tmp_path)}
+    assert cut in calls and len(calls) == len(keys) - 4
+    assert keys == set(calls) | {json.loads(x)["key"] for x in lines[:4]}
+    calls.clear()
+    cli.main(TINY + ["--out", str(tmp_path)])
+    assert calls == []
+
+
+def test_report_rebuilds_markdown_from_stored_rows_without_sampling(tiny_run, tmp_path, monkeypatch):
+    out = tmp_path / "copy"
+    shutil.copytree(tiny_run, out)
+    before = (out / "RESULTS.md").read_text()
+    for f in out.glob("*.png"):
+        f.unlink()
+    (out / "RESULTS.md").unlink()
+    monkeypatch.setattr(runs, "perform", lambda *a: pytest.fail("report must not sample"))
+    cli.main(["report", "--out", str(out)])
+    assert (out / "RESULTS.md").read_text() == before and len(list(out.glob("*.png"))) == 2
+
+
+def test_without_matplotlib_results_and_markdown_are_still_written(tiny_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    out = tmp_path / "copy"
+    shutil.copytree(tiny_run, out)
+    for f in out.glob("*.png"):
+        f.unlink()
+    cli.main(TINY + ["--out", str(out), "--nfe", "8", "12", "15"])  # a few new rows computed without matplotlib
+    assert 'pip install "dlg-sampler[bench]"' in capsys.readouterr().out
+    assert any(r["budget"] == 15 for r in _rows(out)) and not list(out.glob("*.png"))
+    assert "No plots" in (out / "RESULTS.md").read_text()
+
+
+def test_corrupted_reference_is_named_with_the_command_that_remakes_it(tmp_path, monkeypatch):
+    path = tmp_path / f"{reference.reference_name(30, 0)}.safetensors"
+    reference.save_reference(torch.randn(30, 1, 8, 8), path, {"n": 30, "seed": 0})
+    x, info = reference.load_reference(30, 0, tmp_path)
+    assert x.shape == (30, 1, 8, 8) and info["sha256"] == reference.sha256(path)
+    monkeypatch.setattr(reference, "make_reference", lambda *a, **k: pytest.fail("must not be regenerated"))
+    assert torch.equal(reference.ensure_reference(30, 0, tmp_path)[0], x)
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(reference.ReferenceError, match="SHA-256") as err:
+        reference.ensure_reference(30, 0, tmp_path)
+    assert str(path) in str(err.value) and f"dlg-bench reference --reference-n 30 --reference-seed 0 " \
+                                           f"--reference-dir {tmp_path}" in str(err.value)
+
+
+def test_reference_chunks_resume_after_a_kill(tmp_path):
+    drawn, kill_at = [], 2
+
+    def draw(m, g):
+        drawn.append(m)
+        if len(drawn) == kill_at:
+            raise RuntimeError("killed")
+        return torch.randn(m, 2, generator=g)
+
+    with pytest.raises(RuntimeError, match="killed"):
+        reference.sample_in_chunks(draw, 1200, "test", 0, tmp_path, "test")
+    drawn, kill_at = [], None
+    resumed = reference.sample_in_chunks(draw, 1200, "test", 0, tmp_path, "test")
+    assert drawn == [500, 200] and resumed.shape == (1200, 2)
+    whole = reference.sample_in_chunks(lambda m, g: torch.randn(m, 2, generator=g), 1200, "test", 0,
+                                       tmp_path / "whole", "test")
+    assert torch.equal(resumed, whole)
+
+
+def test_reference_cache_honours_xdg(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert reference.default_reference_dir() == tmp_path / "dlg-sampler" / "reference"
+
+
+def test_help_shows_every_option_with_its_default_and_no_rest_markup():
+    text = cli.parser().format_help()
+    assert "``" not in text
+    for action in cli.parser()._actions:
+        if action.option_strings and action.dest not in ("help", "quick"):
+            assert "default" in action.help, action.dest
+
+
+def test_plan_merges_a_lever_point_equal_to_the_chosen_one_and_pairs_seeds():
+    plan = runs.plan_runs({"mixture": 100}, [0, 1], {"mixture": ["UniPC"]}, [10], [10], 20, ["step_size"], [])
+    chosen = [r for r in plan if "chosen" in r.tags]
+    assert len(chosen) == 2 and all("lever:step_size=0.05" in r.tags for r in chosen)
+    assert len({r.key for r in plan}) == len(plan) and {r.seed for r in plan if r.spec["kind"] == "vanilla"} == {0, 1}
+
+
+def test_verdicts_are_paired_by_seed_and_the_frontier_keeps_improvements():
+    def group(kind, values):
+        return report.Group("x", {"kind": kind, "sampler": "UniPC"}, 10, [],
+                            {s: {"nfe": 10.0, "sw": v} for s, v in enumerate(values)})
+
+    assert report.verdict(group("dlg", [1, 2, 3]), group("vanilla", [2, 3, 4]), "sw") == "wins (3/3 seeds)"
+    assert report.verdict(group("dlg", [1, 4, 3]), group("vanilla", [2, 3, 4]), "sw") == "mixed (2/3 seeds)"
+    assert report.pareto([(10, 3.0), (8, 4.0), (12, 3.5), (15, 1.0)]) == [(8, 4.0), (10, 3.0), (15, 1.0)]

@@ -1,0 +1,235 @@
+"""The digits model reference: many samples of the shipped digits model from an accurate sampler.
+
+Made once by ``dlg-bench reference`` (or by the bench when missing), written in chunks so that a killed run
+continues, then kept as ``<name>.safetensors`` (``samples [N, 1, 8, 8]``, metadata: sampler, steps, NFE, n, seed,
+model checksum, torch version) beside ``<name>.json`` (its SHA-256, the metadata and the convergence check), in
+``$XDG_CACHE_HOME/dlg-sampler/reference`` (default ``~/.cache/...``). ``<name>`` encodes the digits model's weights
+checksum, the sampler, n and the seed, so a retrained model never meets an old reference. Every load verifies
+the checksum.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..integrators import count_nfe, integrate
+from .runs import make_scheduler, write_json
+
+#: The reference sampler: vanilla Karras Heun, 100 steps from sigma_max (199 NFE).
+REFERENCE_SAMPLER, REFERENCE_STEPS = "karras_heun", 100
+#: Samples in a full reference and in the ``--quick`` one (enough for a smoke run, not for conclusions).
+REFERENCE_N, QUICK_REFERENCE_N = 10000, 2000
+#: Samples per chunk file (one batch).
+CHUNK = 500
+#: The convergence check: a different accurate sampler and its steps.
+CHECK_SAMPLER, CHECK_STEPS = "DPM++2M", 100
+
+
+class ReferenceError(ValueError):
+    """The model reference is missing its checksum, fails it, or was made differently."""
+
+
+def default_reference_dir() -> Path:
+    """``$XDG_CACHE_HOME/dlg-sampler/reference``, default ``~/.cache/dlg-sampler/reference``."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dlg-sampler" / "reference"
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_checksum() -> str:
+    """SHA-256 of the shipped digits model's weights (12 hex digits name the reference)."""
+    from ..digits import PIPELINE_DIR
+
+    files = sorted((PIPELINE_DIR / "unet").glob("*.safetensors"))
+    return hashlib.sha256("".join(sha256(f) for f in files).encode()).hexdigest()
+
+
+def reference_name(n: int, seed: int) -> str:
+    return f"digits-{model_checksum()[:12]}-{REFERENCE_SAMPLER}{REFERENCE_STEPS}-n{n}-seed{seed}"
+
+
+def remake_command(n: int, seed: int, folder: Path) -> str:
+    return f"dlg-bench reference --reference-n {n} --reference-seed {seed} --reference-dir {folder}"
+
+
+def chunk_seed(kind: str, seed: int, index: int) -> int:
+    """Seed of chunk ``index`` of a sample set ``kind`` (its own stream: never the bench runs' seeds)."""
+    return int(np.random.SeedSequence([zlib.crc32(kind.encode()), seed, index]).generate_state(1)[0])
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+def sample_in_chunks(draw: Callable[[int, torch.Generator], torch.Tensor], n: int, kind: str, seed: int,
+                     folder: Path, desc: str) -> torch.Tensor:
+    """``n`` samples ``[n, *shape]`` from ``draw(m, generator)`` in chunks of ``CHUNK``, each saved to ``folder`` as
+    it is done; chunks already there are loaded, not redrawn (chunk ``i`` is seeded by ``(kind, seed, i)``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    done = len(list(folder.glob("chunk-*.safetensors")))
+    if done:
+        print(f"{desc}: resuming, {done} chunks already in {folder}", flush=True)
+    out = []
+    for i, start in enumerate(tqdm(range(0, n, CHUNK), desc=desc, unit="chunk", dynamic_ncols=True)):
+        m, path = min(CHUNK, n - start), folder / f"chunk-{i:05d}.safetensors"
+        try:
+            x = load_file(path)["samples"]
+            if len(x) == m:
+                out.append(x)
+                continue
+        except Exception:  # missing, or cut off by a kill: draw it
+            pass
+        x = draw(m, torch.Generator().manual_seed(chunk_seed(kind, seed, i))).contiguous()
+        _atomic_save({"samples": x}, path)
+        out.append(x)
+    return torch.cat(out)
+
+
+def _vanilla_draw(model, integrator, steps: int) -> Callable[[int, torch.Generator], torch.Tensor]:
+    sigma_max = model.sigma_max
+
+    def draw(m: int, g: torch.Generator) -> torch.Tensor:
+        x = sigma_max * torch.randn(m, *model.shape, generator=g)
+        return integrate(integrator, model.score, x, sigma_max, steps, generator=g)[0]
+
+    return draw
+
+
+def _load_digits_model():
+    from ..digits import PIPELINE_DIR
+    from ..models import load_model
+
+    return load_model(str(PIPELINE_DIR))
+
+
+def _announce(model, n: int, nfe: int, what: str) -> None:
+    x = torch.randn(CHUNK, *model.shape)
+    start = time.perf_counter()
+    with torch.no_grad():
+        model.score(x, torch.ones(CHUNK))
+    per_eval = (time.perf_counter() - start) / CHUNK
+    print(f"{what}: {n} samples x {nfe} NFE = {n * nfe / 1e6:.2f}M model evaluations, about "
+          f"{n * nfe * per_eval / 60:.0f} min here ({per_eval * 1e3:.2f} ms per evaluation, "
+          f"{torch.get_num_threads()} threads); chunks of {CHUNK}, a killed run continues.", flush=True)
+
+
+def save_reference(samples: torch.Tensor, path: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """Write ``samples`` (metadata ``meta`` as strings) and the sidecar ``path.json`` with its SHA-256 and ``meta``."""
+    _atomic_save({"samples": samples.contiguous()}, path, {k: str(v) for k, v in meta.items()})
+    info = {"sha256": sha256(path), **meta}
+    write_json(info, path.with_suffix(".json"))
+    return info
+
+
+def load_reference(n: int = REFERENCE_N, seed: int = 0, reference_dir: Path | None = None
+                   ) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The reference samples ``[n, 1, 8, 8]`` (raw, unclamped) and its sidecar, after verifying the checksum.
+
+    Raises ``FileNotFoundError`` if it was never made and :class:`ReferenceError` (naming the file and the command
+    that remakes it) if its sidecar is missing or the SHA-256 does not match.
+    """
+    folder = Path(reference_dir or default_reference_dir())
+    path = folder / f"{reference_name(n, seed)}.safetensors"
+    if not path.exists():
+        raise FileNotFoundError(f"no digits model reference at {path}: make it with {remake_command(n, seed, folder)}")
+    sidecar = path.with_suffix(".json")
+    if not sidecar.exists():
+        raise ReferenceError(f"the digits model reference {path} has no checksum file {sidecar.name}; remake it "
+                             f"with: {remake_command(n, seed, folder)}")
+    info = json.loads(sidecar.read_text())
+    got = sha256(path)
+    if got != info.get("sha256"):
+        raise ReferenceError(f"the digits model reference {path} fails its SHA-256 check (expected "
+                             f"{str(info.get('sha256'))[:16]}..., got {got[:16]}...): the file is corrupt or was "
+                             f"changed. Remake it with: {remake_command(n, seed, folder)}")
+    return load_file(path)["samples"], {**info, "path": str(path)}
+
+
+def make_reference(n: int = REFERENCE_N, seed: int = 0, reference_dir: Path | None = None,
+                   check_n: int = 0) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Make (or finish, or verify) the reference of ``n`` samples; with ``check_n``, also record its convergence
+    check at ``check_n`` samples: FD of ``CHECK_SAMPLER`` at ``CHECK_STEPS`` steps against it, and the FD floor
+    (fresh reference-sampler samples, another seed). A reference failing its checksum is remade."""
+    folder = Path(reference_dir or default_reference_dir())
+    name = reference_name(n, seed)
+    path, sidecar = folder / f"{name}.safetensors", folder / f"{name}.json"
+    try:
+        samples, info = load_reference(n, seed, folder)
+    except ReferenceError as err:
+        print(f"{err}\nremaking it.", flush=True)
+        samples = None
+    except FileNotFoundError:
+        samples = None
+    model = None
+    if samples is None:
+        model = _load_digits_model()
+        nfe = count_nfe(REFERENCE_SAMPLER, REFERENCE_STEPS, dlg=False)
+        _announce(model, n, nfe, f"making the digits model reference {path}")
+        draw = _vanilla_draw(model, REFERENCE_SAMPLER, REFERENCE_STEPS)
+        samples = sample_in_chunks(draw, n, "reference", seed, folder / f"{name}.chunks", "reference")
+        info = save_reference(samples, path, {
+            "sampler": REFERENCE_SAMPLER, "steps": REFERENCE_STEPS, "nfe": nfe, "n": n, "seed": seed,
+            "model_sha256": model_checksum(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+            "start": f"sigma_max, batches of {CHUNK}"})
+        shutil.rmtree(folder / f"{name}.chunks")
+    if check_n and info.get("check", {}).get("n") != check_n:
+        info["check"] = convergence_check(samples, model or _load_digits_model(), check_n, seed, folder, name)
+        write_json({k: v for k, v in info.items() if k != "path"}, sidecar)
+    return samples, {**info, "path": str(path)}
+
+
+def convergence_check(reference: torch.Tensor, model, n: int, seed: int, folder: Path, name: str) -> dict[str, Any]:
+    """``n`` samples of ``CHECK_SAMPLER`` and ``n`` fresh reference-sampler samples (another seed: the floor any run
+    of ``n`` samples sits on), scored against the reference as the bench scores runs (clamped to [-1, 1]): FD in
+    the digit-feature space and total variation of the predicted-class proportions. Chunks in ``folder``."""
+    from ..digits import DigitsEvaluator
+    from ..metrics import frechet_distance
+    from .workloads import class_proportions
+
+    evaluator = DigitsEvaluator()
+    classes = evaluator.net.head.out_features
+    ref = reference.clamp(-1, 1)
+    ref_feats, ref_props = evaluator.features(ref), class_proportions(evaluator.predict(ref), classes)
+    scheduler = make_scheduler(CHECK_SAMPLER, dict(model.pipeline.scheduler.config))
+    check_nfe = count_nfe(scheduler, CHECK_STEPS, dlg=False)
+    ref_nfe = count_nfe(REFERENCE_SAMPLER, REFERENCE_STEPS, dlg=False)
+    _announce(model, n, check_nfe + ref_nfe, "convergence check of the reference")
+    result: dict[str, Any] = {"n": n, "sampler": f"{CHECK_SAMPLER} {CHECK_STEPS} steps ({check_nfe} NFE)"}
+    for kind, integrator, steps in (("check", scheduler, CHECK_STEPS), ("floor", REFERENCE_SAMPLER, REFERENCE_STEPS)):
+        chunks = folder / f"{name}.{kind}.chunks"
+        x = sample_in_chunks(_vanilla_draw(model, integrator, steps), n, kind, seed, chunks, kind).clamp(-1, 1)
+        props = class_proportions(evaluator.predict(x), classes)
+        result[f"fd_{kind}"] = frechet_distance(evaluator.features(x), ref_feats)
+        result[f"class_tv_{kind}"] = float(0.5 * (props - ref_props).abs().sum())
+        shutil.rmtree(chunks)
+    return result
+
+
+def ensure_reference(n: int | None = None, seed: int = 0, reference_dir: Path | None = None
+                     ) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The reference, made first (announcing its cost) if it does not exist yet; never regenerated otherwise."""
+    n = n or REFERENCE_N
+    try:
+        return load_reference(n, seed, reference_dir)
+    except FileNotFoundError:
+        return make_reference(n, seed, reference_dir)

@@ -1,0 +1,133 @@
+"""Everything the benchmark varies, as data: workloads, vanilla samplers, budgets, DLG configs and levers.
+
+Adding a workload, a DLG config or a lever is one line here. A DLG config is a plain dict of ``DLGSampler``
+keyword arguments (``integrator`` may name a core integrator or a label of ``SCHEDULERS``), laid over the
+workload's ``DEFAULT_DLG`` entry; one bench-level key is read and removed before the sampler is built:
+``outputs_per_chain`` (consecutive outputs per chain; ``chains = n // outputs_per_chain``). Without
+``denoise_steps`` the config is fitted to each budget (:func:`dlg_sampler.bench.runs.fit_denoise_steps`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..integrators import INTEGRATORS
+
+
+@dataclass(frozen=True)
+class MixtureSpec:
+    """An exact isotropic Gaussian mixture workload (``GaussianMixture.random`` with weights 1..K).
+
+    ``trained``: the noise posterior is a classifier trained in the run instead of the exact one.
+    """
+
+    modes: int
+    dim: int
+    spread: float
+    std: float
+    sigma_min: float = 0.01
+    sigma_max: float = 80.0
+    seed: int = 0
+    trained: bool = False
+    n: int = 20000
+    quick_n: int = 2000
+
+
+@dataclass(frozen=True)
+class DigitsSpec:
+    """The shipped digits model, scored against its own model reference (``dlg-bench reference``)."""
+
+    n: int = 5000
+    quick_n: int = 500
+
+
+#: Workloads by name. Mixture scores are cheap: 20k samples put the floor row well below the differences.
+WORKLOADS: dict[str, MixtureSpec | DigitsSpec] = {
+    "mixture": MixtureSpec(modes=8, dim=16, spread=2.0, std=0.5),
+    "mixture-trained": MixtureSpec(modes=8, dim=16, spread=2.0, std=0.5, trained=True),
+    "separated": MixtureSpec(modes=5, dim=12, spread=3.0, std=0.3, seed=1),  # modes ~50 std apart
+    "wide": MixtureSpec(modes=6, dim=32, spread=8.0, std=2.0, sigma_min=0.04, sigma_max=150.0, seed=2),
+    "digits": DigitsSpec(),
+}
+
+#: diffusers schedulers: label -> (class name, config overrides); run with trailing spacing from sigma_max.
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "DPM++2M": ("DPMSolverMultistepScheduler", {"solver_order": 2}),
+    "DPM++3M": ("DPMSolverMultistepScheduler", {"solver_order": 3}),
+    "UniPC": ("UniPCMultistepScheduler", {}),
+    "DDIM": ("DDIMScheduler", {}),
+    "Euler": ("EulerDiscreteScheduler", {}),
+    "Heun": ("HeunDiscreteScheduler", {}),
+}
+#: The few-step peers DLG must beat at equal total NFE.
+PEERS = ("DPM++2M", "DPM++3M", "UniPC")
+#: Vanilla samplers of a full run: every budgetable core integrator (adaptive RK45 has no budget) and scheduler.
+VANILLA = tuple(name for name in INTEGRATORS if name != "ode_rk45") + tuple(SCHEDULERS)
+#: Per-workload vanilla samplers where not all: the trained-classifier mixture has the exact one's vanilla rows;
+#: digits leaves out the SDE integrators that fail below 40 NFE (each digits run costs ~1 ms per evaluation).
+VANILLA_BY_WORKLOAD = {"mixture-trained": ("karras_heun",) + PEERS,
+                       "digits": ("karras_heun", "karras_stochastic") + tuple(SCHEDULERS)}
+#: ``--quick`` vanilla samplers.
+QUICK_VANILLA = ("karras_heun",) + PEERS[::2]
+
+#: Total-NFE budgets per sample: vanilla samplers and the chosen DLG point run at each.
+BUDGETS = (5, 8, 10, 12, 15, 20, 40)
+#: Budgets at which lever points and named configs run (each costs seeds x values x budgets runs).
+LEVER_BUDGETS = (10, 15, 20)
+#: ``--quick`` budgets and seeds.
+QUICK_BUDGETS, QUICK_LEVER_BUDGETS, QUICK_SEEDS = (8, 12, 20), (12,), (0, 1)
+#: Seeds of a full run (every sampler runs each: results are paired by seed).
+SEEDS = (0, 1, 2)
+
+#: The chosen DLG point per workload (what a user gets); levers and configs are laid over it.
+DEFAULT_DLG: dict[str, dict[str, Any]] = {
+    "mixture": {"integrator": "karras_heun", "gibbs_steps": 2, "step_size": 0.05},
+    "mixture-trained": {"integrator": "karras_heun", "gibbs_steps": 2, "step_size": 0.05},
+    "separated": {"integrator": "karras_heun", "gibbs_steps": 2, "step_size": 0.05},
+    "wide": {"integrator": "karras_heun", "gibbs_steps": 2, "step_size": 0.8},
+    "digits": {"integrator": "karras_heun", "gibbs_steps": 4, "step_size": 0.3},
+}
+
+
+@dataclass(frozen=True)
+class Lever:
+    """A family of DLG configs: the workload's default with ``param`` set to each of ``values``.
+
+    ``workloads``: where it applies (``None``: everywhere).
+    """
+
+    param: str
+    values: tuple
+    workloads: tuple[str, ...] | None = None
+
+
+#: Levers: one quality-vs-total-NFE frontier each. One line per lever.
+LEVERS: dict[str, Lever] = {
+    "step_size": Lever("step_size", (0.02, 0.05, 0.2, 1.0), ("mixture", "mixture-trained", "separated")),
+    "step_size-wide": Lever("step_size", (0.2, 0.8, 3.0), ("wide",)),
+    "step_size-digits": Lever("step_size", (0.1, 0.3, 0.8), ("digits",)),
+    "gibbs_steps": Lever("gibbs_steps", (1, 2, 4, 8)),
+    "sigma_mode": Lever("sigma_mode", ("argmax", "sample")),
+    "outputs_per_chain": Lever("outputs_per_chain", (5, 20, 50)),
+    "integrator": Lever("integrator", ("karras_heun", "karras_stochastic", "euler_maruyama", "DPM++2M", "UniPC")),
+}
+#: ``--quick`` levers.
+QUICK_LEVERS = ("gibbs_steps",)
+
+
+@dataclass(frozen=True)
+class DLGConfig:
+    """A named DLG config laid over the workload default; ``diagnostic`` rows are shown apart, never as DLG's
+    result (e.g. one chain per sample, whose warm-up dominates its cost)."""
+
+    overrides: dict[str, Any]
+    workloads: tuple[str, ...] | None = None
+    diagnostic: bool = False
+
+
+#: Named DLG configs, run at ``LEVER_BUDGETS`` (or once, placed at their measured NFE, with ``denoise_steps``).
+DLG_CONFIGS: dict[str, DLGConfig] = {
+    "one-chain-per-sample": DLGConfig({"outputs_per_chain": 1, "denoise_steps": 3}, diagnostic=True),
+    "paper-sweeps": DLGConfig({"step_size": 0.8, "gibbs_steps": 10}, ("digits",)),
+}
