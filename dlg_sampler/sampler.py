@@ -1,22 +1,41 @@
-"""Denoising Langevin Gibbs (DLG; Kim & Ye, "Denoising MCMC", ICML 2023, Algorithm 1 with persistent chains)."""
+"""Denoising MCMC with persistent chains (Kim & Ye, "Denoising MCMC", ICML 2023): Denoising Langevin Gibbs and the
+restart move."""
 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from .diagnostics import CORRELATION_WARNING, OutputCorrelation, ess_fraction
 from .gibbs import SIGMA_MODES, NoisePosterior, diverged, langevin_step, sample_sigma_index
 from .integrators import (INTEGRATORS, CountedScore, Score, append_dims, check_integrator, check_steps, get_schedule,
-                          integrate)
+                          integrate, randn_like)
 from .levels import NoiseLevels
 
+#: Chain kernels: ``"restart"`` (exact lift to ``restart_sigma``, then the denoising solve back; the default, measured
+#: to mix in one output on the digits model and the mixtures) and ``"gibbs"`` (the paper's Langevin-Gibbs sweeps).
+KERNELS = ("restart", "gibbs")
+
+#: ``restart_sigma`` left to the sampler: this many times the data scale the warm-up measures (the per-coordinate
+#: spread of the warmed-up chains). On the digits model (scale 0.53) the lag-1 autocorrelation of consecutive outputs
+#: is 0.24 at S = 3, 0.14 at S = 5, 0.10 at S = 7 and 0.07 at S = 10, and FD is lowest for S in 5-7 at 10-12 NFE
+#: (docs/mixing.md); on a separated 12-d mixture (scale 3) S = 36 gives lag-1 0.11.
+RESTART_SCALE = 12.0
 
 #: Warm-started schedulers denoise the batch in this many groups of similar sigma (measured on the exact mixture,
 #: levels 0.2-5, 4 steps: sliced W1 0.48 -> 0.14 for DPM-Solver++ 2M, 0.32 -> 0.09 for Euler; same NFE per sample).
 SCHEDULER_GROUPS = 4
+
+#: ``sample`` gives up with a clear error after this many batches in a row in which every chain diverged.
+MAX_EMPTY_BATCHES = 3
+
+#: Warn when the Gibbs kernel's chains sit above this fraction of the grid's log-range: the step size has pushed
+#: the working level to the top of the grid, where denoising starts from nearly pure noise.
+TOP_OF_GRID = 0.8
 
 
 def _check_positive_float(value, name: str) -> float:
@@ -25,52 +44,85 @@ def _check_positive_float(value, name: str) -> float:
     return float(value)
 
 
+class _PhaseCounter:
+    """The sampler's one view of the score: every evaluation (``x.shape[0]`` per call) is counted under the current
+    phase (``warmup``, ``gibbs``, ``denoise``, ``tweedie``), so no model call can be left out of the reported NFE."""
+
+    def __init__(self, score: Score, counts: dict[str, int], bar: tqdm | None = None):
+        self.score, self.counts, self.phase, self.bar = score, counts, "warmup", bar
+        for attr in ("sigma_min", "sigma_max"):
+            if hasattr(score, attr):
+                setattr(self, attr, getattr(score, attr))
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        out = self.score(x, sigma)
+        self.counts[self.phase] += x.shape[0]
+        if self.bar is not None:
+            self.bar.update(x.shape[0])
+        return out
+
+
 class DLGSampler:
-    """Denoising Langevin Gibbs on persistent chains ``(x, sigma)`` in the product space of data and noise level.
+    """Persistent chains ``(x, sigma)`` in the product space of data and noise level, each output denoised.
 
-    Per output batch (one sample per chain):
+    Per output batch (one sample per chain), with ``kernel="restart"`` (default):
 
-    1. **Warm-up** (once per chain, :meth:`warm_up`): integrate from pure noise at ``sigma_max`` with
-       ``warmup_integrator``, perturb by ``warmup_noise``, classify, then burn in with Gibbs sweeps.
+    1. **Warm-up** (once per chain, :meth:`warm_up`): integrate from pure noise at ``sigma_max``.
+    2. **Restart move**: lift each chain exactly to ``S = restart_sigma``: ``x + sqrt(S^2 - sigma^2) z`` is a draw
+       of ``p_S`` when ``x`` is a draw of ``p_sigma`` (the move of restart sampling, Xu et al. 2023).
+    3. **Denoising** from ``S`` down to ``tweedie_sigma`` in ``denoise_steps`` steps, then the **Tweedie** step.
+       The chain continues from its output, so consecutive outputs share only what survives the lift.
+
+    With ``kernel="gibbs"`` (the paper's Denoising Langevin Gibbs, Algorithm 1):
+
+    1. **Warm-up**: integrate from ``sigma_max``, perturb by ``warmup_noise``, classify, burn in with Gibbs sweeps.
     2. **Gibbs steps** (``gibbs_steps``): x | sigma by one Langevin step ``x + (eta/2) s + sqrt(eta) z``
        (``eta = step_size``); sigma | x from the noise posterior (argmax, or a draw with ``sigma_mode="sample"``).
     3. **Selection**: per chain, the state of this batch with the smallest sigma.
-    4. **Denoising**: integrate the reverse S/ODE from each chain's own selected sigma down to ``tweedie_sigma``
-       in ``denoise_steps`` steps (``integrator``: a name of ``INTEGRATORS`` or a diffusers scheduler instance,
-       which denoises all the way to 0 itself).
-    5. **Tweedie**: ``D(x, tweedie_sigma) = x + tweedie_sigma^2 s``.
+    4. **Denoising** from each chain's own selected sigma, then the **Tweedie** step ``D(x, s) = x + s^2 s(x, s)``.
+       The chain continues from its last Gibbs state.
 
-    NFE per sample = ``gibbs_steps`` + denoising NFE + 1; the warm-up is a one-time cost, reported apart.
+    Every model evaluation is counted: ``.stats["nfe_per_sample"]`` is all of them (warm-up included) over the
+    samples returned, and ``.stats["lag1_autocorr"]`` says how much consecutive outputs of one chain share.
 
     Args:
         score: VE score ``score(x [B, *shape], sigma [B]) -> [B, *shape]`` (an adapter or any callable).
-        noise_posterior: ``x [B, *shape] -> logits [B, L]`` over ``levels`` (e.g. a ``NoiseClassifier``).
-        levels: the noise grid the posterior is defined on.
+        noise_posterior: ``x [B, *shape] -> logits [B, L]`` over ``levels`` (e.g. a ``NoiseClassifier``); used by
+            the Gibbs kernel.
+        levels: the noise grid of the posterior; its ``sigma_max`` is where the warm-up starts.
         shape: sample shape, e.g. ``(1, 8, 8)``.
         num_chains: persistent chains (= samples per batch).
+        kernel: ``"restart"`` or ``"gibbs"`` (see above).
+        restart_sigma: the restart kernel's lift level ``S`` (default: ``RESTART_SCALE`` times the data scale
+            measured at the warm-up). Higher decorrelates consecutive outputs more and needs more denoising steps.
         integrator, denoise_steps, integrator_kwargs: the denoising integrator, its steps and knobs. A diffusers
-            scheduler is warm-started in ``SCHEDULER_GROUPS`` groups of similar selected sigma (``groups`` in
-            ``integrator_kwargs`` overrides), so chains are not all re-noised up to the batch's largest sigma.
-        gibbs_steps: Gibbs sweeps per batch (paper: 10).
-        step_size: Langevin step ``eta`` (paper, CIFAR-10 in [0, 1]: 0.8); it sets the chains' working noise level.
-        sigma_mode: ``"argmax"`` (paper) or ``"sample"``.
+            scheduler instance is warm-started (in ``SCHEDULER_GROUPS`` groups of similar sigma for the Gibbs kernel;
+            ``groups`` in ``integrator_kwargs`` overrides).
+        gibbs_steps: Gibbs sweeps per batch (Gibbs kernel; paper: 10).
+        step_size: Langevin step ``eta`` (Gibbs kernel; paper, CIFAR-10 in [0, 1]: 0.8); it sets the working level.
+        sigma_mode: ``"argmax"`` (paper) or ``"sample"`` (Gibbs kernel).
         tweedie_sigma: level of the final Tweedie step (default: the grid's ``sigma_min``, the paper's 0.01).
-        warmup_integrator, warmup_steps: warm-up sampler from ``sigma_max`` (paper: Karras Alg. 2, 20 steps).
-        warmup_noise: std of the perturbation after the warm-up integration (paper: 0.5).
+        warmup_integrator, warmup_steps: the warm-up solve from ``sigma_max`` (default: ``dpmpp_2m`` with 10 steps for
+            the restart kernel; the paper's Karras Alg. 2 with 20 steps for the Gibbs kernel).
+        burn_in: restart moves per chain after the warm-up whose outputs are discarded (restart kernel; on the
+            digits model one such move changed nothing measurable, docs/mixing.md).
+        warmup_noise: std of the perturbation after the warm-up integration (Gibbs kernel; paper: 0.5).
         warmup_sweeps: ``(k1, k2)`` burn-in sweeps: ``k1`` at ``warmup_step_size`` then ``k2`` at ``step_size``.
         warmup_step_size: step size of the first burn-in sweeps (paper: 0.5; default: ``step_size``).
         seed: seed of the sampler's own generator (used when ``sample`` gets none; saved in ``state_dict``).
         device, dtype: where and in which precision the chains live.
-        progress: show a tqdm bar while sampling.
+        progress: show one tqdm bar (model evaluations, warm-up included) while sampling.
     """
 
     def __init__(self, score: Score, noise_posterior: NoisePosterior, levels: NoiseLevels, *, shape: tuple[int, ...],
-                 num_chains: int = 128, integrator="karras_heun", denoise_steps: int = 4, gibbs_steps: int = 10,
-                 step_size: float = 0.8, sigma_mode: str = "argmax", tweedie_sigma: float | None = None,
-                 integrator_kwargs: dict[str, Any] | None = None, warmup_integrator: str = "karras_stochastic",
-                 warmup_steps: int = 20, warmup_noise: float = 0.5, warmup_sweeps: tuple[int, int] = (10, 10),
-                 warmup_step_size: float | None = None, seed: int | None = None,
-                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32, progress: bool = False):
+                 num_chains: int = 128, kernel: str = "restart", restart_sigma: float | None = None,
+                 integrator="dpmpp_2m", denoise_steps: int = 9, gibbs_steps: int = 10, step_size: float = 0.8,
+                 sigma_mode: str = "argmax", tweedie_sigma: float | None = None,
+                 integrator_kwargs: dict[str, Any] | None = None, warmup_integrator: str | None = None,
+                 warmup_steps: int | None = None, burn_in: int = 0, warmup_noise: float = 0.5,
+                 warmup_sweeps: tuple[int, int] = (10, 10), warmup_step_size: float | None = None,
+                 seed: int | None = None, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+                 progress: bool = False):
         if not callable(score):
             raise TypeError(f"score must be callable as score(x, sigma), got {type(score).__name__}.")
         if not callable(noise_posterior):
@@ -80,13 +132,22 @@ class DLGSampler:
         shape = tuple(shape) if isinstance(shape, (tuple, list, torch.Size)) else None
         if not shape or not all(isinstance(d, int) and d > 0 for d in shape):
             raise ValueError("shape must be a non-empty tuple of positive ints, the shape of one sample (e.g. (1, 8, 8)).")
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}.")
+        gibbs = kernel == "gibbs"
+        warmup_integrator = warmup_integrator or ("karras_stochastic" if gibbs else "dpmpp_2m")
         check_integrator(integrator)
         check_integrator(warmup_integrator)
         if sigma_mode not in SIGMA_MODES:
             raise ValueError(f"sigma_mode must be one of {SIGMA_MODES}, got {sigma_mode!r}.")
         self._check_model_match(score, noise_posterior, levels, shape)
-        self.score, self.noise_posterior, self.levels, self.shape = score, noise_posterior, levels, shape
+        self.noise_posterior, self.levels, self.shape = noise_posterior, levels, shape
         self.num_chains = check_steps(num_chains, "num_chains")
+        self.kernel = kernel
+        self.restart_sigma = None if restart_sigma is None else _check_positive_float(restart_sigma, "restart_sigma")
+        if self.restart_sigma is not None and self.restart_sigma > levels.sigma_max:
+            raise ValueError(f"restart_sigma={restart_sigma:g} is above the grid's sigma_max={levels.sigma_max:g}: "
+                             "the model was not trained there; pass a smaller restart_sigma.")
         self.integrator, self.integrator_kwargs = integrator, dict(integrator_kwargs or {})
         self.denoise_steps = check_steps(denoise_steps, "denoise_steps")
         self.gibbs_steps = check_steps(gibbs_steps, "gibbs_steps")
@@ -94,7 +155,11 @@ class DLGSampler:
         self.sigma_mode = sigma_mode
         self.tweedie_sigma = _check_positive_float(levels.sigma_min if tweedie_sigma is None else tweedie_sigma,
                                                    "tweedie_sigma")
-        self.warmup_integrator, self.warmup_steps = warmup_integrator, check_steps(warmup_steps, "warmup_steps")
+        self.warmup_integrator = warmup_integrator
+        self.warmup_steps = check_steps(warmup_steps or (20 if gibbs else 10), "warmup_steps")
+        if isinstance(burn_in, bool) or not isinstance(burn_in, int) or burn_in < 0:
+            raise ValueError(f"burn_in must be a non-negative int, got {burn_in!r}.")
+        self.burn_in = burn_in
         self.warmup_noise = float(warmup_noise)
         if len(warmup_sweeps) != 2 or any(k < 0 for k in warmup_sweeps):
             raise ValueError(f"warmup_sweeps must be two non-negative counts (k1, k2), got {warmup_sweeps!r}.")
@@ -105,11 +170,16 @@ class DLGSampler:
         self.generator = torch.Generator(self.device)
         self.generator.manual_seed(seed) if seed is not None else self.generator.seed()
         self.x: torch.Tensor | None = None  # [C, *shape], the chains' data states
-        self.sigma_idx: torch.Tensor | None = None  # [C], the chains' noise levels as grid indices
+        self.sigma: torch.Tensor | None = None  # [C], the chains' noise levels
         self._buffer = torch.empty(0, *shape, dtype=dtype, device=self.device)  # samples made but not yet returned
-        self._counts = {"samples": 0, "batches": 0, "gibbs": 0, "denoise": 0, "tweedie": 0, "warmup": 0,
-                        "reinitialised": 0}
+        self._counts = {"samples": 0, "batches": 0, "pilot": 0, "warmup": 0, "gibbs": 0, "denoise": 0,
+                        "tweedie": 0, "reinitialised": 0}
+        self.tuning: dict[str, Any] | None = None  # what DLGSampler.for_budget chose and measured
         self._selected_hist = torch.zeros(len(levels), dtype=torch.long)
+        self._batch_chains: torch.Tensor | None = None  # chains whose states the last selection handed out
+        self.correlation = OutputCorrelation(self.num_chains, math.prod(shape), self.device)
+        self._warned: set[str] = set()
+        self.score = _PhaseCounter(score, self._counts)
 
     @staticmethod
     def _check_model_match(score, noise_posterior, levels: NoiseLevels, shape: tuple[int, ...]) -> None:
@@ -126,19 +196,30 @@ class DLGSampler:
                 raise ValueError(f"the {name} is for samples of shape {tuple(expected)} but shape={shape} was given: "
                                  f"pass shape={tuple(expected)} or a {name} made for {shape}.")
 
+    @classmethod
+    def for_budget(cls, score: Score, noise_posterior: NoisePosterior, *, shape: tuple[int, ...], nfe: float, n: int,
+                   num_chains: int | None = None, seed: int | None = None, **overrides: Any) -> "DLGSampler":
+        """Settings from a budget of ``nfe`` model evaluations per sample (everything counted) for ``n`` samples,
+        chosen by a short pilot on the model itself: see :func:`dlg_sampler.tuning.for_budget`."""
+        from .tuning import for_budget
+
+        return for_budget(score, noise_posterior, shape=shape, nfe=nfe, n=n, num_chains=num_chains, seed=seed,
+                          **overrides)
+
     # ------------------------------------------------------------------ the algorithm
     @torch.no_grad()
     def warm_up(self, generator: torch.Generator | None = None, chains: torch.Tensor | None = None,
                 x_init: torch.Tensor | None = None) -> None:
         """Step 1, once per chain: bring chains ``chains`` (indices, default all) near the data manifold.
 
-        Integrates from pure noise at ``sigma_max`` (or starts from ``x_init [C, *shape]``, e.g. data),
-        perturbs, classifies, and burns in with Gibbs sweeps.
+        Integrates from pure noise at ``sigma_max`` (or starts from ``x_init [C, *shape]``, e.g. data). Restart
+        kernel: the result is the chain's state (at the Tweedie level), followed by ``burn_in`` restart moves.
+        Gibbs kernel: perturb, classify and burn in with Gibbs sweeps.
         """
         g = generator or self.generator
         idx = torch.arange(self.num_chains, device=self.device) if chains is None else chains
         m = len(idx)
-        score = CountedScore(self.score)
+        self.score.phase = "warmup"
         if x_init is not None:
             if tuple(x_init.shape) != (m, *self.shape):
                 raise ValueError(f"x_init must have shape {(m, *self.shape)} (one state per chain), got {tuple(x_init.shape)}.")
@@ -146,41 +227,73 @@ class DLGSampler:
                 raise ValueError("x_init contains NaN or Inf: pass finite initial states.")
             x = x_init.to(self.device, self.dtype)
         else:
-            # Integrate from pure noise at sigma_max with a cheap sampler.
+            # Integrate from pure noise at sigma_max.
             sigma_max = torch.full((m,), self.levels.sigma_max, device=self.device, dtype=self.dtype)
             x = self.levels.sigma_max * torch.randn(m, *self.shape, generator=g, device=self.device, dtype=self.dtype)
-            x, _ = integrate(self.warmup_integrator, score, x, sigma_max, self.warmup_steps, generator=g,
+            x, _ = integrate(self.warmup_integrator, self.score, x, sigma_max, self.warmup_steps, generator=g,
                              sigma_end=self.tweedie_sigma)
+        if self.x is None:
+            self.x = torch.zeros(self.num_chains, *self.shape, device=self.device, dtype=self.dtype)
+            self.sigma = torch.zeros(self.num_chains, device=self.device, dtype=self.dtype)
+        self.correlation.forget(idx)
+        if self.kernel == "restart":
+            if self.restart_sigma is None:
+                self.restart_sigma = min(RESTART_SCALE * _data_scale(x), self.levels.sigma_max)
+            self.x[idx], self.sigma[idx] = x, 0.0
+            for _ in range(self.burn_in):  # restart moves whose outputs are discarded
+                lifted, level = self._lift(idx, g)
+                self.x[idx] = self._denoise(lifted, level, g, phases=("warmup", "warmup"))
+            return
         # Perturb and classify.
         x = x + self.warmup_noise * torch.randn(x.shape, generator=g, device=self.device, dtype=self.dtype)
         s = sample_sigma_index(self.noise_posterior, x, self.levels, self.sigma_mode, g)
         # Burn in: Gibbs sweeps, first at warmup_step_size, then at step_size.
         for k, eta in zip(self.warmup_sweeps, (self.warmup_step_size, self.step_size)):
             for _ in range(k):
-                x = langevin_step(score, x, self.levels.sigma(s).to(self.dtype), eta, g)
+                x = langevin_step(self.score, x, self.levels.sigma(s).to(self.dtype), eta, g)
                 s = sample_sigma_index(self.noise_posterior, x, self.levels, self.sigma_mode, g)
-        if self.x is None:
-            self.x = torch.zeros(self.num_chains, *self.shape, device=self.device, dtype=self.dtype)
-            self.sigma_idx = torch.zeros(self.num_chains, dtype=torch.long, device=self.device)
-        self.x[idx], self.sigma_idx[idx] = x, s
-        self._counts["warmup"] += score.nfe * m
+        self.x[idx], self.sigma[idx] = x, self.levels.sigma(s).to(self.dtype)
 
     @torch.no_grad()
     def step(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        """One DLG batch (steps 2-5): returns ``[k, *shape]`` samples, one per chain that stayed finite (k <= C)."""
+        """One output batch: returns ``[k, *shape]`` samples, one per chain that stayed finite (k <= C)."""
         g = generator or self.generator
         x, sigma = self.gibbs_and_select(g)
         return self.denoise(x, sigma, g)
 
     @torch.no_grad()
     def gibbs_and_select(self, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Steps 2-3 of one batch: ``(x [k, *shape], sigma [k])``, each finite chain's selected (min-sigma) state."""
+        """The chain move of one batch: ``(x [k, *shape], sigma [k])``, each finite chain's state to denoise.
+
+        Restart kernel: every chain lifted to ``restart_sigma``. Gibbs kernel: steps 2-3 (Gibbs sweeps, then each
+        chain's min-sigma state). :meth:`denoise` must follow: the restart chains continue from its output.
+        """
         g = generator or self.generator
         if self.x is None:
             self.warm_up(g)
-        levels, x, s = self.levels, self.x, self.sigma_idx
+        self._counts["batches"] += 1
+        if self.kernel == "restart":
+            chains = torch.arange(self.num_chains, device=self.device)
+            x, sigma = self._lift(chains, g)
+            self._batch_chains = chains
+            self._record_selected(sigma)
+            return x, sigma
+        return self._gibbs_sweeps(g)
+
+    def _lift(self, chains: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Restart move: ``x + sqrt(S^2 - sigma^2) z`` for chains ``chains``, an exact draw of ``p_S``."""
+        S = torch.full((len(chains),), self.restart_sigma, device=self.device, dtype=self.dtype)
+        gap = (S.double() ** 2 - self.sigma[chains].double() ** 2).clamp_min(0).sqrt().to(self.dtype)
+        x = self.x[chains]
+        return x + append_dims(gap, x.ndim) * randn_like(x, g), S
+
+    def _gibbs_sweeps(self, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gibbs steps (x | sigma by Langevin, sigma | x by the posterior), then per chain the min-sigma state."""
+        levels, x = self.levels, self.x
+        s = levels.index(self.sigma).to(self.device)
         lost = torch.zeros(self.num_chains, dtype=torch.bool, device=self.device)
         best_x, best_s = x, torch.full_like(s, len(levels))
+        self.score.phase = "gibbs"
         for _ in range(self.gibbs_steps):
             # Gibbs step: x | sigma (Langevin), then sigma | x (noise posterior).
             x = langevin_step(self.score, x, levels.sigma(s).to(self.dtype), self.step_size, g)
@@ -191,15 +304,13 @@ class DLGSampler:
             better = s < best_s
             best_x = torch.where(append_dims(better, x.ndim), x, best_x)
             best_s = torch.where(better, s, best_s)
-        self.x, self.sigma_idx = x, s  # the chains persist from their last state
+        self.x, self.sigma = x, levels.sigma(s).to(self.dtype)  # the chains persist from their last state
         keep = ~lost
-        self._counts["gibbs"] += self.gibbs_steps * self.num_chains
-        self._counts["batches"] += 1
-        self._selected_hist += torch.bincount(best_s[keep].cpu(), minlength=len(levels))
+        self._batch_chains = keep.nonzero().squeeze(1)
         selected = best_x[keep], levels.sigma(best_s[keep]).to(self.dtype)
+        self._record_selected(selected[1])
         if lost.any():  # diverged chains restart from the warm-up path and are never emitted
-            self._counts["reinitialised"] += int(lost.sum())
-            self.warm_up(g, chains=lost.nonzero().squeeze(1))
+            self._reinitialise(lost.nonzero().squeeze(1), g)
         return selected
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, generator: torch.Generator | None = None, *,
@@ -207,28 +318,52 @@ class DLGSampler:
         """Steps 4-5: ``x [k, *shape]`` at its own levels ``sigma [k]`` -> clean samples ``[k, *shape]``.
 
         With ``tweedie=False`` (core integrators only) the samples are returned at ``tweedie_sigma``, before the
-        Tweedie step, for a caller that makes that last model call itself (``DLGScheduler``).
+        Tweedie step, for a caller that makes that last model call itself (``DLGScheduler``, which then calls
+        :meth:`record_tweedie`).
         """
         if len(x) == 0:
             return x
-        score = CountedScore(self.score)
+        x0 = self._denoise(x, sigma, generator, tweedie=tweedie)
+        chains, self._batch_chains = self._batch_chains, None
+        if chains is not None and len(chains) == len(x0):
+            if self.kernel == "restart":  # the chains continue from their outputs; diverged ones start afresh
+                lost = diverged(x0, self.levels)
+                x0, lost_chains, chains = x0[~lost], chains[lost], chains[~lost]
+                self.x[chains] = x0.to(self.dtype)
+                self.sigma[chains] = 0.0 if tweedie else self.tweedie_sigma
+                if len(lost_chains):
+                    self._reinitialise(lost_chains, generator or self.generator)
+            self.correlation.update(chains, x0)
+        self._counts["samples"] += len(x0)
+        return x0
+
+    def _denoise(self, x: torch.Tensor, sigma: torch.Tensor, g: torch.Generator | None, *, tweedie: bool = True,
+                 phases: tuple[str, str] = ("denoise", "tweedie")) -> torch.Tensor:
+        """Denoising (and Tweedie) of ``x [k, *shape]`` from ``sigma [k]``, counted under ``phases``."""
+        self.score.phase = phases[0]
         if isinstance(self.integrator, str):
             # Denoising: integrate from each chain's own sigma down to the Tweedie level.
             sigmas = get_schedule(self.integrator, self.denoise_steps, sigma, self.tweedie_sigma, append_zero=False)
-            x, _ = INTEGRATORS[self.integrator](score, x, sigmas, generator=generator, **self.integrator_kwargs)
-            denoise_nfe = score.nfe
+            x, _ = INTEGRATORS[self.integrator](self.score, x, sigmas, generator=g, **self.integrator_kwargs)
             if tweedie:  # Tweedie step: D(x, sigma_end) = x + sigma_end^2 s(x, sigma_end).
-                x = score.denoise(x, sigmas[-1])
-                self._counts["tweedie"] += len(x)
+                self.score.phase = phases[1]
+                x = CountedScore(self.score).denoise(x, sigmas[-1])
         elif not tweedie:
             raise ValueError("tweedie=False needs a core integrator: a diffusers scheduler denoises to 0 itself.")
         else:  # a diffusers scheduler denoises to 0 by itself
-            kwargs = {"groups": min(SCHEDULER_GROUPS, len(x)), **self.integrator_kwargs}
-            x, denoise_nfe = integrate(self.integrator, score, x, sigma, self.denoise_steps, generator=generator,
-                                       **kwargs)
-        self._counts["denoise"] += denoise_nfe * len(x)
-        self._counts["samples"] += len(x)
+            groups = SCHEDULER_GROUPS if self.kernel == "gibbs" else 1
+            kwargs = {"groups": min(groups, len(x)), **self.integrator_kwargs}
+            x, _ = integrate(self.integrator, self.score, x, sigma, self.denoise_steps, generator=g, **kwargs)
         return x
+
+    def _reinitialise(self, chains: torch.Tensor, g: torch.Generator) -> None:
+        self._counts["reinitialised"] += len(chains)
+        phase = self.score.phase
+        self.warm_up(g, chains=chains)
+        self.score.phase = phase
+
+    def _record_selected(self, sigma: torch.Tensor) -> None:
+        self._selected_hist += torch.bincount(self.levels.index(sigma.cpu()), minlength=len(self.levels))
 
     def record_tweedie(self, k: int) -> None:
         """Count ``k`` Tweedie steps made by a caller after ``denoise(..., tweedie=False)``."""
@@ -238,50 +373,131 @@ class DLGSampler:
         """Exactly ``n`` samples ``[n, *shape]`` from as many batches as needed (leftovers are kept for the next call)."""
         n = check_steps(n, "n")
         out, have = [self._buffer], len(self._buffer)
-        with tqdm(total=n, initial=min(have, n), disable=not self.progress, desc="DLG", unit="sample") as bar:
-            while have < n:
-                batch = self.step(generator)
-                out.append(batch)
-                have += len(batch)
-                bar.update(min(len(batch), n - bar.n))
+        with tqdm(total=self.planned_nfe(n - have), disable=not self.progress, desc="DLG", unit="NFE",
+                  unit_scale=True) as bar:
+            self.score.bar = bar
+            try:
+                empty = 0
+                while have < n:
+                    batch = self.step(generator)
+                    out.append(batch)
+                    have += len(batch)
+                    empty = 0 if len(batch) else empty + 1
+                    if empty == MAX_EMPTY_BATCHES:
+                        raise RuntimeError(
+                            f"every chain diverged in {MAX_EMPTY_BATCHES} batches in a row (non-finite states or RMS "
+                            f"beyond 10 x sigma_max): the score returns NaN/Inf or explodes. Check the model and its "
+                            "adapter on a few noisy samples (score(x, sigma) should be about -(x - x0) / sigma^2).")
+            finally:
+                self.score.bar = None
         samples = torch.cat(out)
         self._buffer = samples[n:]
+        self._check_health()
         return samples[:n]
+
+    def planned_nfe(self, n: int) -> int:
+        """Model evaluations (all samples together) the next ``n`` samples will cost, warm-up included if due."""
+        from .integrators import count_nfe
+
+        batches = math.ceil(max(n, 0) / self.num_chains)
+        per_batch = count_nfe(self.integrator, self.denoise_steps, dlg=isinstance(self.integrator, str))
+        if self.kernel == "gibbs":
+            per_batch += self.gibbs_steps
+        total = batches * per_batch * self.num_chains
+        if self.x is None:
+            warm = count_nfe(self.warmup_integrator, self.warmup_steps, dlg=False)
+            warm += per_batch * self.burn_in if self.kernel == "restart" else sum(self.warmup_sweeps)
+            total += warm * self.num_chains
+        return total
+
+    def _check_health(self) -> None:
+        """Warn (once each) when the outputs are near-copies of each other or the chains sit at the top of the grid."""
+        st = self.stats
+        r = st["lag1_autocorr"]
+        if r is not None and r > CORRELATION_WARNING and "correlation" not in self._warned:
+            self._warned.add("correlation")
+            fix = ("a higher restart_sigma" if self.kernel == "restart" else
+                   "the restart kernel (kernel='restart'; larger step_size / gibbs_steps help less)")
+            warnings.warn(f"consecutive outputs of one chain are correlated (lag-1 autocorrelation {r:.2f} after "
+                          f"{st['outputs_per_chain']:.1f} outputs per chain): {st['samples']} samples are worth "
+                          f"about {st['samples'] * st['ess_fraction']:.0f} independent ones. Use more chains "
+                          f"(num_chains) or {fix}.", stacklevel=3)
+        if self.kernel == "gibbs" and "top" not in self._warned and st["selected_sigma_median"] > self._top_level():
+            self._warned.add("top")
+            warnings.warn(f"the chains' selected noise level (median sigma {st['selected_sigma_median']:.3g}) sits "
+                          f"near the top of the grid (sigma_max {self.levels.sigma_max:g}): step_size={self.step_size:g}"
+                          " is too large for this model (the working level grows like sqrt(step_size)), and the "
+                          "samples are denoised from nearly pure noise; lower step_size.", stacklevel=3)
+
+    def _top_level(self) -> float:
+        lo, hi = math.log(self.levels.sigma_min), math.log(self.levels.sigma_max)
+        return math.exp(lo + TOP_OF_GRID * (hi - lo))
 
     # ------------------------------------------------------------------ bookkeeping
     @property
     def stats(self) -> dict[str, Any]:
-        """NFE per emitted sample split into gibbs / denoise / tweedie, one-time warm-up NFE per chain, diagnostics."""
-        c, n = self._counts, max(self._counts["samples"], 1)
+        """The whole cost first: every model evaluation over the samples returned; then its split and diagnostics.
+
+        ``nfe_per_sample``: all evaluations (a tuning pilot, warm-up, burn-in, re-initialisations, Gibbs, denoising,
+        Tweedie) / samples returned; ``nfe_split``: the same per phase (``warmup`` and ``pilot`` amortised);
+        ``lag1_autocorr`` / ``ess_fraction``: how much consecutive outputs of one chain share (``None`` before a
+        chain has two outputs); ``outputs_per_chain``: samples returned / chains.
+        """
+        c = self._counts
+        returned = c["samples"] - len(self._buffer)
+        phases = ("pilot", "warmup", "gibbs", "denoise", "tweedie")
+        evaluations = sum(c[k] for k in phases)
+        per = (lambda v: v / returned) if returned else (lambda v: float("nan"))
         hist = self._selected_hist
         total = int(hist.sum())
-        mean_sigma = float((hist.double() * self.levels.sigmas.double()).sum() / total) if total else float("nan")
-        per_sample = {k: c[k] / n for k in ("gibbs", "denoise", "tweedie")}
+        sig = self.levels.sigmas.double()
+        mean_sigma = float((hist.double() * sig).sum() / total) if total else float("nan")
+        median_sigma = float(sig[int((hist.cumsum(0) >= (total + 1) // 2).nonzero()[0])]) if total else float("nan")
+        r = self.correlation.lag1
         return {
-            "nfe_per_sample": {**per_sample, "total": sum(per_sample.values())},
-            "warmup_nfe_per_chain": c["warmup"] / self.num_chains,
-            "samples": c["samples"], "batches": c["batches"], "reinitialised": c["reinitialised"],
-            "selected_sigma_mean": mean_sigma, "selected_sigma_hist": hist.clone(),
+            "nfe_per_sample": per(evaluations),
+            "nfe_split": {k: per(c[k]) for k in phases},
+            "model_evaluations": evaluations,
+            "samples": returned, "chains": self.num_chains, "outputs_per_chain": returned / self.num_chains,
+            "lag1_autocorr": r, "ess_fraction": None if r is None else ess_fraction(r),
+            "warmup_nfe_per_chain": c["warmup"] / self.num_chains, "batches": c["batches"],
+            "reinitialised": c["reinitialised"], "kernel": self.kernel, "restart_sigma": self.restart_sigma,
+            "selected_sigma_mean": mean_sigma, "selected_sigma_median": median_sigma,
+            "selected_sigma_hist": hist.clone(),
         }
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue bit-for-bit: chains, unreturned samples, counters, own generator state."""
         return {
-            "x": None if self.x is None else self.x.clone(), "sigma_idx": None if self.sigma_idx is None else self.sigma_idx.clone(),
+            "x": None if self.x is None else self.x.clone(), "sigma": None if self.sigma is None else self.sigma.clone(),
             "buffer": self._buffer.clone(), "counts": dict(self._counts), "selected_hist": self._selected_hist.clone(),
+            "correlation": self.correlation.state_dict(), "restart_sigma": self.restart_sigma,
             "generator": self.generator.get_state(), "shape": self.shape, "num_chains": self.num_chains,
-            "levels": self.levels.config,
+            "levels": self.levels.config, "kernel": self.kernel, "tuning": self.tuning,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` output into a sampler built with the same shape, chains and grid."""
-        for key, mine in (("shape", self.shape), ("num_chains", self.num_chains), ("levels", self.levels.config)):
-            if (tuple(state[key]) if key == "shape" else state[key]) != mine:
-                raise ValueError(f"cannot load a DLGSampler state with {key}={state[key]!r} into a sampler with {key}={mine!r}.")
+        """Restore :meth:`state_dict` output into a sampler built with the same shape, chains, grid and kernel."""
+        for key, mine in (("shape", self.shape), ("num_chains", self.num_chains), ("levels", self.levels.config),
+                          ("kernel", self.kernel)):
+            if key not in state or (tuple(state[key]) if key == "shape" else state[key]) != mine:
+                raise ValueError(f"cannot load a DLGSampler state with {key}={state.get(key)!r} into a sampler with "
+                                 f"{key}={mine!r}.")
         to = dict(device=self.device)
         self.x = None if state["x"] is None else state["x"].to(**to, dtype=self.dtype)
-        self.sigma_idx = None if state["sigma_idx"] is None else state["sigma_idx"].to(**to)
+        self.sigma = None if state["sigma"] is None else state["sigma"].to(**to, dtype=self.dtype)
         self._buffer = state["buffer"].to(**to, dtype=self.dtype)
-        self._counts = dict(state["counts"])
+        self._counts.clear()
+        self._counts.update(state["counts"])
         self._selected_hist = state["selected_hist"].clone()
+        self.correlation.load_state_dict(state["correlation"])
+        self.restart_sigma, self.tuning = state["restart_sigma"], state.get("tuning")
         self.generator.set_state(state["generator"])
+
+
+def _data_scale(x: torch.Tensor) -> float:
+    """The spread of samples ``x [C, *shape]``: RMS over coordinates of their std across samples (one sample: its
+    std over coordinates). Consecutive restart outputs decorrelate once the lift level is large against it."""
+    flat = x.detach().flatten(1).double()
+    spread = flat.var(0).mean().sqrt() if len(flat) > 1 else flat.std()
+    return float(spread) if math.isfinite(float(spread)) and spread > 0 else 1.0

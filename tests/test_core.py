@@ -1,11 +1,13 @@
 """The DLG core against an exact Gaussian mixture (closed-form score and noise posterior)."""
 
 import math
+import warnings
 
 import pytest
 import torch
 
 from dlg_sampler import INTEGRATORS, DLGSampler, GaussianMixture, NoiseLevels, integrate
+from dlg_sampler.diagnostics import OutputCorrelation, ess_fraction
 from dlg_sampler.gibbs import gibbs_step, sample_sigma_index
 from dlg_sampler.metrics import sliced_wasserstein
 
@@ -100,37 +102,106 @@ def test_gibbs_kernel_leaves_joint_approximately_invariant(mixture):
     assert torch.equal(am, post(x).argmax(-1))
 
 
-@pytest.mark.parametrize("name,budget", [("karras_heun", 9), ("euler_maruyama", 10)])
-def test_dlg_beats_vanilla_at_equal_nfe(name, budget, mixture, levels):
+class Counting:
+    """A score that counts every sample evaluation (``x.shape[0]`` per call)."""
+
+    def __init__(self, score):
+        self.score, self.evaluations = score, 0
+
+    def __call__(self, x, sigma):
+        self.evaluations += x.shape[0]
+        return self.score(x, sigma)
+
+
+def test_restart_move_is_exact(mixture):
+    """x + sqrt(S^2 - sigma^2) z of exact p_sigma samples is an exact draw of p_S: the restart kernel's lift."""
+    g = torch.Generator().manual_seed(0)
+    n, S = 4000, 3.0
+    sigma = torch.exp(torch.empty(n).uniform_(math.log(0.01), math.log(1.0), generator=g))
+    x = mixture.sample(n, sigma, generator=g)
+    lifted = x + (S**2 - sigma**2).sqrt()[:, None] * torch.randn(x.shape, generator=g)
+    exact, floor_ref = mixture.sample(n, S, generator=g), mixture.sample(n, S, generator=g)
+    assert sw(lifted, exact) < 1.5 * sw(floor_ref, exact)
+    assert not sw(x + S * torch.randn(x.shape, generator=g) * 0.5, exact) < 1.5 * sw(floor_ref, exact)
+
+
+def test_restart_kernel_keeps_the_data_distribution(mixture, levels):
+    """Started from exact samples, restart moves with an accurate denoiser stay at the exact distribution."""
+    g = torch.Generator().manual_seed(1)
+    n = 2000
+    sampler = DLGSampler(mixture.score, mixture.noise_posterior(levels), levels, shape=(8,), num_chains=n,
+                         restart_sigma=10.0, denoise_steps=40, seed=0)
+    sampler.warm_up(x_init=mixture.sample(n, generator=g))
+    x = torch.cat([sampler.step(), sampler.step()])
+    ref, floor = mixture.sample(2 * n, generator=g), mixture.sample(2 * n, generator=g)
+    assert sw(x, ref) < 1.5 * sw(floor, ref) + 0.02
+    assert (mixture.mode_weights(x) - mixture.weights).abs().sum() < 0.05
+
+
+def test_restart_beats_vanilla_at_equal_total_nfe(mixture, levels):
+    """20 outputs per chain, every evaluation counted (warm-up included), against vanilla at the same total."""
     g = torch.Generator().manual_seed(0)
     n = 2000
     ref = mixture.sample(n, generator=g)
-    sampler = DLGSampler(mixture.score, mixture.noise_posterior(levels), levels, shape=(8,), num_chains=n,
-                         integrator=name, denoise_steps=3, gibbs_steps=2, step_size=0.05, seed=0)
-    x_dlg = sampler.sample(n)
-    nfe_dlg = sampler.stats["nfe_per_sample"]["total"]
-    # vanilla with at least the same NFE per sample
-    steps = (budget + 1) // 2 if name == "karras_heun" else budget
-    x0, nfe_vanilla = integrate(name, mixture.score, SIGMA_MAX * torch.randn(n, 8, generator=g),
-                                torch.full((n,), SIGMA_MAX), steps, generator=g)
-    assert nfe_dlg <= nfe_vanilla <= budget + 1
-    assert sw(x_dlg, ref) < 0.5 * sw(x0, ref), (sw(x_dlg, ref), sw(x0, ref))
+    score = Counting(mixture.score)
+    sampler = DLGSampler(score, mixture.noise_posterior(levels), levels, shape=(8,), num_chains=n // 20,
+                         denoise_steps=5, seed=0)
+    x = sampler.sample(n)
+    total = sampler.stats["nfe_per_sample"]
+    assert total == score.evaluations / n and total <= 7.5
+    x0, nfe = integrate("dpmpp_2m", mixture.score, SIGMA_MAX * torch.randn(n, 8, generator=g), SIGMA_MAX, 7, generator=g)
+    assert nfe >= total
+    assert sw(x, ref) < 0.7 * sw(x0, ref), (sw(x, ref), sw(x0, ref))
+    assert sampler.stats["lag1_autocorr"] < 0.2
 
 
-def test_dlg_stats_split_and_exact_n(mixture, levels):
+@pytest.mark.parametrize("kernel", ["restart", "gibbs"])
+def test_every_model_evaluation_is_in_the_reported_nfe(kernel, mixture, levels):
+    """Warm-up, re-initialisations, Gibbs, denoising, Tweedie: stats' total times samples equals counted calls."""
+    inject = {"on": False}
+
+    def flaky(x, sigma):
+        s = mixture.score(x, sigma)
+        if inject["on"]:
+            s[3], inject["on"] = float("nan"), False
+        return s
+
+    score = Counting(flaky)
+    kw = dict(kernel="gibbs", integrator="karras_heun", gibbs_steps=2, step_size=0.05) if kernel == "gibbs" else {}
+    sampler = DLGSampler(score, mixture.noise_posterior(levels), levels, shape=(8,), num_chains=16, denoise_steps=3,
+                         seed=0, **kw)
+    sampler.sample(20)
+    inject["on"] = True  # chain 3 diverges in the next batch and is re-initialised (a warm-up counted again)
+    sampler.sample(37)
+    st = sampler.stats
+    assert st["reinitialised"] == 1 and st["samples"] == 57
+    assert math.isclose(st["nfe_per_sample"] * st["samples"], score.evaluations)
+    assert math.isclose(sum(st["nfe_split"].values()), st["nfe_per_sample"])
+    assert st["model_evaluations"] == score.evaluations
+    assert st["nfe_split"]["warmup"] * 57 == pytest.approx(st["warmup_nfe_per_chain"] * 16)
+
+
+def test_stats_split_and_exact_n(mixture, levels):
     sampler = DLGSampler(mixture.score, mixture.noise_posterior(levels), levels, shape=(8,), num_chains=64,
-                         denoise_steps=3, gibbs_steps=2, step_size=0.05, seed=0)
+                         kernel="gibbs", integrator="karras_heun", denoise_steps=3, gibbs_steps=2, step_size=0.05,
+                         seed=0)
     x = sampler.sample(150)
     assert x.shape == (150, 8) and torch.isfinite(x).all()
     st = sampler.stats
-    # karras_heun: 3 Heun steps (2 NFE each) down to the Tweedie level, then Tweedie.
-    assert st["nfe_per_sample"] == {"gibbs": 2.0, "denoise": 6.0, "tweedie": 1.0, "total": 9.0}
-    assert st["batches"] == 3 and st["samples"] == 192 and st["warmup_nfe_per_chain"] == 39 + 20
+    # karras_heun: 3 Heun steps (2 NFE each) down to the Tweedie level, then Tweedie; 192 made, 150 returned.
+    split = {k: v * 150 / 192 for k, v in st["nfe_split"].items()}
+    assert split["gibbs"] == pytest.approx(2.0) and split["denoise"] == pytest.approx(6.0)
+    assert split["tweedie"] == pytest.approx(1.0) and st["warmup_nfe_per_chain"] == 39 + 20
+    assert st["batches"] == 3 and st["samples"] == 150 and st["outputs_per_chain"] == pytest.approx(150 / 64)
     assert int(st["selected_sigma_hist"].sum()) == 192 and 0.01 <= st["selected_sigma_mean"] <= SIGMA_MAX
+    assert list(st)[0] == "nfe_per_sample" and st["nfe_per_sample"] == pytest.approx(9 * 192 / 150 + 59 * 64 / 150)
 
 
-def test_state_dict_resume_is_bit_for_bit(mixture, levels):
-    kw = dict(shape=(8,), num_chains=32, denoise_steps=2, gibbs_steps=2, step_size=0.05, integrator="karras_stochastic")
+@pytest.mark.parametrize("kernel", ["restart", "gibbs"])
+def test_state_dict_resume_is_bit_for_bit(kernel, mixture, levels):
+    kw = dict(shape=(8,), num_chains=32, denoise_steps=2, kernel=kernel, integrator="karras_stochastic")
+    if kernel == "gibbs":
+        kw.update(gibbs_steps=2, step_size=0.05)
     post = mixture.noise_posterior(levels)
     full = DLGSampler(mixture.score, post, levels, seed=3, **kw)
     ref = torch.cat([full.sample(40), full.sample(40), full.sample(40)])
@@ -141,6 +212,7 @@ def test_state_dict_resume_is_bit_for_bit(mixture, levels):
     resumed.load_state_dict(state)
     tail = torch.cat([resumed.sample(40), resumed.sample(40)])
     assert torch.equal(torch.cat([head, tail]), ref)
+    assert resumed.stats["lag1_autocorr"] == full.stats["lag1_autocorr"]
     # a user-supplied generator works the same way
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator()
     a = DLGSampler(mixture.score, post, levels, **kw)
@@ -153,17 +225,19 @@ def test_state_dict_resume_is_bit_for_bit(mixture, levels):
     assert torch.equal(b.sample(10, generator=g2), nxt)
 
 
-def test_nan_chain_is_reinitialised_and_never_emitted(mixture, levels):
+@pytest.mark.parametrize("kernel", ["restart", "gibbs"])
+def test_nan_chain_is_reinitialised_and_never_emitted(kernel, mixture, levels):
     inject = {"on": False}
 
     def flaky_score(x, sigma):
         s = mixture.score(x, sigma)
-        if inject["on"]:  # one Gibbs step of the first batch: chain 3 diverges
+        if inject["on"]:  # one evaluation of the first batch: chain 3 diverges
             s[3], inject["on"] = float("nan"), False
         return s
 
+    kw = dict(kernel="gibbs", gibbs_steps=2, step_size=0.05, warmup_sweeps=(0, 2)) if kernel == "gibbs" else {}
     sampler = DLGSampler(flaky_score, mixture.noise_posterior(levels), levels, shape=(8,), num_chains=16,
-                         denoise_steps=2, gibbs_steps=2, step_size=0.05, warmup_steps=4, warmup_sweeps=(0, 2), seed=0)
+                         denoise_steps=2, warmup_steps=4, seed=0, **kw)
     sampler.warm_up()
     inject["on"] = True
     first = sampler.step()
@@ -171,6 +245,79 @@ def test_nan_chain_is_reinitialised_and_never_emitted(mixture, levels):
     assert sampler.stats["reinitialised"] == 1 and torch.isfinite(sampler.x).all()
     x = sampler.sample(40)
     assert torch.isfinite(x).all() and x.shape == (40, 8)
+
+
+def test_a_score_that_always_diverges_stops_with_a_clear_error(mixture, levels):
+    sampler = DLGSampler(lambda x, s: torch.full_like(x, float("nan")), mixture.noise_posterior(levels), levels,
+                         shape=(8,), num_chains=4, denoise_steps=2, seed=0)
+    with pytest.raises(RuntimeError, match="every chain diverged.*Check the model"):
+        sampler.sample(8)
+
+
+def test_correlated_chains_warn_and_mixing_ones_do_not(mixture, levels):
+    post = mixture.noise_posterior(levels)
+    sticky = DLGSampler(mixture.score, post, levels, shape=(8,), num_chains=50, kernel="gibbs", integrator="karras_heun",
+                        denoise_steps=3, gibbs_steps=2, step_size=0.05, seed=0)
+    with pytest.warns(UserWarning, match=r"lag-1 autocorrelation 0\.9.*worth about \d+ independent"):
+        sticky.sample(200)
+    mixing = DLGSampler(mixture.score, post, levels, shape=(8,), num_chains=50, denoise_steps=5, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mixing.sample(200)
+    assert mixing.stats["lag1_autocorr"] < 1 / 3 < sticky.stats["lag1_autocorr"]
+
+
+def test_step_size_that_puts_chains_at_the_top_of_the_grid_warns(mixture, levels):
+    sampler = DLGSampler(mixture.score, mixture.noise_posterior(levels), levels, shape=(8,), num_chains=32,
+                         kernel="gibbs", integrator="karras_heun", denoise_steps=2, gibbs_steps=2, step_size=2000.0,
+                         seed=0)
+    with pytest.warns(UserWarning, match="top of the grid.*lower step_size"):
+        sampler.sample(32)
+
+
+def test_output_correlation_of_copies_and_independent_draws():
+    g = torch.Generator().manual_seed(0)
+    copies, independent = OutputCorrelation(200, 16), OutputCorrelation(200, 16)
+    chains = torch.arange(200)
+    x = torch.randn(200, 16, generator=g)
+    for _ in range(3):
+        copies.update(chains, x)
+        independent.update(chains, torch.randn(200, 16, generator=g))
+    assert copies.lag1 == pytest.approx(1.0) and abs(independent.lag1) < 0.05
+    assert ess_fraction(copies.lag1) == pytest.approx(0.0, abs=1e-9) and ess_fraction(0.0) == 1.0
+
+
+# ----------------------------------------------------------------------------- settings from a budget
+def test_for_budget_fits_the_budget_counts_its_pilot_and_is_deterministic(mixture, levels):
+    score = Counting(mixture.score)
+    a = DLGSampler.for_budget(score, mixture.noise_posterior(levels), shape=(8,), nfe=12, n=10_000, seed=0)
+    pilot = a.tuning["pilot"]
+    assert 0 < pilot["evaluations"] == score.evaluations <= 0.05 * 12 * 10_000  # at most 5% of the run
+    assert a.tuning["predicted_nfe_per_sample"] <= 12 and a.num_chains == 500
+    b = DLGSampler.for_budget(mixture.score, mixture.noise_posterior(levels), shape=(8,), nfe=12, n=10_000, seed=0)
+    assert a.restart_sigma == b.restart_sigma and a.tuning == b.tuning
+    x = a.sample(1000)
+    assert torch.isfinite(x).all()
+    assert a.stats["nfe_split"]["pilot"] * 1000 == score.evaluations - (a.stats["nfe_per_sample"] -
+                                                                       a.stats["nfe_split"]["pilot"]) * 1000
+    assert a.state_dict()["tuning"] == a.tuning
+
+
+def test_for_budget_scales_with_the_model(mixture):
+    """The same mixture scaled 10x: the chosen restart level is 10x, everything else equal."""
+    big = GaussianMixture(10 * mixture.means, 10 * mixture.stds, mixture.weights)
+    lv, lv_big = NoiseLevels(0.01, SIGMA_MAX, 1000), NoiseLevels(0.1, 10 * SIGMA_MAX, 1000)
+    a = DLGSampler.for_budget(mixture.score, mixture.noise_posterior(lv), shape=(8,), nfe=10, n=5000, seed=1)
+    b = DLGSampler.for_budget(big.score, big.noise_posterior(lv_big), shape=(8,), nfe=10, n=5000, seed=1)
+    assert b.restart_sigma == pytest.approx(10 * a.restart_sigma, rel=1e-3)
+    assert a.denoise_steps == b.denoise_steps and a.num_chains == b.num_chains
+
+
+def test_for_budget_refuses_a_budget_too_small(mixture, levels):
+    with pytest.raises(ValueError, match="too small.*raise nfe to at least 3"):
+        DLGSampler.for_budget(mixture.score, mixture.noise_posterior(levels), shape=(8,), nfe=2, n=1000)
+    with pytest.raises(ValueError, match="nfe must be a positive number"):
+        DLGSampler.for_budget(mixture.score, mixture.noise_posterior(levels), shape=(8,), nfe=0, n=1000)
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -195,11 +342,15 @@ def test_bad_inputs_raise_clear_errors(mixture, levels):
         with pytest.raises(ValueError, match=key):
             DLGSampler(mixture.score, post, levels, **{**ok, key: bad})
     with pytest.raises(ValueError, match="expected logits of shape"):
-        DLGSampler(mixture.score, lambda x: torch.zeros(len(x), 10), levels, **ok).sample(4)
+        DLGSampler(mixture.score, lambda x: torch.zeros(len(x), 10), levels, kernel="gibbs", **ok).sample(4)
     with pytest.raises(ValueError, match="score returned"):
         DLGSampler(lambda x, sig: x.sum(-1), post, levels, **ok).sample(4)
     with pytest.raises(ValueError, match="n must be a positive integer"):
         DLGSampler(mixture.score, post, levels, **ok).sample(0)
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        DLGSampler(mixture.score, post, levels, kernel="langevin", **ok)
+    with pytest.raises(ValueError, match="restart_sigma=100 is above the grid's sigma_max=80"):
+        DLGSampler(mixture.score, post, levels, restart_sigma=100.0, **ok)
 
     class RangedScore:  # a model trained on sigma in [0.1, 10] cannot serve a grid up to 80
         sigma_min, sigma_max = 0.1, 10.0

@@ -1,0 +1,205 @@
+"""Settings from a budget: ``DLGSampler.for_budget`` configures the sampler for a model it has never seen.
+
+A user has a score, a noise classifier, a sample shape, a budget of model evaluations per sample (everything
+counted: warm-up and this pilot included) and the number of samples wanted. The settings follow from them:
+
+- **chains**: ``n / outputs_per_chain`` (the paper's protocol: few chains, many outputs each), at most ``n``;
+- **denoising steps**: the most that fit the budget once the amortised warm-up and pilot are paid;
+- **restart level** ``S``: read off a short pilot on the model itself, without data. Pilot chains are warmed up,
+  then each level of a small ladder (in units of the data scale the warm-up measures) makes one restart move with
+  the chosen denoiser; the lag-1 autocorrelation between a chain's state and its output says how much consecutive
+  outputs would share. Those noisy estimates are pooled through the curve an exact restart move follows on
+  Gaussian data, ``r(S) = s / sqrt(s^2 + S^2)`` (it fits the digits model within 5% from S = 3 to 40), and ``S``
+  is where the fitted curve reaches ``target_lag1``: the denoiser's error grows with ``S`` at a fixed step count, so
+  the lowest level that mixes is the one to take. The pilot then checks that level (its autocorrelation and
+  divergences) and how far the denoiser lands from one with twice its steps (``agreement``), and reports its cost.
+
+The pilot spends at most ``PILOT_SHARE`` of the run's budget; below ``MIN_PILOT_CHAINS`` chains it is skipped and
+``S`` falls back to ``RESTART_SCALE`` times the measured data scale (said in ``sampler.tuning``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from .diagnostics import OutputCorrelation
+from .gibbs import diverged
+from .integrators import check_steps, count_nfe, integrate
+from .levels import NoiseLevels
+from .sampler import RESTART_SCALE, DLGSampler, _data_scale
+
+#: The pilot's share of the run's whole budget (``n * nfe`` model evaluations) at most.
+PILOT_SHARE = 0.05
+#: Fewer pilot chains than this cannot estimate an autocorrelation: the pilot is skipped.
+MIN_PILOT_CHAINS = 8
+#: Most pilot chains used (more add cost, not information).
+MAX_PILOT_CHAINS = 128
+#: Pilot restart levels, in units of the measured data scale: low enough that the autocorrelation they measure
+#: (0.3-0.8 on the digits model) is large against its estimation noise.
+RESTART_LADDER = (1.0, 2.0, 4.0, 8.0)
+#: Default largest lag-1 autocorrelation accepted for the restart level (the mixing target: <= 0.2, with margin
+#: for the pilot's estimation noise).
+TARGET_LAG1 = 0.2
+#: Default outputs per chain (the mixing issue's protocol asks >= 20; the paper takes 250).
+OUTPUTS_PER_CHAIN = 20
+
+
+def for_budget(score, noise_posterior, *, shape: tuple[int, ...], nfe: float, n: int, num_chains: int | None = None,
+               seed: int | None = None, levels: NoiseLevels | None = None,
+               outputs_per_chain: int = OUTPUTS_PER_CHAIN, target_lag1: float = TARGET_LAG1,
+               device: torch.device | str | None = None, **overrides: Any) -> DLGSampler:
+    """A :class:`DLGSampler` whose whole cost per sample (pilot and warm-up amortised over ``n``) fits ``nfe``.
+
+    Args:
+        score, noise_posterior, shape: as for :class:`DLGSampler` (the grid is ``noise_posterior.levels`` unless
+            ``levels`` is given).
+        nfe: budget of model evaluations per sample, everything counted.
+        n: samples the run will draw (the warm-up and the pilot are amortised over them).
+        num_chains: chains (default ``ceil(n / outputs_per_chain)``).
+        seed: seeds the pilot and the sampler: the choice is deterministic under it.
+        target_lag1: the largest acceptable lag-1 autocorrelation of consecutive outputs.
+        overrides: any :class:`DLGSampler` setting, taken as given (``restart_sigma=`` skips the pilot's search;
+            ``kernel="gibbs"`` builds the paper's kernel with the budget's denoising steps and no pilot).
+
+    Returns:
+        the sampler, with ``.tuning`` holding the choice, the pilot's measurements and the predicted cost; the
+        pilot's model evaluations are already counted in its ``.stats``.
+    """
+    n = check_steps(n, "n")
+    if isinstance(nfe, bool) or not isinstance(nfe, (int, float)) or not math.isfinite(nfe) or nfe <= 0:
+        raise ValueError(f"nfe must be a positive number of model evaluations per sample, got {nfe!r}.")
+    levels = levels or getattr(noise_posterior, "levels", None)
+    if not isinstance(levels, NoiseLevels):
+        raise ValueError("the noise grid is unknown: pass levels=NoiseLevels(...) or a noise posterior with .levels "
+                         "(a NoiseClassifier).")
+    chains = num_chains or min(n, math.ceil(n / outputs_per_chain))
+    chains = check_steps(chains, "num_chains")
+    kernel = overrides.get("kernel", "restart")
+    integrator = overrides.get("integrator", "dpmpp_2m")
+    gibbs_steps = overrides.get("gibbs_steps", 2) if kernel == "gibbs" else 0
+    warmup_integrator = overrides.get("warmup_integrator") or ("karras_stochastic" if kernel == "gibbs" else "dpmpp_2m")
+    warmup_steps = overrides.get("warmup_steps") or (20 if kernel == "gibbs" else 10)
+    warm = count_nfe(warmup_integrator, warmup_steps, dlg=False)
+    if kernel == "gibbs":
+        warm += sum(overrides.get("warmup_sweeps", (10, 10)))
+    search = kernel == "restart" and overrides.get("restart_sigma") is None
+    dlg = isinstance(integrator, str)
+
+    def cost(steps: int) -> tuple[float, int]:
+        """(predicted NFE per sample, pilot chains) with ``steps`` denoising steps."""
+        per_output = count_nfe(integrator, steps, dlg=dlg) + gibbs_steps
+        pilot_chains = 0
+        if search:
+            per_pilot_chain = warm + (len(RESTART_LADDER) + 2) * per_output + count_nfe(integrator, 2 * steps, dlg=dlg)
+            pilot_chains = min(MAX_PILOT_CHAINS, int(PILOT_SHARE * n * nfe // per_pilot_chain))
+            pilot_chains = pilot_chains if pilot_chains >= MIN_PILOT_CHAINS else 0
+            pilot = pilot_chains * per_pilot_chain
+        else:
+            pilot = 0
+        return per_output + (warm * chains + pilot) / n, pilot_chains
+
+    steps = overrides.get("denoise_steps")
+    if steps is None:
+        steps = max((k for k in range(1, int(nfe) + 1) if cost(k)[0] <= nfe), default=None)
+        if steps is None:
+            minimum = cost(1)[0]
+            raise ValueError(f"a budget of {nfe:g} model evaluations per sample is too small: one {kernel} output "
+                             f"costs at least {minimum:.2f} ({'Gibbs steps, ' if kernel == 'gibbs' else ''}one "
+                             f"denoising step, the Tweedie step and the warm-up of {chains} chains amortised over "
+                             f"n={n}); raise nfe to at least {math.ceil(minimum)}, or draw more samples per chain.")
+    predicted, pilot_chains = cost(steps)
+    settings = {"num_chains": chains, "kernel": kernel, "integrator": integrator, "denoise_steps": steps,
+                **({"gibbs_steps": gibbs_steps} if kernel == "gibbs" else {}), **overrides,
+                "warmup_integrator": warmup_integrator, "warmup_steps": warmup_steps}
+    sampler = DLGSampler(score, noise_posterior, levels, shape=shape, seed=seed, device=device,
+                         **{k: v for k, v in settings.items() if k != "shape"})
+    pilot = _pilot(sampler, pilot_chains, target_lag1, seed) if search else None
+    if pilot is not None:
+        sampler.restart_sigma = pilot["restart_sigma"]
+    sampler.tuning = {
+        "budget": {"nfe": nfe, "n": n},
+        "settings": {**{k: v for k, v in settings.items() if k in ("num_chains", "kernel", "denoise_steps",
+                                                                     "gibbs_steps", "step_size", "warmup_steps")},
+                     "integrator": integrator if isinstance(integrator, str) else type(integrator).__name__,
+                     "restart_sigma": sampler.restart_sigma},
+        "predicted_nfe_per_sample": predicted, "pilot": pilot,
+    }
+    return sampler
+
+
+@torch.no_grad()
+def _pilot(sampler: DLGSampler, chains: int, target_lag1: float, seed: int | None) -> dict[str, Any]:
+    """Measure, on ``chains`` warmed-up pilot chains, the lag-1 autocorrelation of one restart move per candidate
+    level and the denoiser's agreement with twice its steps at the chosen level; count it all as ``pilot``."""
+    if chains == 0:
+        return {"chains": 0, "evaluations": 0, "restart_sigma": None,
+                "skipped": f"n too small to amortise a pilot within {PILOT_SHARE:.0%} of the budget: restart_sigma = "
+                           f"{RESTART_SCALE:g} x the data scale measured at the warm-up"}
+    levels, dtype, device, score = sampler.levels, sampler.dtype, sampler.device, sampler.score
+    base = 0 if seed is None else seed + 1
+    g = torch.Generator(device).manual_seed(base)
+    # Warm-up of the pilot chains, as the sampler's own warm-up does it.
+    score.phase = "pilot"
+    x = levels.sigma_max * torch.randn(chains, *sampler.shape, generator=g, device=device, dtype=dtype)
+    sigma_max = torch.full((chains,), levels.sigma_max, device=device, dtype=dtype)
+    x, _ = integrate(sampler.warmup_integrator, score, x, sigma_max, sampler.warmup_steps, generator=g,
+                     sigma_end=sampler.tweedie_sigma)
+    scale = _data_scale(x)
+    ladder = _ladder(scale, levels.sigma_max)
+    # One restart move at the top of the ladder first: the ladder then starts from outputs of the kernel (what a
+    # running chain holds), not of the warm-up solver, whose outputs are measurably more correlated with the next.
+    x = _restart(sampler, x, ladder[-1], sampler.denoise_steps, base)
+    idx = torch.arange(chains, device=device)
+    candidates = []
+    for k, level in enumerate(ladder):
+        out = _restart(sampler, x, level, sampler.denoise_steps, base + 1 + k)
+        lost = diverged(out, levels)
+        corr = OutputCorrelation(chains, x[0].numel(), device)
+        corr.update(idx, x)
+        corr.update(idx[~lost], out[~lost])
+        candidates.append({"restart_sigma": level, "lag1": corr.lag1, "diverged": int(lost.sum())})
+    # Pool the noisy single-move estimates through r(S) = s_eff / sqrt(s_eff^2 + S^2), the lag-1 autocorrelation of
+    # an exact restart move on Gaussian data of scale s_eff (measured to fit the digits model within 5% for S from 3
+    # to 40): each candidate gives s_eff = S r / sqrt(1 - r^2), weighted by its precision (r (1 - r^2))^2.
+    fits = [(math.log(c["restart_sigma"] * c["lag1"] / math.sqrt(1 - c["lag1"] ** 2)),
+             (c["lag1"] * (1 - c["lag1"] ** 2)) ** 2)
+            for c in candidates if c["lag1"] is not None and 0.02 < c["lag1"] < 0.98 and not c["diverged"]]
+    if fits:
+        s_eff = math.exp(sum(v * w for v, w in fits) / sum(w for _, w in fits))
+        chosen = min(s_eff * math.sqrt(1 / target_lag1**2 - 1), levels.sigma_max)
+    else:  # no usable estimate: the rule of thumb
+        s_eff, chosen = None, min(RESTART_SCALE * scale, levels.sigma_max)
+    k = len(candidates)
+    out = _restart(sampler, x, chosen, sampler.denoise_steps, base + 1 + k)
+    lost = diverged(out, levels)
+    check = OutputCorrelation(chains, x[0].numel(), device)
+    check.update(idx, x)
+    check.update(idx[~lost], out[~lost])
+    # Agreement: the chosen denoiser against twice its steps, from the same lifted states (relative to the scale).
+    fine = _restart(sampler, x, chosen, 2 * sampler.denoise_steps, base + 1 + k)
+    agreement = float((out - fine).flatten(1).pow(2).mean().sqrt()) / scale
+    return {"chains": chains, "evaluations": sampler._counts["pilot"], "data_scale": scale,
+            "effective_scale": s_eff, "target_lag1": target_lag1, "candidates": candidates, "restart_sigma": chosen,
+            "lag1": check.lag1, "agreement": agreement, "diverged": int(lost.sum())}
+
+
+def _ladder(scale: float, sigma_max: float) -> list[float]:
+    """Candidate restart levels: ``RESTART_LADDER`` times ``scale``, inside the model's range."""
+    ladder = [c * scale for c in RESTART_LADDER if c * scale < sigma_max]
+    return ladder or [sigma_max]
+
+
+def _restart(sampler: DLGSampler, x: torch.Tensor, level: float, steps: int, seed: int) -> torch.Tensor:
+    """One restart move of clean states ``x [P, *shape]``: lift to ``level`` exactly (noise seeded by ``seed``),
+    then the sampler's own denoising in ``steps`` steps, counted as ``pilot``."""
+    g = torch.Generator(x.device).manual_seed(seed)
+    lifted = x + level * torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
+    S = torch.full((len(x),), level, device=x.device, dtype=x.dtype)
+    kept, sampler.denoise_steps = sampler.denoise_steps, steps
+    try:
+        return sampler._denoise(lifted, S, g, phases=("pilot", "pilot"))
+    finally:
+        sampler.denoise_steps = kept
