@@ -13,7 +13,7 @@ from dlg_sampler.bench.workloads import mixture_workload
 
 #: A tiny bench: 2 seeds x (floor + 2 samplers x 2 budgets + DLG at 2 budgets + a lever) on the separated mixture.
 TINY = ["--workloads", "separated", "--n", "200", "--seeds", "0", "1", "--nfe", "8", "12", "--lever-nfe", "12",
-        "--samplers", "karras_heun", "DPM++2M", "--levers", "gibbs_steps", "--configs", "--outputs-per-chain", "10"]
+        "--samplers", "karras_heun", "DPM++2M", "--levers", "restart_sigma-separated", "--configs", "--outputs-per-chain", "10"]
 
 
 class Counting:
@@ -42,20 +42,25 @@ def _rows(out):
 @pytest.mark.parametrize("spec,budget", [
     ({"kind": "vanilla", "sampler": "karras_heun"}, 10),
     ({"kind": "vanilla", "sampler": "DPM++2M"}, 10),
-    ({"kind": "dlg", "config": {"outputs_per_chain": 8, "integrator": "karras_heun", "gibbs_steps": 2,
-                                "step_size": 0.05}}, 16),
-    ({"kind": "dlg", "config": {"outputs_per_chain": 8, "integrator": "UniPC", "gibbs_steps": 3, "step_size": 0.05,
-                                "sigma_mode": "sample"}}, 20),
-    ({"kind": "dlg", "config": {"outputs_per_chain": 1, "denoise_steps": 2, "gibbs_steps": 1, "step_size": 0.05}},
-     None),
+    ({"kind": "dlg", "config": {"outputs_per_chain": 8}}, 12),
+    ({"kind": "dlg", "config": {"outputs_per_chain": 8, "integrator": "UniPC", "restart_sigma": 20.0}}, 12),
+    ({"kind": "dlg", "config": {"outputs_per_chain": 8, "kernel": "gibbs", "integrator": "karras_heun",
+                                "gibbs_steps": 2, "step_size": 0.05}}, 16),
+    ({"kind": "dlg", "config": {"outputs_per_chain": 8, "kernel": "gibbs", "integrator": "UniPC", "gibbs_steps": 3,
+                                "step_size": 0.05, "sigma_mode": "sample"}}, 20),
+    ({"kind": "dlg", "config": {"outputs_per_chain": 1, "denoise_steps": 2, "kernel": "gibbs", "gibbs_steps": 1,
+                                "step_size": 0.05}}, None),
+    ({"kind": "tuned", "outputs_per_chain": 8}, 12),
 ])
 def test_reported_nfe_is_every_counted_model_evaluation(spec, budget):
     """The row's NFE x n equals every score evaluation the run made (DLG: warm-up, burn-in, Gibbs, denoising,
-    Tweedie); a fitted DLG row stays within its budget."""
+    Tweedie; the tuned sampler: its pilot too); a fitted DLG row stays within its budget."""
     w = mixture_workload("separated", WORKLOADS["separated"], 64)
     w.score = counting = Counting(w.score)
     row = runs.perform(w, runs.Run("separated", spec, budget, 0, 64, "x"), warm={})
     assert counting.evaluations > 0 and row["nfe"] * 64 == pytest.approx(counting.evaluations, abs=1e-9)
+    if spec["kind"] == "tuned":
+        assert row["nfe"] <= budget and row["outputs_per_chain"] == 8
     if spec["kind"] == "dlg":
         assert 0 < row["warmup_nfe_per_sample"] < row["nfe"]
         assert row["outputs_per_chain"] == spec["config"]["outputs_per_chain"]
@@ -66,7 +71,7 @@ def test_reported_nfe_is_every_counted_model_evaluation(spec, budget):
 def test_shared_warm_up_is_charged_to_every_row_and_changes_nothing():
     """Budgets share one warm-up; each row is charged all of it and equals a run with its own warm-up."""
     w = mixture_workload("separated", WORKLOADS["separated"], 80)
-    spec = {"kind": "dlg", "config": {"outputs_per_chain": 20, "gibbs_steps": 2, "step_size": 0.05}}
+    spec = {"kind": "dlg", "config": {"outputs_per_chain": 20}}
     warm = {}
     shared = [runs.perform(w, runs.Run("separated", spec, b, 0, 80, "x"), warm) for b in (10, 15)]
     alone = runs.perform(w, runs.Run("separated", spec, 15, 0, 80, "x"), {})
@@ -94,11 +99,12 @@ def test_fit_denoise_steps_spends_what_the_warm_up_leaves():
 def test_tiny_run_writes_rows_report_and_plots(tiny_run):
     rows = _rows(tiny_run)
     kinds = {r["spec"]["kind"] for r in rows}
-    assert kinds == {"exact", "vanilla", "dlg"} and {r["seed"] for r in rows} == {0, 1}
+    assert kinds == {"exact", "vanilla", "dlg", "tuned"} and {r["seed"] for r in rows} == {0, 1}
     dlg = [r for r in rows if r["spec"]["kind"] == "dlg" and "skipped" not in r]
     assert dlg and all(r["outputs_per_chain"] == 10 and -1 <= r["lag1"] <= 1 and r["nfe"] <= r["budget"] for r in dlg)
     md = (tiny_run / "RESULTS.md").read_text()
     assert "DLG (chosen)" in md and "## Targets" in md and "at equal total NFE" in md and "lag-1" in md
+    assert "DLG tuned (for_budget)" in md and "tuned sampler (for_budget) within 10%" in md
     assert (tiny_run / "separated-families.png").stat().st_size > 10_000
     assert (tiny_run / "separated-frontier.png").stat().st_size > 10_000
 
@@ -206,9 +212,10 @@ def test_help_shows_every_option_with_its_default_and_no_rest_markup():
 
 
 def test_plan_merges_a_lever_point_equal_to_the_chosen_one_and_pairs_seeds():
-    plan = runs.plan_runs({"mixture": 100}, [0, 1], {"mixture": ["UniPC"]}, [10], [10], 20, ["step_size"], [])
+    plan = runs.plan_runs({"mixture": 100}, [0, 1], {"mixture": ["UniPC"]}, [10], [10], 5, ["outputs_per_chain"], [])
     chosen = [r for r in plan if "chosen" in r.tags]
-    assert len(chosen) == 2 and all("lever:step_size=0.05" in r.tags for r in chosen)
+    assert len(chosen) == 2 and all("lever:outputs_per_chain=5" in r.tags for r in chosen)
+    assert sum("tuned" in r.tags for r in plan) == 2
     assert len({r.key for r in plan}) == len(plan) and {r.seed for r in plan if r.spec["kind"] == "vanilla"} == {0, 1}
 
 

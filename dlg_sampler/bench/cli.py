@@ -57,7 +57,8 @@ def parser() -> argparse.ArgumentParser:
                      help="samples per run for every workload (default: the registry's, 20000 per mixture and 5000 "
                           "for digits; --quick: 2000 and 500)")
     run.add_argument("--nfe", nargs="+", type=int, default=None,
-                     help=f"total-NFE budgets of the vanilla samplers and the chosen DLG point (default: {R.BUDGETS};"
+                     help=f"total-NFE budgets of the vanilla samplers, the chosen DLG point and the tuned sampler (default: "
+                          f"{R.BUDGETS}, digits {R.BUDGETS_BY_WORKLOAD['digits']};"
                           f" --quick: {R.QUICK_BUDGETS})")
     run.add_argument("--lever-nfe", nargs="+", type=int, default=None,
                      help=f"budgets of lever points and named DLG configs (default: {R.LEVER_BUDGETS}; --quick: "
@@ -105,7 +106,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
                      args.lever_nfe or (R.QUICK_LEVER_BUDGETS if quick else R.LEVER_BUDGETS), args.outputs_per_chain,
                      (R.QUICK_LEVERS if quick else R.LEVERS) if args.levers is None else args.levers,
                      (() if quick else R.DLG_CONFIGS) if args.configs is None else args.configs,
-                     floors=[w for w in args.workloads if isinstance(R.WORKLOADS[w], R.MixtureSpec)])
+                     floors=[w for w in args.workloads if isinstance(R.WORKLOADS[w], R.MixtureSpec)],
+                     budgets_given=bool(args.nfe) or quick)
     store = Store(out / RESULTS)
     meta: dict[str, Any] = read_json(out / META)
     meta.setdefault("runs", []).append({"command": "dlg-bench " + " ".join(argv), "machine": machine(),

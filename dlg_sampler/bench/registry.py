@@ -65,34 +65,32 @@ PEERS = ("DPM++2M", "DPM++3M", "UniPC")
 #: Vanilla samplers of a full run: every budgetable core integrator (adaptive RK45 has no budget) and scheduler.
 VANILLA = tuple(name for name in INTEGRATORS if name != "ode_rk45") + tuple(SCHEDULERS)
 #: Per-workload vanilla samplers where not all: the trained-classifier mixture has the exact one's vanilla rows;
-#: digits leaves out the SDE integrators that fail below 40 NFE (each digits run costs ~1 ms per evaluation).
+#: digits runs the peers and DLG's own denoiser (each digits evaluation costs ~0.5 ms of one CPU thread).
 VANILLA_BY_WORKLOAD = {"mixture-trained": ("karras_heun",) + PEERS,
-                       "digits": ("karras_heun", "karras_stochastic") + tuple(SCHEDULERS)}
+                       "digits": ("dpmpp_2m",) + PEERS}
 #: ``--quick`` vanilla samplers.
 QUICK_VANILLA = ("karras_heun",) + PEERS[::2]
 
-#: Total-NFE budgets per sample: vanilla samplers and the chosen DLG point run at each.
+#: Total-NFE budgets per sample: vanilla samplers, the chosen DLG point and the tuned sampler run at each.
 BUDGETS = (5, 8, 10, 12, 15, 20, 40)
+#: Per-workload budgets where not ``BUDGETS`` (digits: the peers' few-step range; 40 NFE costs an hour there).
+BUDGETS_BY_WORKLOAD = {"digits": (8, 10, 12, 15, 20)}
 #: Budgets at which lever points and named configs run (each costs seeds x values x budgets runs).
-LEVER_BUDGETS = (10, 15, 20)
+LEVER_BUDGETS = (10, 12, 15)
 #: ``--quick`` budgets and seeds.
 QUICK_BUDGETS, QUICK_LEVER_BUDGETS, QUICK_SEEDS = (8, 12, 20), (12,), (0, 1)
 #: Seeds of a full run (every sampler runs each: results are paired by seed).
 SEEDS = (0, 1, 2)
 
-#: The chosen DLG point per workload (what a user gets); levers and configs are laid over it.
-DEFAULT_DLG: dict[str, dict[str, Any]] = {
-    "mixture": {"integrator": "karras_heun", "gibbs_steps": 2, "step_size": 0.05},
-    "mixture-trained": {"integrator": "karras_heun", "gibbs_steps": 2, "step_size": 0.05},
-    "separated": {"integrator": "karras_heun", "gibbs_steps": 2, "step_size": 0.05},
-    "wide": {"integrator": "karras_heun", "gibbs_steps": 2, "step_size": 0.8},
-    "digits": {"integrator": "karras_heun", "gibbs_steps": 4, "step_size": 0.3},
-}
+#: The chosen DLG point per workload (what a user gets): ``DLGSampler``'s defaults, the restart kernel with the
+#: lift level it derives from the warm-up; levers and configs are laid over it. The tuned sampler
+#: (``DLGSampler.for_budget``) runs beside it at every budget.
+DEFAULT_DLG: dict[str, dict[str, Any]] = {name: {"kernel": "restart", "integrator": "dpmpp_2m"} for name in WORKLOADS}
 
 
 @dataclass(frozen=True)
 class Lever:
-    """A family of DLG configs: the workload's default with ``param`` set to each of ``values``.
+    """A family of DLG configs: the workload's default (with ``base`` over it) and ``param`` set to each of ``values``.
 
     ``workloads``: where it applies (``None``: everywhere).
     """
@@ -100,20 +98,28 @@ class Lever:
     param: str
     values: tuple
     workloads: tuple[str, ...] | None = None
+    base: dict[str, Any] | None = None  # settings laid over the default before ``param`` (e.g. another kernel)
 
 
-#: Levers: one quality-vs-total-NFE frontier each. One line per lever.
+#: The paper's Langevin-Gibbs kernel as a lever family (its step size sets the working level).
+GIBBS = {"kernel": "gibbs", "integrator": "karras_heun", "gibbs_steps": 2}
+
+#: Levers: one quality-vs-total-NFE frontier each. One line per lever. Restart levels are absolute: each workload's
+#: values bracket what the default derives (12 x the data scale: digits ~7, mixture ~24, separated ~36, wide ~100).
 LEVERS: dict[str, Lever] = {
-    "step_size": Lever("step_size", (0.02, 0.05, 0.2, 1.0), ("mixture", "mixture-trained", "separated")),
-    "step_size-wide": Lever("step_size", (0.2, 0.8, 3.0), ("wide",)),
-    "step_size-digits": Lever("step_size", (0.1, 0.3, 0.8), ("digits",)),
-    "gibbs_steps": Lever("gibbs_steps", (1, 2, 4, 8)),
-    "sigma_mode": Lever("sigma_mode", ("argmax", "sample")),
-    "outputs_per_chain": Lever("outputs_per_chain", (5, 20, 50)),
-    "integrator": Lever("integrator", ("karras_heun", "karras_stochastic", "euler_maruyama", "DPM++2M", "UniPC")),
+    "restart_sigma-digits": Lever("restart_sigma", (3.0, 5.0, 10.0, 20.0), ("digits",)),
+    "restart_sigma-mixture": Lever("restart_sigma", (6.0, 12.0, 48.0), ("mixture", "mixture-trained")),
+    "restart_sigma-separated": Lever("restart_sigma", (9.0, 18.0, 72.0), ("separated",)),
+    "restart_sigma-wide": Lever("restart_sigma", (25.0, 50.0, 149.0), ("wide",)),
+    "integrator": Lever("integrator", ("karras_heun", "UniPC")),
+    "outputs_per_chain": Lever("outputs_per_chain", (100,)),
+    "gibbs_step_size": Lever("step_size", (0.05, 0.3, 1.0), ("mixture", "mixture-trained", "separated"), GIBBS),
+    "gibbs_step_size-wide": Lever("step_size", (0.3, 1.0, 3.0), ("wide",), GIBBS),
+    "gibbs_step_size-digits": Lever("step_size", (0.3, 0.8), ("digits",), {**GIBBS, "gibbs_steps": 4}),
+    "gibbs_sigma_mode": Lever("sigma_mode", ("sample",), ("mixture", "separated"), {**GIBBS, "step_size": 0.3}),
 }
 #: ``--quick`` levers.
-QUICK_LEVERS = ("gibbs_steps",)
+QUICK_LEVERS = ("restart_sigma-digits", "restart_sigma-mixture")
 
 
 @dataclass(frozen=True)
@@ -128,6 +134,6 @@ class DLGConfig:
 
 #: Named DLG configs, run at ``LEVER_BUDGETS`` (or once, placed at their measured NFE, with ``denoise_steps``).
 DLG_CONFIGS: dict[str, DLGConfig] = {
-    "one-chain-per-sample": DLGConfig({"outputs_per_chain": 1, "denoise_steps": 3}, diagnostic=True),
-    "paper-sweeps": DLGConfig({"step_size": 0.8, "gibbs_steps": 10}, ("digits",)),
+    "one-chain-per-sample": DLGConfig({"outputs_per_chain": 1, "denoise_steps": 9}, diagnostic=True),
+    "paper-sweeps": DLGConfig({**GIBBS, "step_size": 0.8, "gibbs_steps": 10}, ("digits",)),
 }

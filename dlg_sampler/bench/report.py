@@ -97,7 +97,7 @@ def verdict_metrics(groups: list[Group]) -> tuple[str, str]:
 
 def is_dlg(g: Group) -> bool:
     """A DLG result (diagnostic rows are not)."""
-    return g.kind == "dlg" and "diagnostic" not in g.tags
+    return g.kind in ("dlg", "tuned") and "diagnostic" not in g.tags
 
 
 def best_peer(groups: list[Group], budget: int, metric: str) -> Group | None:
@@ -138,8 +138,8 @@ def _mean(g: Group, key: str) -> str:
 
 def _order(g: Group) -> tuple:
     tags = g.tags
-    rank = 0 if "chosen" in tags else 3 if "diagnostic" in tags else 2 if any(t.startswith("config:") for t in tags) \
-        else 1
+    rank = 0 if "chosen" in tags else 1 if "tuned" in tags else 4 if "diagnostic" in tags else \
+        3 if any(t.startswith("config:") for t in tags) else 2
     return rank, g.label, g.budget if g.budget is not None else math.inf
 
 
@@ -160,8 +160,8 @@ def workload_section(name: str, groups: list[Group], info: dict[str, Any], plots
     lines += _table(["sampler", "budget", "NFE"] + [METRIC_NAMES[m] for m in metrics] + ["wall s"],
                     [[g.label, str(g.budget), _nfe(g)] + [fmt(g.stat(m)) for m in metrics] + [_mean(g, "wall_s")]
                      for g in vanilla])
-    dlg = sorted((g for g in groups if g.kind == "dlg"), key=_order)
-    lines += ["", "### DLG (chosen point first; levers; named configs; diagnostics)", ""]
+    dlg = sorted((g for g in groups if g.kind in ("dlg", "tuned")), key=_order)
+    lines += ["", "### DLG (chosen point first; the tuned sampler; levers; named configs; diagnostics)", ""]
     lines += _table(["config", "budget", "NFE", "denoise steps"] + [METRIC_NAMES[m] for m in metrics]
                     + ["outputs/chain", "lag-1", "ESS fraction", "classifier/sample", "wall s"],
                     [[g.label + (" (chosen)" if "chosen" in g.tags else ""), str(g.budget), _nfe(g),
@@ -253,6 +253,17 @@ def targets(by_workload: dict[str, list[Group]]) -> list[list[str]]:
         compare(f"separated mixture: best DLG at <= 15 total NFE vs vanilla karras_heun at 40 NFE, {METRIC_NAMES[m]}",
                 best_dlg(sep, 15, m), heun, m)
     for name, groups in by_workload.items():
+        metric = verdict_metrics(groups)[0]
+        for tuned in sorted((g for g in groups if "tuned" in g.tags and g.stat(metric)), key=lambda g: g.budget):
+            hand = [g for g in groups if g.kind == "dlg" and is_dlg(g) and g.budget == tuned.budget and g.stat(metric)]
+            best = min(hand, key=lambda g: g.mean(metric), default=None)
+            if best is None or len(hand) < 2:
+                continue
+            out.append([f"{name}: tuned sampler (for_budget) within 10% of the best hand-searched DLG setting at "
+                        f"{tuned.budget} NFE, {METRIC_NAMES[metric]}",
+                        f"tuned @{tuned.nfe:.2f} NFE {fmt(tuned.stat(metric))} vs {best.label} @{best.nfe:.2f} "
+                        f"{fmt(best.stat(metric))} (ratio {tuned.mean(metric) / best.mean(metric):.2f})",
+                        "yes" if tuned.mean(metric) <= 1.1 * best.mean(metric) else "no"])
         lag = [g.stat("lag1") for g in groups if "chosen" in g.tags]
         lag = [s for s in lag if s is not None]
         if lag:

@@ -21,9 +21,11 @@ from typing import Any, Callable, Iterable
 import torch
 from tqdm.auto import tqdm
 
+from ..diagnostics import OutputCorrelation
+from ..diagnostics import ess_fraction as _ess_fraction
 from ..integrators import integrate, steps_for_nfe
 from ..sampler import DLGSampler
-from .registry import DEFAULT_DLG, DLG_CONFIGS, LEVERS, SCHEDULERS, DLGConfig, Lever
+from .registry import BUDGETS_BY_WORKLOAD, DEFAULT_DLG, DLG_CONFIGS, LEVERS, SCHEDULERS, DLGConfig, Lever
 from .workloads import Workload
 
 #: Bench-level keys of a DLG config, removed before the sampler is built.
@@ -64,22 +66,24 @@ def resolve_integrator(name: str, w: Workload):
 
 # ----------------------------------------------------------------------------- diagnostics
 def lag1_autocorr(batches: list[torch.Tensor]) -> float | None:
-    """Lag-1 autocorrelation of consecutive outputs of the same chains: ``batches [T][C, *shape]``, row ``c`` of
-    every batch from chain ``c``. Each coordinate is standardised over all outputs (constant ones are left out),
-    then the product of consecutive outputs is averaged over chains, coordinates and the pairs of full batches
-    (a batch that lost a diverged chain breaks the row order). ``None`` with fewer than two full batches."""
+    """Lag-1 autocorrelation of consecutive outputs of the same chains, the estimator ``DLGSampler.stats`` uses
+    (:class:`dlg_sampler.diagnostics.OutputCorrelation`): ``batches [T][C, *shape]``, row ``c`` of every full batch
+    from chain ``c`` (a batch that lost a diverged chain breaks the row order: the next pairs start afresh).
+    ``None`` with fewer than two full batches."""
     full = max(len(b) for b in batches)
-    y = torch.cat(batches).flatten(1).double()
-    std = y.std(0, unbiased=False)
-    keep = std > 1e-6 * std.max().clamp_min(1e-30)
-    z = ((y - y.mean(0)) / std.clamp_min(1e-30))[:, keep].split([len(b) for b in batches])
-    products = [(a * b).mean() for a, b in zip(z[:-1], z[1:]) if len(a) == len(b) == full]
-    return float(torch.stack(products).mean()) if products and keep.any() else None
+    corr = OutputCorrelation(full, batches[0][0].numel())
+    chains = torch.arange(full)
+    for b in batches:
+        if len(b) == full:
+            corr.update(chains, b)
+        else:
+            corr.forget(chains)
+    return corr.lag1
 
 
 def ess_fraction(rho: float | None) -> float | None:
-    """AR(1) effective sample size per output: ``(1 - rho) / (1 + rho)``."""
-    return None if rho is None else (1 - rho) / (1 + rho)
+    """AR(1) effective sample size per output: ``(1 - rho) / (1 + rho)`` (clipped to [0, 1])."""
+    return None if rho is None else _ess_fraction(rho)
 
 
 def _shown_stats(stats: dict[str, Any]) -> dict[str, Any]:
@@ -121,8 +125,12 @@ def fit_denoise_steps(budget: float, n: int, warmup_evals: int, gibbs_steps: int
     return steps_for_nfe(integrator, left, dlg=True) if left >= 1 else None
 
 
-def _default_gibbs_steps() -> int:
-    return inspect.signature(DLGSampler).parameters["gibbs_steps"].default
+def _gibbs_steps(kwargs: dict[str, Any]) -> int:
+    """Model evaluations per output of the chain move before denoising: the Gibbs kernel's sweeps, else none."""
+    params = inspect.signature(DLGSampler).parameters
+    if kwargs.get("kernel", params["kernel"].default) != "gibbs":
+        return 0
+    return kwargs.get("gibbs_steps", params["gibbs_steps"].default)
 
 
 def run_dlg(w: Workload, config: dict[str, Any], budget: int | None, seed: int, n: int,
@@ -155,8 +163,7 @@ def run_dlg(w: Workload, config: dict[str, Any], budget: int | None, seed: int, 
         sampler.warm_up()
         warm[key] = (sampler.state_dict(), score.evals, posterior.evals, time.perf_counter() - start)
     state, warm_evals, warm_clf, warm_wall = warm[key]
-    steps = fixed or fit_denoise_steps(budget, n, warm_evals, kwargs.get("gibbs_steps", _default_gibbs_steps()),
-                                       kwargs["integrator"])
+    steps = fixed or fit_denoise_steps(budget, n, warm_evals, _gibbs_steps(kwargs), kwargs["integrator"])
     if steps is None:
         return None, {"skipped": f"warm-up ({warm_evals / n:.2f} per sample) + Gibbs steps + one denoising step "
                                  f"exceed {budget} NFE"}
@@ -175,6 +182,31 @@ def run_dlg(w: Workload, config: dict[str, Any], budget: int | None, seed: int, 
                 "classifier_per_sample": (warm_clf + posterior.evals) / n, "lag1": rho,
                 "ess_fraction": ess_fraction(rho),
                 "lost_outputs": chains * len(batches) - have, "wall_s": warm_wall + wall,
+                "sampler_stats": _shown_stats(sampler.stats)}
+
+
+def run_tuned(w: Workload, budget: int, seed: int, n: int, outputs_per_chain: int) -> tuple[torch.Tensor | None, dict]:
+    """``DLGSampler.for_budget`` on the workload: settings from ``budget`` and ``n`` by its pilot, whose model
+    evaluations are counted with the rest; then consecutive ``step()`` batches until ``n`` outputs."""
+    score, posterior = Counter(w.score), Counter(w.posterior)
+    start = time.perf_counter()
+    try:
+        sampler = DLGSampler.for_budget(score, posterior, shape=w.shape, nfe=budget, n=n, seed=seed, levels=w.levels,
+                                        outputs_per_chain=outputs_per_chain)
+    except ValueError as err:
+        return None, {"skipped": str(err)}
+    batches, have = [], 0
+    while have < n:
+        batches.append(sampler.step())
+        have += len(batches[-1])
+    x0 = torch.cat(batches)[:n]
+    rho = lag1_autocorr([w.postprocess(b) for b in batches]) if len(batches) > 1 else None
+    tuning = sampler.tuning
+    return x0, {"nfe": score.evals / n, "denoise_steps": sampler.denoise_steps, "chains": sampler.num_chains,
+                "outputs_per_chain": len(batches), "restart_sigma": sampler.restart_sigma,
+                "pilot_nfe_per_sample": (tuning["pilot"] or {}).get("evaluations", 0) / n,
+                "predicted_nfe": tuning["predicted_nfe_per_sample"], "lag1": rho, "ess_fraction": ess_fraction(rho),
+                "classifier_per_sample": posterior.evals / n, "wall_s": time.perf_counter() - start,
                 "sampler_stats": _shown_stats(sampler.stats)}
 
 
@@ -219,14 +251,17 @@ def dlg_specs(workload: str, outputs_per_chain: int, budgets: Iterable[int], lev
     base = {OUTPUTS_PER_CHAIN: outputs_per_chain, **DEFAULT_DLG[workload]}
     family = lambda cfg: [f"family:{cfg.get('integrator', 'karras_heun')}"]  # noqa: E731
     out = [({"kind": "dlg", "config": base}, b, "DLG", ["chosen"] + family(base)) for b in budgets]
+    out += [({"kind": "tuned", OUTPUTS_PER_CHAIN: outputs_per_chain}, b, "DLG tuned (for_budget)", ["tuned"])
+            for b in budgets]
     for name in levers:
         lever = LEVERS[name]
         if not _applies(lever, workload):
             continue
         for value in lever.values:
-            cfg = {**base, lever.param: value}
+            cfg = {**base, **(lever.base or {}), lever.param: value}
             tags = [f"lever:{name}={value}"] + (family(cfg) if lever.param == "integrator" else [])
-            out += [({"kind": "dlg", "config": cfg}, b, f"DLG {lever.param}={value}", tags) for b in lever_budgets]
+            label = f"DLG {'Gibbs kernel ' if (lever.base or {}).get('kernel') == 'gibbs' else ''}{lever.param}={value}"
+            out += [({"kind": "dlg", "config": cfg}, b, label, tags) for b in lever_budgets]
     for name in configs:
         item = DLG_CONFIGS[name]
         if not _applies(item, workload):
@@ -240,17 +275,19 @@ def dlg_specs(workload: str, outputs_per_chain: int, budgets: Iterable[int], lev
 
 def plan_runs(workloads: dict[str, int], seeds: Iterable[int], vanilla: dict[str, Iterable[str]],
               budgets: Iterable[int], lever_budgets: Iterable[int], outputs_per_chain: int, levers: Iterable[str],
-              configs: Iterable[str], floors: Iterable[str] = ()) -> list[Run]:
+              configs: Iterable[str], floors: Iterable[str] = (), budgets_given: bool = True) -> list[Run]:
     """Every run, workload by workload (``workloads``: name -> samples per run), the same seeds for every sampler;
-    runs that coincide (a lever value equal to the default) are merged and keep all their tags."""
+    runs that coincide (a lever value equal to the default) are merged and keep all their tags. Unless
+    ``budgets_given``, a workload of ``BUDGETS_BY_WORKLOAD`` runs its own budgets."""
     runs: dict[str, Run] = {}
     budgets, lever_budgets, levers, configs = list(budgets), list(lever_budgets), list(levers), list(configs)
     for name, n in workloads.items():
+        mine = budgets if budgets_given else BUDGETS_BY_WORKLOAD.get(name, budgets)
         specs: list[tuple[dict, int | None, str, list[str]]] = []
         if name in floors:
             specs.append(({"kind": "exact"}, None, "exact samples (floor)", ["floor"]))
-        specs += [({"kind": "vanilla", "sampler": s}, b, s, [f"family:{s}"]) for s in vanilla[name] for b in budgets]
-        specs += dlg_specs(name, outputs_per_chain, budgets, lever_budgets, levers, configs)
+        specs += [({"kind": "vanilla", "sampler": s}, b, s, [f"family:{s}"]) for s in vanilla[name] for b in mine]
+        specs += dlg_specs(name, outputs_per_chain, mine, lever_budgets, levers, configs)
         for seed in seeds:
             for spec, budget, label, tags in specs:
                 run = Run(name, spec, budget, seed, n, label, list(tags))
@@ -311,6 +348,8 @@ def perform(w: Workload, run: Run, warm: dict) -> dict[str, Any]:
         x, info = run_exact(w, run.seed, run.n)
     elif kind == "vanilla":
         x, info = run_vanilla(w, run.spec["sampler"], run.budget, run.seed, run.n)
+    elif kind == "tuned":
+        x, info = run_tuned(w, run.budget, run.seed, run.n, run.spec["outputs_per_chain"])
     else:
         x, info = run_dlg(w, run.spec["config"], run.budget, run.seed, run.n, warm)
     metrics = {} if x is None else evaluate(w, x)
