@@ -67,7 +67,7 @@ class DLGSampler:
 
     Per output batch (one sample per chain), with ``kernel="restart"`` (default):
 
-    1. **Warm-up** (once per chain, :meth:`warm_up`): integrate from pure noise at ``sigma_max``.
+    1. **Warm-up** (once per chain, :meth:`warm_up`): integrate from pure noise at ``sigma_max`` (UniPC, 10 steps).
     2. **Restart move**: lift each chain exactly to ``S = restart_sigma``: ``x + sqrt(S^2 - sigma^2) z`` is a draw
        of ``p_S`` when ``x`` is a draw of ``p_sigma`` (the move of restart sampling, Xu et al. 2023).
     3. **Denoising** from ``S`` down to ``tweedie_sigma`` in ``denoise_steps`` steps, then the **Tweedie** step.
@@ -102,7 +102,7 @@ class DLGSampler:
         step_size: Langevin step ``eta`` (Gibbs kernel; paper, CIFAR-10 in [0, 1]: 0.8); it sets the working level.
         sigma_mode: ``"argmax"`` (paper) or ``"sample"`` (Gibbs kernel).
         tweedie_sigma: level of the final Tweedie step (default: the grid's ``sigma_min``, the paper's 0.01).
-        warmup_integrator, warmup_steps: the warm-up solve from ``sigma_max`` (default: ``dpmpp_2m`` with 10 steps for
+        warmup_integrator, warmup_steps: the warm-up solve from ``sigma_max`` (default: ``unipc`` with 10 steps for
             the restart kernel; the paper's Karras Alg. 2 with 20 steps for the Gibbs kernel).
         burn_in: restart moves per chain after the warm-up whose outputs are discarded (restart kernel; on the
             digits model one such move changed nothing measurable, docs/mixing.md).
@@ -116,7 +116,7 @@ class DLGSampler:
 
     def __init__(self, score: Score, noise_posterior: NoisePosterior, levels: NoiseLevels, *, shape: tuple[int, ...],
                  num_chains: int = 128, kernel: str = "restart", restart_sigma: float | None = None,
-                 integrator="dpmpp_2m", denoise_steps: int = 9, gibbs_steps: int = 10, step_size: float = 0.8,
+                 integrator="unipc", denoise_steps: int = 9, gibbs_steps: int = 10, step_size: float = 0.8,
                  sigma_mode: str = "argmax", tweedie_sigma: float | None = None,
                  integrator_kwargs: dict[str, Any] | None = None, warmup_integrator: str | None = None,
                  warmup_steps: int | None = None, burn_in: int = 0, warmup_noise: float = 0.5,
@@ -135,7 +135,7 @@ class DLGSampler:
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}.")
         gibbs = kernel == "gibbs"
-        warmup_integrator = warmup_integrator or ("karras_stochastic" if gibbs else "dpmpp_2m")
+        warmup_integrator = warmup_integrator or ("karras_stochastic" if gibbs else "unipc")
         check_integrator(integrator)
         check_integrator(warmup_integrator)
         if sigma_mode not in SIGMA_MODES:

@@ -78,9 +78,9 @@ def for_budget(score, noise_posterior, *, shape: tuple[int, ...], nfe: float, n:
     chains = num_chains or min(n, math.ceil(n / outputs_per_chain))
     chains = check_steps(chains, "num_chains")
     kernel = overrides.get("kernel", "restart")
-    integrator = overrides.get("integrator", "dpmpp_2m")
+    integrator = overrides.get("integrator", "unipc")
     gibbs_steps = overrides.get("gibbs_steps", 2) if kernel == "gibbs" else 0
-    warmup_integrator = overrides.get("warmup_integrator") or ("karras_stochastic" if kernel == "gibbs" else "dpmpp_2m")
+    warmup_integrator = overrides.get("warmup_integrator") or ("karras_stochastic" if kernel == "gibbs" else "unipc")
     warmup_steps = overrides.get("warmup_steps") or (20 if kernel == "gibbs" else 10)
     warm = count_nfe(warmup_integrator, warmup_steps, dlg=False)
     if kernel == "gibbs":

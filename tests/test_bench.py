@@ -212,9 +212,9 @@ def test_help_shows_every_option_with_its_default_and_no_rest_markup():
 
 
 def test_plan_merges_a_lever_point_equal_to_the_chosen_one_and_pairs_seeds():
-    plan = runs.plan_runs({"mixture": 100}, [0, 1], {"mixture": ["UniPC"]}, [10], [10], 5, ["outputs_per_chain"], [])
+    plan = runs.plan_runs({"mixture": 100}, [0, 1], {"mixture": ["UniPC"]}, [10], [10], 100, ["outputs_per_chain"], [])
     chosen = [r for r in plan if "chosen" in r.tags]
-    assert len(chosen) == 2 and all("lever:outputs_per_chain=5" in r.tags for r in chosen)
+    assert len(chosen) == 2 and all("lever:outputs_per_chain=100" in r.tags for r in chosen)
     assert sum("tuned" in r.tags for r in plan) == 2
     assert len({r.key for r in plan}) == len(plan) and {r.seed for r in plan if r.spec["kind"] == "vanilla"} == {0, 1}
 

@@ -67,7 +67,7 @@ VANILLA = tuple(name for name in INTEGRATORS if name != "ode_rk45") + tuple(SCHE
 #: Per-workload vanilla samplers where not all: the trained-classifier mixture has the exact one's vanilla rows;
 #: digits runs the peers and DLG's own denoiser (each digits evaluation costs ~0.5 ms of one CPU thread).
 VANILLA_BY_WORKLOAD = {"mixture-trained": ("karras_heun",) + PEERS,
-                       "digits": ("dpmpp_2m",) + PEERS}
+                       "digits": ("unipc",) + PEERS}
 #: ``--quick`` vanilla samplers.
 QUICK_VANILLA = ("karras_heun",) + PEERS[::2]
 
@@ -85,7 +85,7 @@ SEEDS = (0, 1, 2)
 #: The chosen DLG point per workload (what a user gets): ``DLGSampler``'s defaults, the restart kernel with the
 #: lift level it derives from the warm-up; levers and configs are laid over it. The tuned sampler
 #: (``DLGSampler.for_budget``) runs beside it at every budget.
-DEFAULT_DLG: dict[str, dict[str, Any]] = {name: {"kernel": "restart", "integrator": "dpmpp_2m"} for name in WORKLOADS}
+DEFAULT_DLG: dict[str, dict[str, Any]] = {name: {"kernel": "restart", "integrator": "unipc"} for name in WORKLOADS}
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ LEVERS: dict[str, Lever] = {
     "restart_sigma-mixture": Lever("restart_sigma", (6.0, 12.0, 48.0), ("mixture", "mixture-trained")),
     "restart_sigma-separated": Lever("restart_sigma", (9.0, 18.0, 72.0), ("separated",)),
     "restart_sigma-wide": Lever("restart_sigma", (25.0, 50.0, 149.0), ("wide",)),
-    "integrator": Lever("integrator", ("karras_heun", "UniPC")),
+    "integrator": Lever("integrator", ("dpmpp_2m", "karras_heun", "UniPC")),
     "outputs_per_chain": Lever("outputs_per_chain", (100,)),
     "gibbs_step_size": Lever("step_size", (0.05, 0.3, 1.0), ("mixture", "mixture-trained", "separated"), GIBBS),
     "gibbs_step_size-wide": Lever("step_size", (0.3, 1.0, 3.0), ("wide",), GIBBS),
