@@ -53,19 +53,32 @@ def sliced_wasserstein(a, b, num_projections: int = 256, generator: torch.Genera
     ``W_2`` compares sorted projections (``N == M``) or, for unequal sizes, both quantile functions at
     ``max(N, M)`` midpoints (linear interpolation). A shift ``m`` gives ``|m| / sqrt(D)`` (``|m|`` in 1-D).
     """
-    a, b = _as_matrix(a, "a", flatten=True), _as_matrix(b, "b", flatten=True)
-    if a.shape[1] != b.shape[1]:
-        raise ValueError(f"sample dimensions differ: {a.shape[1]} vs {b.shape[1]}.")
-    if num_projections < 1:
-        raise ValueError(f"num_projections must be >= 1, got {num_projections}.")
-    theta = torch.randn(a.shape[1], num_projections, generator=generator, dtype=torch.float64)
-    theta = theta / theta.norm(dim=0, keepdim=True)
-    pa, pb = (a @ theta).sort(0).values, (b @ theta).sort(0).values  # [N, P], [M, P]
-    if len(pa) != len(pb):
-        n = max(len(pa), len(pb))
-        q = (torch.arange(n, dtype=torch.float64) + 0.5) / n
-        pa, pb = _quantiles(pa, q), _quantiles(pb, q)
-    return float(((pa - pb) ** 2).mean().sqrt())
+    return SlicedWasserstein(b, num_projections, generator)(a)
+
+
+class SlicedWasserstein:
+    """:func:`sliced_wasserstein` against a fixed ``reference [M, D]``: its directions and sorted projections are
+    computed once, so scoring many sample sets against one reference sorts only the samples."""
+
+    def __init__(self, reference, num_projections: int = 256, generator: torch.Generator | None = None):
+        b = _as_matrix(reference, "b", flatten=True)
+        if num_projections < 1:
+            raise ValueError(f"num_projections must be >= 1, got {num_projections}.")
+        theta = torch.randn(b.shape[1], num_projections, generator=generator, dtype=torch.float64)
+        self.theta = theta / theta.norm(dim=0, keepdim=True)
+        self.sorted = (b @ self.theta).sort(0).values  # [M, P]
+
+    def __call__(self, samples) -> float:
+        """``SW_2`` between ``samples [N, D]`` and the reference."""
+        a = _as_matrix(samples, "a", flatten=True)
+        if a.shape[1] != self.theta.shape[0]:
+            raise ValueError(f"sample dimensions differ: {a.shape[1]} vs {self.theta.shape[0]}.")
+        pa, pb = (a @ self.theta).sort(0).values, self.sorted
+        if len(pa) != len(pb):
+            n = max(len(pa), len(pb))
+            q = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+            pa, pb = _quantiles(pa, q), _quantiles(pb, q)
+        return float(((pa - pb) ** 2).mean().sqrt())
 
 
 def _quantiles(sorted_x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

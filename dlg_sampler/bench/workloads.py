@@ -11,7 +11,7 @@ import torch
 from ..gibbs import NoisePosterior
 from ..integrators import Score
 from ..levels import NoiseLevels
-from ..metrics import frechet_distance, sliced_wasserstein
+from ..metrics import SlicedWasserstein, frechet_distance
 from ..mixture import GaussianMixture
 from .registry import WORKLOADS, DigitsSpec, MixtureSpec
 
@@ -47,13 +47,14 @@ class Workload:
 
 
 # ----------------------------------------------------------------------------- mixtures
-def mixture_metrics(mixture: GaussianMixture, x: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
+def mixture_metrics(mixture: GaussianMixture, x: torch.Tensor, reference: SlicedWasserstein) -> dict[str, float]:
     """Quality of ``x [N, D]`` against a known mixture; every sample is assigned to its most responsible mode.
 
     ``mode_tv``: total variation between assigned and true mode weights; ``mean_err``: distance of each mode's
     sample mean from its true mean in units of the mode's std; ``cov_err``: Frobenius error of each mode's sample
     covariance relative to the true ``s_k^2 I``; both averaged over modes with the true weights (modes with fewer
-    than 2 samples are left out: they show in ``mode_tv``); ``sw``: sliced W2 against ``reference [M, D]``.
+    than 2 samples are left out: they show in ``mode_tv``); ``sw``: sliced W2 against the exact samples behind
+    ``reference``.
     """
     xf = x.flatten(1).double()
     labels = mixture.responsibilities(xf).argmax(-1)
@@ -69,8 +70,7 @@ def mixture_metrics(mixture: GaussianMixture, x: torch.Tensor, reference: torch.
         cov_err += w * float(cov.norm()) / (s2 * xf.shape[1] ** 0.5)
         weight += w
     weight = max(weight, 1e-12)
-    sw = sliced_wasserstein(xf, reference, SW_PROJECTIONS, torch.Generator().manual_seed(0))
-    return {"sw": sw, "mode_tv": float(0.5 * (counts / len(xf) - mixture.weights).abs().sum()),
+    return {"sw": reference(xf), "mode_tv": float(0.5 * (counts / len(xf) - mixture.weights).abs().sum()),
             "mean_err": mean_err / weight, "cov_err": cov_err / weight}
 
 
@@ -95,7 +95,8 @@ def mixture_workload(name: str, spec: MixtureSpec, n: int, quick: bool = False) 
     """An exact mixture: exact score, exact (or trained) noise posterior, scored against exact samples."""
     mixture = GaussianMixture.random(spec.modes, spec.dim, spec.spread, spec.std, seed=spec.seed)
     levels = NoiseLevels(spec.sigma_min, spec.sigma_max, 1000)
-    reference = mixture.sample(n, generator=torch.Generator().manual_seed(EVAL_SEED))
+    reference = SlicedWasserstein(mixture.sample(n, generator=torch.Generator().manual_seed(EVAL_SEED)),
+                                  SW_PROJECTIONS, torch.Generator().manual_seed(0))
     posterior: NoisePosterior = mixture.noise_posterior(levels)
     info: dict[str, Any] = {"mixture": f"{spec.modes} modes in {spec.dim}-d, means ~ N(0, {spec.spread}^2 I), "
                                        f"std {spec.std}, weights 1..{spec.modes}; levels {levels!r}"}
