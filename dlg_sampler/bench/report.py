@@ -255,14 +255,20 @@ def targets(by_workload: dict[str, list[Group]]) -> list[list[str]]:
     for name, groups in by_workload.items():
         metric = verdict_metrics(groups)[0]
         for tuned in sorted((g for g in groups if "tuned" in g.tags and g.stat(metric)), key=lambda g: g.budget):
+            # The hand search: every DLG setting run at this budget that mixes (lag-1 <= 0.2, the mixing target);
+            # a setting whose outputs are more correlated scores well on these metrics but is worth fewer samples.
             hand = [g for g in groups if g.kind == "dlg" and is_dlg(g) and g.budget == tuned.budget and g.stat(metric)]
-            best = min(hand, key=lambda g: g.mean(metric), default=None)
+            mixing = [g for g in hand if g.stat("lag1") is not None and g.stat("lag1")[0] <= 0.2]
+            best = min(mixing, key=lambda g: g.mean(metric), default=None)
             if best is None or len(hand) < 2:
                 continue
-            out.append([f"{name}: tuned sampler (for_budget) within 10% of the best hand-searched DLG setting at "
-                        f"{tuned.budget} NFE, {METRIC_NAMES[metric]}",
+            any_best = min(hand, key=lambda g: g.mean(metric))
+            note = "" if any_best is best else (f"; unconstrained best {any_best.label} {fmt(any_best.stat(metric))} "
+                                                f"with lag-1 {any_best.stat('lag1')[0]:.2f}")
+            out.append([f"{name}: tuned sampler (for_budget) within 10% of the best hand-searched DLG setting with "
+                        f"lag-1 <= 0.2 at {tuned.budget} NFE, {METRIC_NAMES[metric]}",
                         f"tuned @{tuned.nfe:.2f} NFE {fmt(tuned.stat(metric))} vs {best.label} @{best.nfe:.2f} "
-                        f"{fmt(best.stat(metric))} (ratio {tuned.mean(metric) / best.mean(metric):.2f})",
+                        f"{fmt(best.stat(metric))} (ratio {tuned.mean(metric) / best.mean(metric):.2f}){note}",
                         "yes" if tuned.mean(metric) <= 1.1 * best.mean(metric) else "no"])
         lag = [g.stat("lag1") for g in groups if "chosen" in g.tags]
         lag = [s for s in lag if s is not None]

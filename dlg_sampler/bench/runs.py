@@ -110,7 +110,10 @@ def run_vanilla(w: Workload, label: str, budget: int, seed: int, n: int) -> tupl
     score = Counter(w.score)
     x = w.levels.sigma_max * torch.randn(n, *w.shape, generator=g)
     start = time.perf_counter()
-    x0, _ = integrate(integrator, score, x, w.levels.sigma_max, steps, generator=g)
+    try:
+        x0, _ = integrate(integrator, score, x, w.levels.sigma_max, steps, generator=g)
+    except ValueError as err:  # a scheduler that cannot start at this level with this many steps
+        return None, {"skipped": str(err)}
     return x0, {"nfe": score.evals / n, "steps": steps, "wall_s": time.perf_counter() - start}
 
 
