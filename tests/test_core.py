@@ -1,10 +1,12 @@
 """The DLG core against an exact Gaussian mixture (closed-form score and noise posterior)."""
 
+import io
 import math
 import warnings
 
 import pytest
 import torch
+from tqdm.auto import tqdm
 
 from dlg_sampler import INTEGRATORS, DLGSampler, GaussianMixture, NoiseLevels, integrate
 from dlg_sampler.diagnostics import OutputCorrelation, ess_fraction
@@ -179,6 +181,19 @@ def test_every_model_evaluation_is_in_the_reported_nfe(kernel, mixture, levels):
     assert math.isclose(sum(st["nfe_split"].values()), st["nfe_per_sample"])
     assert st["model_evaluations"] == score.evaluations
     assert st["nfe_split"]["warmup"] * 57 == pytest.approx(st["warmup_nfe_per_chain"] * 16)
+
+
+def test_an_external_progress_bar_counts_every_evaluation_as_planned(mixture, levels):
+    """One caller's bar over several ``sample`` calls: advanced by each model evaluation, sized by planned_nfe."""
+    score = Counting(mixture.score)
+    sampler = DLGSampler(score, mixture.noise_posterior(levels), levels, shape=(8,), num_chains=16, denoise_steps=3,
+                         seed=0)
+    planned = sampler.planned_nfe(50)  # the warm-up and 4 batches of 16
+    with tqdm(total=planned, file=io.StringIO()) as bar:
+        sampler.sample(30, progress_bar=bar)
+        sampler.sample(20, progress_bar=bar)
+    assert bar.n == score.evaluations == planned == 16 * (10 + 4 * 4)
+    assert sampler.planned_nfe(14) == 0 and sampler.planned_nfe(15) == 16 * 4  # 14 samples are already made
 
 
 def test_stats_split_and_exact_n(mixture, levels):
