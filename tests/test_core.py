@@ -12,6 +12,7 @@ from dlg_sampler import INTEGRATORS, DLGSampler, GaussianMixture, NoiseLevels, i
 from dlg_sampler.diagnostics import OutputCorrelation, ess_fraction
 from dlg_sampler.gibbs import gibbs_step, sample_sigma_index
 from dlg_sampler.metrics import sliced_wasserstein
+from dlg_sampler.tuning import plan_budget
 
 SIGMA_MAX = 80.0
 
@@ -326,6 +327,18 @@ def test_for_budget_scales_with_the_model(mixture):
     b = DLGSampler.for_budget(big.score, big.noise_posterior(lv_big), shape=(8,), nfe=10, n=5000, seed=1)
     assert b.restart_sigma == pytest.approx(10 * a.restart_sigma, rel=1e-3)
     assert a.denoise_steps == b.denoise_steps and a.num_chains == b.num_chains
+
+
+def test_plan_budget_is_for_budgets_choice_without_a_model(mixture, levels):
+    """What a command line checks before it loads a model is what for_budget then builds."""
+    plan = plan_budget(12, 10_000, kernel="restart")
+    sampler = DLGSampler.for_budget(mixture.score, mixture.noise_posterior(levels), shape=(8,), nfe=12, n=10_000,
+                                    kernel="restart", seed=0)
+    assert plan["settings"]["denoise_steps"] == sampler.denoise_steps and plan["settings"]["num_chains"] == 500
+    assert plan["predicted_nfe_per_sample"] == sampler.tuning["predicted_nfe_per_sample"]
+    assert plan["pilot_chains"] == sampler.tuning["pilot"]["chains"] > 0
+    with pytest.raises(ValueError, match="too small.*raise nfe to at least 3"):
+        plan_budget(2, 1000)
 
 
 def test_for_budget_refuses_a_budget_too_small(mixture, levels):
