@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from tqdm.auto import tqdm
 
 from dlg_sampler import GaussianMixture, NoiseLevels, cli, models
 from dlg_sampler.models import LoadedModel
@@ -121,6 +122,14 @@ def mixture_run(monkeypatch, tmp_path):
     model = LoadedModel(score, (8,), 0.01, 80.0, lambda x: x)
     monkeypatch.setattr(cli, "load_model", lambda *args, **kwargs: model)
     monkeypatch.setattr(models, "load_classifier", lambda *args, **kwargs: mixture.noise_posterior(levels))
+    bars = counter["bars"] = []
+
+    class KeptBar(tqdm):  # the command's progress bar, kept to read its count and size afterwards
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
+    monkeypatch.setattr(cli, "tqdm", KeptBar)
 
     def sample(name: str) -> Path:
         cli.sample_main(["--model", "mixture", "--classifier", "exact", "--out-dir", str(tmp_path / name),
@@ -138,6 +147,8 @@ def shard_state(path: Path) -> dict:
 def test_tuning_is_stored_with_the_shards_and_restored_on_resume(mixture_run, capsys):
     sample, counter = mixture_run
     full = sample("full")
+    bar = counter["bars"].pop()  # one bar over the whole job, the pilot and the warm-up included, sized exactly
+    assert bar.n == bar.total == counter["evaluations"] and bar.initial > 0
     manifest = json.loads((full / "manifest.json").read_text())
     tuning = manifest["config"]["tuning"]
     assert tuning["pilot"]["chains"] >= 8 and tuning["settings"]["num_chains"] == 100  # n / 20
@@ -160,3 +171,5 @@ def test_tuning_is_stored_with_the_shards_and_restored_on_resume(mixture_run, ca
     before = shard_state(killed / manifest["shards"][1]["file"])["counts"]
     phases = ("pilot", "warmup", "gibbs", "denoise", "tweedie")
     assert counter["evaluations"] == sum(last["counts"][k] - before[k] for k in phases) > 0
+    bar = counter["bars"].pop()  # the resumed bar starts where the interrupted job stood
+    assert bar.initial == sum(before[k] for k in phases) and bar.n == bar.total == sum(last["counts"][k] for k in phases)
