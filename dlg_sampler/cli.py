@@ -526,7 +526,7 @@ def sample_main(argv: list[str] | None = None) -> None:
     if not main:
         return
     print(_settings_line(sampler, args.integrator, summary, world))
-    line = _cost_line(summary, wall)
+    line = _cost_line(summary, wall, resumed=state is not None)
     if writer is not None:
         print(line)
         print(f"wrote {args.n} samples to {args.out_dir}")
@@ -583,15 +583,16 @@ def _settings_line(sampler: DLGSampler, integrator: str, summary: dict, world: i
             f"{summary['samples'] / chains:.1f} outputs per chain ({world} process{'es' if world > 1 else ''})")
 
 
-def _cost_line(summary: dict, wall: float) -> str:
-    """The whole cost per sample with its split, how much consecutive outputs share, and the wall time."""
+def _cost_line(summary: dict, wall: float, resumed: bool = False) -> str:
+    """The whole cost per sample with its split, how much consecutive outputs share, and the wall time (of this run:
+    a resumed one's pilot and warm-up were paid before)."""
     split = " + ".join(f"{k} {v:.2f}" for k, v in summary["nfe_split"].items() if v > 0)
     r = summary["lag1_autocorr"]
     mixing = ("lag-1 autocorrelation n/a (one output per chain)" if r is None else
               f"lag-1 autocorrelation {r:.2f} (worth {summary['ess_fraction']:.0%} as many independent samples)")
     return (f"DLG: NFE/sample {summary['nfe_per_sample']:.2f} in total, warm-up and pilot included ({split}; "
             f"{summary['model_evaluations']} model evaluations / {summary['samples']} samples), {mixing}, "
-            f"wall {wall:.1f}s with warm-up")
+            f"wall {wall:.1f}s {'since resuming' if resumed else 'with warm-up'}")
 
 
 def _quality(q: dict) -> str:

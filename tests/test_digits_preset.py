@@ -37,6 +37,16 @@ def evaluator():
     return DigitsEvaluator()
 
 
+@pytest.fixture
+def one_thread():
+    """In-process runs take the one thread the subprocess runs get: DLG's many model calls on a few chains each gain
+    nothing from more, and two threads contending with other work on a 2-core machine made them 10-50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_shipped_weights_are_plain_hub_folders_and_small():
     pipe = DDPMPipeline.from_pretrained(PIPELINE_DIR)  # a real diffusers folder
     assert pipe.unet.config.sample_size == 8 and pipe.scheduler.config.beta_schedule == "linear"
@@ -63,7 +73,7 @@ def test_shipped_classifier_accuracy_on_held_out_digits():
     assert m["within_5"] > 0.2 and m["within_20"] > 0.55 and m["ce"] < 0.7 * m["uniform_ce"]
 
 
-def test_dlg_beats_vanilla_and_the_peers_at_ten_total_nfe(evaluator):
+def test_dlg_beats_vanilla_and_the_peers_at_ten_total_nfe(evaluator, one_thread):
     """Settings from a budget of 10 evaluations per sample, everything counted; vanilla DPM-Solver++ 2M and UniPC at
     the most steps that fit DLG's measured total; every sampler's samples clamped to [-1, 1] before scoring."""
     pipe = DDPMPipeline.from_pretrained(PIPELINE_DIR)
@@ -126,7 +136,7 @@ class CountingScore:
 
 
 @pytest.fixture
-def counted(monkeypatch, tmp_path):
+def counted(monkeypatch, tmp_path, one_thread):
     """dlg-sample in-process in ``tmp_path``: the loaded score counts its evaluations, every scored image is kept."""
     monkeypatch.chdir(tmp_path)
     scores, scored = [], []
@@ -181,7 +191,7 @@ def test_restart_outputs_are_not_near_copies_and_a_sticky_gibbs_run_says_so(coun
                           r"\(--kernel restart", err, re.M)) == 1
 
 
-def test_dlg_tune_shows_what_for_budget_chooses(capsys):
+def test_dlg_tune_shows_what_for_budget_chooses(capsys, one_thread):
     dlg_cli.tune_main(["--n", "2000", "--json"])
     shown = json.loads(capsys.readouterr().out)
     score = from_pipeline(DDPMPipeline.from_pretrained(PIPELINE_DIR))
