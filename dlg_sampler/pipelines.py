@@ -3,7 +3,8 @@
 - :class:`DLGScheduler`: a drop-in scheduler for the unconditional pipelines whose loop is "call the model, then
   ``scheduler.step``" (``DDPMPipeline``, ``DDIMPipeline``, ``ScoreSdeVePipeline``):
   ``pipe.scheduler = DLGScheduler.from_pipe(pipe, classifier=...)``; ``pipe(batch_size=B, num_inference_steps=N)``
-  then returns DLG samples with ``N`` network evaluations per sample, chains persisting across calls.
+  then returns DLG samples with ``N`` network evaluations per sample, chains persisting across calls (their one-time
+  warm-up is counted on top in ``.stats``).
 - :class:`DLGPipeline`: conditional and latent pipelines (Stable-Diffusion-style text-to-image with
   classifier-free guidance, DiT-style class-conditional), whose loops double the batch and guide outside the
   scheduler, so a scheduler alone cannot run DLG in them: ``DLGPipeline.from_pipe(pipe, classifier=...)`` reuses
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from diffusers import ConfigMixin, SchedulerMixin
@@ -26,7 +27,7 @@ from diffusers.schedulers.scheduling_sde_ve import SdeVeOutput
 
 from .classifier import NoiseClassifier
 from .integrators import INTEGRATORS, steps_for_nfe
-from .sampler import DLGSampler
+from .sampler import KERNELS, DLGSampler
 
 #: Pipelines whose own ``__call__`` runs with :class:`DLGScheduler`.
 SCHEDULER_PIPELINES = ("DDPMPipeline", "DDIMPipeline", "ScoreSdeVePipeline")
@@ -86,6 +87,33 @@ def text_conditions(pipe: Any, prompts: list[str], negative_prompts: list[str | 
     return out
 
 
+#: What ``DLGSampler`` uses for a setting left out (``None`` in the pipelines' settings).
+SAMPLER_DEFAULTS = {k: p.default for k, p in inspect.signature(DLGSampler).parameters.items()
+                    if p.default is not inspect.Parameter.empty}
+
+
+def _gibbs_per_output(kernel: str, gibbs_steps: int | None) -> int:
+    """Gibbs steps each output pays for (none with the restart kernel)."""
+    return (gibbs_steps or SAMPLER_DEFAULTS["gibbs_steps"]) if kernel == "gibbs" else 0
+
+
+def _whole_cost(samplers: Iterable[DLGSampler], returned: int | None = None, **own_calls: int) -> dict[str, Any]:
+    """Every model evaluation of ``samplers`` (warm-ups included) and the pipeline's ``own_calls`` (by name) over
+    the samples returned (default: the samplers' own count): ``nfe_per_sample`` first, then ``nfe_split`` (per
+    phase, per sample), ``model_evaluations`` and ``samples``."""
+    evaluations, split, samples = sum(own_calls.values()), dict(own_calls), 0
+    for sampler in samplers:
+        st = sampler.stats
+        evaluations += st["model_evaluations"]
+        samples += st["samples"]
+        for phase, per_sample in st["nfe_split"].items():
+            split[phase] = split.get(phase, 0) + (round(per_sample * st["samples"]) if st["samples"] else 0)
+    returned = samples if returned is None else returned
+    per = (lambda v: v / returned) if returned else (lambda v: float("nan"))
+    return {"nfe_per_sample": per(evaluations), "nfe_split": {k: per(v) for k, v in split.items()},
+            "model_evaluations": evaluations, "samples": returned}
+
+
 class DLGScheduler(SchedulerMixin, ConfigMixin):
     """Drop-in DLG for ``DDPMPipeline``, ``DDIMPipeline`` and ``ScoreSdeVePipeline``.
 
@@ -94,11 +122,14 @@ class DLGScheduler(SchedulerMixin, ConfigMixin):
     1. timestep ``T`` on the pipeline's own starting noise. A call on pure noise carries nothing the persistent
        chains need, so it is counted in the budget as the price of running inside the pipeline's loop (the
        :class:`DLGSampler` API and :class:`DLGPipeline` do not pay it); its ``step`` runs the DLG batch with the
-       bound model: Gibbs steps, selection, denoising down to the grid's lowest level, and returns the states there.
+       bound model: the chain move (the restart lift, or Gibbs steps and selection), denoising down to the model's
+       lowest level, and returns the states there.
     2. timestep 0 on those states: the **Tweedie step**, computed from the pipeline's own model output.
 
-    ``num_inference_steps`` is the budget of model calls per sample: ``1 + gibbs_steps + denoising + 1``; the
-    denoising steps are the most that fit. The chains persist across calls (one set per batch size).
+    ``num_inference_steps`` is the budget of model calls per output: ``1 + denoising + 1`` (restart kernel; the
+    Gibbs kernel adds ``gibbs_steps``); the denoising steps are the most that fit. The chains persist across calls
+    (one set per batch size), so the one-time warm-up is paid by the first call: ``.stats["nfe_per_sample"]``
+    counts it, with the first calls, over every sample returned.
 
     Saving: ``save_pretrained(folder)`` (also through ``pipe.save_pretrained``) writes the settings, the model's
     original schedule and the classifier reference. A Hub repo id is stored as it is; a local classifier (a folder
@@ -110,8 +141,9 @@ class DLGScheduler(SchedulerMixin, ConfigMixin):
     Args:
         classifier: noise classifier folder or Hub repo id (what ``save_pretrained`` stores: the repo id, or
             ``"classifier"`` relative to the saved folder); ``from_pipe`` also takes an instance.
-        step_size, gibbs_steps, integrator, num_chains, seed, warmup_steps: the :class:`DLGSampler` settings
-            (``num_chains`` default: the batch size).
+        kernel, restart_sigma, integrator, step_size, gibbs_steps, num_chains, seed, warmup_steps: the
+            :class:`DLGSampler` settings; ``None`` takes the sampler's own default (``restart_sigma``: from the
+            warm-up's data scale; ``num_chains``: the batch size).
         base_scheduler: the pipeline's original scheduler (``{"class_name": ..., "config": {...}}``), recorded by
             ``from_pipe``: it defines the model's noise schedule.
         correct_steps: 0, so ``ScoreSdeVePipeline`` makes no corrector calls.
@@ -121,14 +153,18 @@ class DLGScheduler(SchedulerMixin, ConfigMixin):
     order = 1
 
     @register_to_config
-    def __init__(self, classifier: str | None = None, step_size: float = 0.1, gibbs_steps: int = 2,
-                 integrator: str = "karras_heun", num_chains: int | None = None, seed: int = 0,
-                 warmup_steps: int = 20, base_scheduler: dict | None = None, correct_steps: int = 0):
+    def __init__(self, classifier: str | None = None, kernel: str = "restart", restart_sigma: float | None = None,
+                 integrator: str = "dpmpp_2m", step_size: float | None = None, gibbs_steps: int | None = None,
+                 num_chains: int | None = None, seed: int = 0, warmup_steps: int | None = None,
+                 base_scheduler: dict | None = None, correct_steps: int = 0):
         if integrator not in INTEGRATORS:
             raise ValueError(f"unknown integrator {integrator!r}: DLGScheduler uses one of {sorted(INTEGRATORS)}.")
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}.")
         self.score, self.classifier = None, None
         self.samplers: dict[int, DLGSampler] = {}
         self._pending: dict[int, torch.Tensor] = {}  # denoised states awaiting their Tweedie step, per batch size
+        self._returned = 0  # samples handed back to the pipeline
         self.timesteps = torch.tensor([0])
         self.sigmas = torch.tensor([1.0])
         self.num_inference_steps: int | None = None
@@ -140,11 +176,13 @@ class DLGScheduler(SchedulerMixin, ConfigMixin):
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_pipe(cls, pipe: Any, classifier: NoiseClassifier | str | Path | None = None, **kwargs: Any) -> "DLGScheduler":
-        """``pipe.scheduler = DLGScheduler.from_pipe(pipe, classifier=...)`` for an unconditional pipeline."""
+        """``pipe.scheduler = DLGScheduler.from_pipe(pipe, classifier=...)`` for an unconditional pipeline; on a pipeline
+        that already has a DLGScheduler, its settings are kept unless ``kwargs`` change them."""
         _check_unconditional(pipe)
         base = pipe.scheduler
-        if isinstance(base, DLGScheduler):
-            kwargs.setdefault("base_scheduler", base.config.base_scheduler)
+        if isinstance(base, DLGScheduler):  # e.g. a saved DLG pipeline reloaded: its settings and schedule go on
+            settings = inspect.signature(cls.__init__).parameters
+            kwargs = {**{k: v for k, v in base.config.items() if k in settings and k != "classifier"}, **kwargs}
             classifier = classifier if classifier is not None else base.config.classifier
         else:
             kwargs["base_scheduler"] = {"class_name": type(base).__name__, "config": dict(base.config)}
@@ -206,7 +244,7 @@ class DLGScheduler(SchedulerMixin, ConfigMixin):
         self.score = DiffusersVPScore(model, base) if self.vp else DiffusersVEScore.from_scheduler(model, base)
         self.classifier = classifier if classifier is not None else _resolve_classifier(self.config.classifier)[0]
         self.classifier.levels.check_covers(self.score.sigma_min, self.score.sigma_max)
-        self.samplers, self._pending = {}, {}
+        self.samplers, self._pending, self._first_calls, self._returned = {}, {}, 0, 0
         self.num_train_timesteps = base.config.get("num_train_timesteps", 1000)
         self.init_noise_sigma = 1.0 if self.vp else self.score.sigma_max
         return self
@@ -214,11 +252,13 @@ class DLGScheduler(SchedulerMixin, ConfigMixin):
     def _sampler(self, batch: int, device: torch.device) -> DLGSampler:
         if batch not in self.samplers:
             c = self.config
+            given = {"restart_sigma": c.restart_sigma, "step_size": c.step_size, "gibbs_steps": c.gibbs_steps,
+                     "warmup_steps": c.warmup_steps}
             self.samplers[batch] = DLGSampler(
                 self.score, self.classifier, self.classifier.levels, shape=self.classifier.sample_shape,
-                num_chains=c.num_chains or batch, integrator=c.integrator, denoise_steps=self.denoise_steps,
-                gibbs_steps=c.gibbs_steps, step_size=c.step_size, warmup_steps=c.warmup_steps, seed=c.seed,
-                tweedie_sigma=self.score.sigma_min, device=device)
+                num_chains=c.num_chains or batch, kernel=c.kernel, integrator=c.integrator,
+                denoise_steps=self.denoise_steps, seed=c.seed, tweedie_sigma=self.score.sigma_min, device=device,
+                **{k: v for k, v in given.items() if v is not None})
         sampler = self.samplers[batch]
         sampler.denoise_steps = self.denoise_steps
         return sampler
@@ -230,14 +270,14 @@ class DLGScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError("DLGScheduler is not bound to a model: assign pipe.scheduler = "
                              "DLGScheduler.from_pipe(pipe, classifier=...) (not DLGScheduler() or from_pretrained alone; "
                              "after from_pretrained call .bind(pipe.unet)).")
-        budget = int(num_inference_steps) - 1 - self.config.gibbs_steps  # minus the first call and the Gibbs steps
+        gibbs = _gibbs_per_output(self.config.kernel, self.config.gibbs_steps)
+        budget = int(num_inference_steps) - 1 - gibbs  # minus the first call and the Gibbs steps
         steps = steps_for_nfe(self.config.integrator, budget, dlg=True) if budget > 0 else None
         if steps is None:
-            minimum = 1 + self.config.gibbs_steps + min(
-                n for n in range(2, 10) if steps_for_nfe(self.config.integrator, n, dlg=True))
+            minimum = 1 + gibbs + min(n for n in range(2, 10) if steps_for_nfe(self.config.integrator, n, dlg=True))
             raise ValueError(f"num_inference_steps={num_inference_steps} is below DLGScheduler's minimum {minimum} "
-                             f"(1 pipeline call + {self.config.gibbs_steps} Gibbs + denoising + Tweedie): raise it "
-                             "or lower gibbs_steps.")
+                             f"(1 pipeline call + {f'{gibbs} Gibbs + ' if gibbs else ''}denoising + Tweedie): raise "
+                             f"it{' or lower gibbs_steps' if gibbs else ''}.")
         self.num_inference_steps, self.denoise_steps = int(num_inference_steps), steps
         top = self.num_train_timesteps - 1 if self.vp else 1.0
         self.timesteps = torch.tensor([top, 0], device=device)
@@ -269,6 +309,7 @@ class DLGScheduler(SchedulerMixin, ConfigMixin):
             x = self._pending.pop(batch)
             prev = self._tweedie(model_output, x)
             self._step_index = 0
+            self._returned += batch
         prev = prev.to(sample.dtype)
         if not return_dict:
             return (prev,)
@@ -306,17 +347,14 @@ class DLGScheduler(SchedulerMixin, ConfigMixin):
 
     @property
     def stats(self) -> dict[str, Any]:
-        """NFE per sample over every call: the sampler's split plus the pipeline's first call."""
-        calls = {"gibbs": 0.0, "denoise": 0.0, "tweedie": 0.0}
-        samples = 0
-        for sampler in self.samplers.values():
-            st = sampler.stats
-            for k in calls:
-                calls[k] += st["nfe_per_sample"][k] * st["samples"]
-            samples += st["samples"]
-        per_sample = {k: v / max(samples, 1) for k, v in calls.items()}
-        per_sample["pipeline_first_call"] = self._first_calls / max(samples, 1)
-        return {"nfe_per_sample": {**per_sample, "total": sum(per_sample.values())}, "samples": samples,
+        """The whole cost first: ``nfe_per_sample`` is every model call (the pipeline's first calls, the warm-ups,
+        the chain moves, denoising and the pipeline's Tweedie calls) over the samples returned to the pipeline;
+        ``nfe_split`` the same per phase; then, per batch size, the chains' settings and mixing."""
+        return {**_whole_cost(self.samplers.values(), self._returned, pipeline_first_call=self._first_calls),
+                "kernel": self.config.kernel,
+                "restart_sigma": {b: s.restart_sigma for b, s in self.samplers.items()},
+                "chains": {b: s.num_chains for b, s in self.samplers.items()},
+                "lag1_autocorr": {b: s.stats["lag1_autocorr"] for b, s in self.samplers.items()},
                 "warmup_nfe_per_chain": {b: s.stats["warmup_nfe_per_chain"] for b, s in self.samplers.items()}}
 
     def __len__(self) -> int:
@@ -330,14 +368,22 @@ class DLGPipeline:
     classifier-free guidance, VAE), DiT-style class-conditional (``transformer`` + ``class_labels``, null class for
     guidance) and unconditional pipelines. ``__call__`` returns the pipeline's usual ``.images`` output (PIL / np /
     pt). Chains persist per condition (prompt, negative prompt, class, guidance scale); the noise classifier works on
-    the model's samples (latents for latent models).
+    the model's samples (latents for latent models). ``.stats`` leads with the whole cost per image, the warm-ups
+    included.
+
+    Args:
+        pipe, classifier: the loaded pipeline and a noise classifier for its model.
+        kernel, restart_sigma, integrator, num_chains, seed: :class:`DLGSampler` settings (``restart_sigma=None``:
+            from the warm-up's data scale); ``sampler_kwargs``: any other (``step_size``, ``gibbs_steps`` for the
+            Gibbs kernel, ``warmup_steps`` ...), the sampler's own defaults where left out.
     """
 
-    def __init__(self, pipe: Any, classifier: NoiseClassifier, *, step_size: float = 0.1, gibbs_steps: int = 2,
-                 integrator: str = "karras_heun", num_chains: int = 16, seed: int = 0, **sampler_kwargs: Any):
+    def __init__(self, pipe: Any, classifier: NoiseClassifier, *, kernel: str = "restart",
+                 restart_sigma: float | None = None, integrator: str = "dpmpp_2m", num_chains: int = 16, seed: int = 0,
+                 **sampler_kwargs: Any):
         self.pipe, self.classifier = pipe, classifier
-        self.settings = dict(step_size=step_size, gibbs_steps=gibbs_steps, integrator=integrator,
-                             num_chains=num_chains, seed=seed, **sampler_kwargs)
+        self.settings = dict(kernel=kernel, restart_sigma=restart_sigma, integrator=integrator, num_chains=num_chains,
+                             seed=seed, **sampler_kwargs)
         self.samplers: dict[tuple, DLGSampler] = {}
         model = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
         if model is None:
@@ -353,7 +399,7 @@ class DLGPipeline:
 
     @classmethod
     def from_pipe(cls, pipe: Any, classifier: NoiseClassifier | str | Path | None = None, **kwargs: Any) -> "DLGPipeline":
-        """Wrap a loaded diffusers pipeline; ``kwargs`` are DLG settings (``step_size``, ``gibbs_steps`` ...)."""
+        """Wrap a loaded diffusers pipeline; ``kwargs`` are DLG settings (``kernel``, ``num_chains`` ...)."""
         return cls(pipe, _resolve_classifier(classifier)[0], **kwargs)
 
     def _conditions(self, prompt, negative_prompt, class_labels, guidance_scale: float, device) -> list[tuple]:
@@ -383,15 +429,19 @@ class DLGPipeline:
                  num_inference_steps: int = 10, num_images_per_prompt: int = 1, generator: torch.Generator | None = None,
                  output_type: str = "pil", return_dict: bool = True):
         """Generate ``num_images_per_prompt`` images per condition with ``num_inference_steps`` guided model
-        evaluations per image (Gibbs + denoising + Tweedie; a guided evaluation is one doubled-batch call)."""
+        evaluations per image (denoising + Tweedie, and the Gibbs steps of the Gibbs kernel; a guided evaluation is
+        one doubled-batch call). The one-time warm-up of each condition's chains comes on top: see ``.stats``."""
         from .adapters import DiffusersVPScore, decode_latents
 
         device = self.model.device
         integrator = self.settings["integrator"]
-        steps = steps_for_nfe(integrator, num_inference_steps - self.settings["gibbs_steps"], dlg=True)
+        gibbs = _gibbs_per_output(self.settings["kernel"], self.settings.get("gibbs_steps"))
+        steps = steps_for_nfe(integrator, num_inference_steps - gibbs, dlg=True) if num_inference_steps > gibbs \
+            else None
         if steps is None:
-            raise ValueError(f"num_inference_steps={num_inference_steps} leaves no room for denoising after "
-                             f"{self.settings['gibbs_steps']} Gibbs steps: raise it or lower gibbs_steps.")
+            raise ValueError(f"num_inference_steps={num_inference_steps} leaves no room for {integrator} denoising "
+                             f"and the Tweedie step{f' after {gibbs} Gibbs steps' if gibbs else ''}: raise it"
+                             f"{' or lower gibbs_steps' if gibbs else ''}.")
         latents = []
         for key, cond, uncond in self._conditions(prompt, negative_prompt, class_labels, guidance_scale, device):
             key = (*key, guidance_scale, guidance_rescale)
@@ -399,12 +449,8 @@ class DLGPipeline:
                 score = DiffusersVPScore(self.model, self.pipe.scheduler, guidance_scale=guidance_scale,
                                          guidance_rescale=guidance_rescale, cond_kwargs=cond, uncond_kwargs=uncond)
                 self.classifier.levels.check_covers(score.sigma_min, score.sigma_max)
-                s = self.settings
-                self.samplers[key] = DLGSampler(
-                    score, self.classifier, self.classifier.levels, shape=self.shape, num_chains=s["num_chains"],
-                    integrator=integrator, denoise_steps=steps, gibbs_steps=s["gibbs_steps"],
-                    step_size=s["step_size"], seed=s["seed"], device=device,
-                    **{k: v for k, v in s.items() if k not in ("step_size", "gibbs_steps", "integrator", "num_chains", "seed")})
+                self.samplers[key] = DLGSampler(score, self.classifier, self.classifier.levels, shape=self.shape,
+                                                denoise_steps=steps, device=device, **self.settings)
             sampler = self.samplers[key]
             sampler.denoise_steps = steps
             latents.append(sampler.sample(num_images_per_prompt, generator))
@@ -420,3 +466,11 @@ class DLGPipeline:
                 images = images.permute(0, 2, 3, 1).float().cpu().numpy()
                 images = self.pipe.numpy_to_pil(images) if output_type == "pil" else images
         return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """The whole cost first: ``nfe_per_sample`` is every guided model evaluation (warm-ups included) over the
+        images returned, over all conditions; ``nfe_split`` per phase; then each condition's chains' mixing."""
+        return {**_whole_cost(self.samplers.values()), "kernel": self.settings["kernel"],
+                "restart_sigma": {k: s.restart_sigma for k, s in self.samplers.items()},
+                "lag1_autocorr": {k: s.stats["lag1_autocorr"] for k, s in self.samplers.items()}}

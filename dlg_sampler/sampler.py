@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -369,12 +370,18 @@ class DLGSampler:
         """Count ``k`` Tweedie steps made by a caller after ``denoise(..., tweedie=False)``."""
         self._counts["tweedie"] += k
 
-    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Exactly ``n`` samples ``[n, *shape]`` from as many batches as needed (leftovers are kept for the next call)."""
+    def sample(self, n: int, generator: torch.Generator | None = None, *, progress_bar: tqdm | None = None
+               ) -> torch.Tensor:
+        """Exactly ``n`` samples ``[n, *shape]`` from as many batches as needed (leftovers are kept for the next call).
+
+        ``progress_bar``: a caller's tqdm bar (e.g. one over several calls, sized with :meth:`planned_nfe`), advanced
+        by every model evaluation instead of the sampler's own bar; the caller closes it.
+        """
         n = check_steps(n, "n")
         out, have = [self._buffer], len(self._buffer)
-        with tqdm(total=self.planned_nfe(n - have), disable=not self.progress, desc="DLG", unit="NFE",
-                  unit_scale=True) as bar:
+        context = tqdm(total=self.planned_nfe(n), disable=not self.progress, desc="DLG", unit="NFE", unit_scale=True) \
+            if progress_bar is None else nullcontext(progress_bar)
+        with context as bar:
             self.score.bar = bar
             try:
                 empty = 0
@@ -396,10 +403,11 @@ class DLGSampler:
         return samples[:n]
 
     def planned_nfe(self, n: int) -> int:
-        """Model evaluations (all samples together) the next ``n`` samples will cost, warm-up included if due."""
+        """Model evaluations (all samples together) the next ``n`` samples will cost, warm-up included if due
+        (samples already made and kept for the next call cost nothing)."""
         from .integrators import count_nfe
 
-        batches = math.ceil(max(n, 0) / self.num_chains)
+        batches = math.ceil(max(n - len(self._buffer), 0) / self.num_chains)
         per_batch = count_nfe(self.integrator, self.denoise_steps, dlg=isinstance(self.integrator, str))
         if self.kernel == "gibbs":
             per_batch += self.gibbs_steps

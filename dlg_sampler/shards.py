@@ -44,12 +44,16 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _flatten_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split a sampler ``state_dict`` into tensors (``state.<key>``) and JSON-able rest."""
+def _flatten_state(state: dict[str, Any], prefix: str = "state.") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split a sampler ``state_dict`` into tensors (``state.<key>``, ``state.<key>.<subkey>`` inside nested dicts
+    such as the output correlation's) and the JSON-able rest."""
     tensors, rest = {}, {}
     for key, value in state.items():
         if isinstance(value, torch.Tensor):
-            tensors[f"state.{key}"] = value.detach().contiguous().cpu()
+            tensors[f"{prefix}{key}"] = value.detach().contiguous().cpu()
+        elif isinstance(value, dict) and any(isinstance(v, torch.Tensor) for v in value.values()):
+            inner, rest[key] = _flatten_state(value, f"{prefix}{key}.")
+            tensors.update(inner)
         else:
             rest[key] = value
     return tensors, rest
@@ -62,11 +66,15 @@ class ShardWriter:
         out_dir: the output folder (created).
         config: everything that determines the samples (model, classifier, sampler settings, seed, n, shard size);
             a folder written with another config is refused, naming the differing settings, unless ``overwrite``.
+        derived: keys of ``config`` whose values the run derives from the others (the settings a pilot chose):
+            written to the manifest with the rest, not compared on resume, and restored from the manifest then.
+            A fresh run sets them (``writer.config[key] = ...``) before its first shard.
         overwrite: discard an existing run in ``out_dir``.
         prefix: shard / manifest name prefix (one writer per process shares a folder: ``"p0-"``, ``"p1-"`` ...).
     """
 
-    def __init__(self, out_dir: str | Path, config: dict[str, Any], *, overwrite: bool = False, prefix: str = ""):
+    def __init__(self, out_dir: str | Path, config: dict[str, Any], *, derived: tuple[str, ...] = (),
+                 overwrite: bool = False, prefix: str = ""):
         self.out_dir = Path(out_dir)
         if self.out_dir.exists() and not self.out_dir.is_dir():
             raise ValueError(f"--out-dir {self.out_dir} is a file, not a folder: pass a folder path.")
@@ -78,6 +86,7 @@ class ShardWriter:
         except OSError as err:
             raise ValueError(f"cannot write to {self.out_dir} ({err.strerror}): pass a writable --out-dir.") from err
         self.config = json.loads(json.dumps(config))
+        self.derived = tuple(derived)
         self.prefix = prefix
         self.manifest_path = self.out_dir / f"{prefix}{MANIFEST}"
         self.shards: list[dict[str, Any]] = []
@@ -101,11 +110,13 @@ class ShardWriter:
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise ValueError(f"{self.manifest_path} is corrupt ({err}): delete it to restart from its shards' "
                              "beginning, or pass --overwrite to start over.") from err
-        if saved != self.config:
-            diff = sorted(k for k in set(saved) | set(self.config) if saved.get(k) != self.config.get(k))
+        diff = sorted(k for k in set(saved) | set(self.config)
+                      if k not in self.derived and saved.get(k) != self.config.get(k))
+        if diff:
             details = ", ".join(f"{k}: {saved.get(k)!r} -> {self.config.get(k)!r}" for k in diff)
             raise ValueError(f"{self.out_dir} holds a run with a different configuration ({details}): rerun with the "
                              "same settings to resume, pass another --out-dir, or --overwrite to discard it.")
+        self.config.update({k: saved[k] for k in self.derived if k in saved})
         for entry in shards:  # keep the longest prefix of shards that are intact
             path = self.out_dir / entry["file"]
             if not path.exists() or _sha256(path) != entry["sha256"]:
@@ -135,7 +146,13 @@ class ShardWriter:
         tensors = load_file(str(path))
         with safe_open(str(path), "pt") as f:
             state = json.loads(f.metadata()["state"])
-        state.update({k[len("state."):]: v for k, v in tensors.items() if k.startswith("state.")})
+        for name, tensor in tensors.items():
+            if name.startswith("state."):
+                *outer, key = name[len("state."):].split(".")
+                target = state
+                for part in outer:
+                    target = target.setdefault(part, {})
+                target[key] = tensor
         return state
 
     def write(self, samples: torch.Tensor, state: dict[str, Any]) -> Path:

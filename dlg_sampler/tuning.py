@@ -47,34 +47,18 @@ TARGET_LAG1 = 0.2
 OUTPUTS_PER_CHAIN = 20
 
 
-def for_budget(score, noise_posterior, *, shape: tuple[int, ...], nfe: float, n: int, num_chains: int | None = None,
-               seed: int | None = None, levels: NoiseLevels | None = None,
-               outputs_per_chain: int = OUTPUTS_PER_CHAIN, target_lag1: float = TARGET_LAG1,
-               device: torch.device | str | None = None, **overrides: Any) -> DLGSampler:
-    """A :class:`DLGSampler` whose whole cost per sample (pilot and warm-up amortised over ``n``) fits ``nfe``.
+def plan_budget(nfe: float, n: int, *, num_chains: int | None = None, outputs_per_chain: int = OUTPUTS_PER_CHAIN,
+                **overrides: Any) -> dict[str, Any]:
+    """The budget's arithmetic, which needs no model: what :func:`for_budget` will choose before its pilot.
 
-    Args:
-        score, noise_posterior, shape: as for :class:`DLGSampler` (the grid is ``noise_posterior.levels`` unless
-            ``levels`` is given).
-        nfe: budget of model evaluations per sample, everything counted.
-        n: samples the run will draw (the warm-up and the pilot are amortised over them).
-        num_chains: chains (default ``ceil(n / outputs_per_chain)``).
-        seed: seeds the pilot and the sampler: the choice is deterministic under it.
-        target_lag1: the largest acceptable lag-1 autocorrelation of consecutive outputs.
-        overrides: any :class:`DLGSampler` setting, taken as given (``restart_sigma=`` skips the pilot's search;
-            ``kernel="gibbs"`` builds the paper's kernel with the budget's denoising steps and no pilot).
-
-    Returns:
-        the sampler, with ``.tuning`` holding the choice, the pilot's measurements and the predicted cost; the
-        pilot's model evaluations are already counted in its ``.stats``.
+    Returns ``settings`` (``num_chains``, ``kernel``, ``integrator``, ``denoise_steps``, the warm-up, and
+    ``gibbs_steps`` for the Gibbs kernel; ``overrides`` included as given), ``pilot_chains`` (0: no pilot) and
+    ``predicted_nfe_per_sample`` (pilot and warm-up amortised over ``n``). Raises a ``ValueError`` naming the
+    smallest budget that fits when one output does not.
     """
     n = check_steps(n, "n")
     if isinstance(nfe, bool) or not isinstance(nfe, (int, float)) or not math.isfinite(nfe) or nfe <= 0:
         raise ValueError(f"nfe must be a positive number of model evaluations per sample, got {nfe!r}.")
-    levels = levels or getattr(noise_posterior, "levels", None)
-    if not isinstance(levels, NoiseLevels):
-        raise ValueError("the noise grid is unknown: pass levels=NoiseLevels(...) or a noise posterior with .levels "
-                         "(a NoiseClassifier).")
     chains = num_chains or min(n, math.ceil(n / outputs_per_chain))
     chains = check_steps(chains, "num_chains")
     kernel = overrides.get("kernel", "restart")
@@ -114,18 +98,51 @@ def for_budget(score, noise_posterior, *, shape: tuple[int, ...], nfe: float, n:
     settings = {"num_chains": chains, "kernel": kernel, "integrator": integrator, "denoise_steps": steps,
                 **({"gibbs_steps": gibbs_steps} if kernel == "gibbs" else {}), **overrides,
                 "warmup_integrator": warmup_integrator, "warmup_steps": warmup_steps}
+    return {"settings": settings, "pilot_chains": pilot_chains, "predicted_nfe_per_sample": predicted}
+
+
+def for_budget(score, noise_posterior, *, shape: tuple[int, ...], nfe: float, n: int, num_chains: int | None = None,
+               seed: int | None = None, levels: NoiseLevels | None = None,
+               outputs_per_chain: int = OUTPUTS_PER_CHAIN, target_lag1: float = TARGET_LAG1,
+               device: torch.device | str | None = None, **overrides: Any) -> DLGSampler:
+    """A :class:`DLGSampler` whose whole cost per sample (pilot and warm-up amortised over ``n``) fits ``nfe``.
+
+    Args:
+        score, noise_posterior, shape: as for :class:`DLGSampler` (the grid is ``noise_posterior.levels`` unless
+            ``levels`` is given).
+        nfe: budget of model evaluations per sample, everything counted.
+        n: samples the run will draw (the warm-up and the pilot are amortised over them).
+        num_chains: chains (default ``ceil(n / outputs_per_chain)``).
+        seed: seeds the pilot and the sampler: the choice is deterministic under it.
+        target_lag1: the largest acceptable lag-1 autocorrelation of consecutive outputs.
+        overrides: any :class:`DLGSampler` setting, taken as given (``restart_sigma=`` skips the pilot's search;
+            ``kernel="gibbs"`` builds the paper's kernel with the budget's denoising steps and no pilot).
+
+    Returns:
+        the sampler, with ``.tuning`` holding the choice, the pilot's measurements and the predicted cost; the
+        pilot's model evaluations are already counted in its ``.stats``. The arithmetic alone, without a model:
+        :func:`plan_budget`.
+    """
+    plan = plan_budget(nfe, n, num_chains=num_chains, outputs_per_chain=outputs_per_chain, **overrides)
+    levels = levels or getattr(noise_posterior, "levels", None)
+    if not isinstance(levels, NoiseLevels):
+        raise ValueError("the noise grid is unknown: pass levels=NoiseLevels(...) or a noise posterior with .levels "
+                         "(a NoiseClassifier).")
+    settings = plan["settings"]
     sampler = DLGSampler(score, noise_posterior, levels, shape=shape, seed=seed, device=device,
                          **{k: v for k, v in settings.items() if k != "shape"})
-    pilot = _pilot(sampler, pilot_chains, target_lag1, seed) if search else None
+    search = settings["kernel"] == "restart" and settings.get("restart_sigma") is None
+    pilot = _pilot(sampler, plan["pilot_chains"], target_lag1, seed) if search else None
     if pilot is not None:
         sampler.restart_sigma = pilot["restart_sigma"]
+    integrator = settings["integrator"]
     sampler.tuning = {
         "budget": {"nfe": nfe, "n": n},
         "settings": {**{k: v for k, v in settings.items() if k in ("num_chains", "kernel", "denoise_steps",
                                                                      "gibbs_steps", "step_size", "warmup_steps")},
                      "integrator": integrator if isinstance(integrator, str) else type(integrator).__name__,
                      "restart_sigma": sampler.restart_sigma},
-        "predicted_nfe_per_sample": predicted, "pilot": pilot,
+        "predicted_nfe_per_sample": plan["predicted_nfe_per_sample"], "pilot": pilot,
     }
     return sampler
 

@@ -3,7 +3,9 @@
     python examples/drop_in_scheduler.py --batch-size 16 --steps 10
 
 Works for DDPMPipeline, DDIMPipeline and ScoreSdeVePipeline; conditional / latent pipelines use
-``DLGPipeline.from_pipe`` (see examples/text_to_image.py). ``num_inference_steps`` is the NFE budget per sample.
+``DLGPipeline.from_pipe`` (see examples/text_to_image.py). ``num_inference_steps`` is the budget of model calls per
+sample (the pipeline's first call, denoising, the Tweedie call); the chains' one-time warm-up comes on top and is
+counted in ``.stats``.
 """
 
 import argparse
@@ -24,7 +26,9 @@ pipe = DDPMPipeline.from_pretrained(PIPELINE_DIR)
 pipe.scheduler = DLGScheduler.from_pipe(pipe, classifier=str(CLASSIFIER_DIR))
 for call in range(2):  # the chains persist across calls: the warm-up is paid once
     images = pipe(batch_size=args.batch_size, num_inference_steps=args.steps).images
-    print(f"call {call}: {len(images)} images, NFE per sample {pipe.scheduler.stats['nfe_per_sample']}")
+    st = pipe.scheduler.stats  # every model call so far, the warm-up and the pipeline's first calls included
+    print(f"call {call}: {len(images)} images, NFE per sample {st['nfe_per_sample']:.2f} in total",
+          {k: round(v, 2) for k, v in st["nfe_split"].items()})
 image_grid(images).save(args.out)
 # The saved folder holds the classifier too (dlg_scheduler/classifier, referenced relative to the folder), so it can
 # be moved or pushed as it is. Reload: DLGScheduler.from_pretrained("dlg_scheduler").bind(pipe.unet); another

@@ -20,15 +20,15 @@ parser.add_argument("--sde", default="vp", choices=["vp", "subvp", "ve"])
 parser.add_argument("--shape", type=int, nargs="+", required=True)
 parser.add_argument("--classifier", required=True)
 parser.add_argument("--n", type=int, default=64)
+parser.add_argument("--nfe", type=int, default=10, help="model evaluations per sample, everything counted")
 parser.add_argument("--out", default="score_sde_samples.pt")
 args = parser.parse_args()
 
 model = load_model(args.checkpoint, score_sde_net=args.net, sde=args.sde, shape=tuple(args.shape))
 classifier = load_classifier(args.classifier)
-sampler = DLGSampler(model.score, classifier, classifier.levels, shape=model.shape, num_chains=args.n,
-                     denoise_steps=4, gibbs_steps=2, step_size=0.1, seed=0)
+sampler = DLGSampler.for_budget(model.score, classifier, shape=model.shape, nfe=args.nfe, n=args.n, seed=0)
 x = sampler.sample(args.n)
-print(f"{len(x)} samples {list(x.shape[1:])}, NFE per sample {sampler.stats['nfe_per_sample']}")
+print(f"{len(x)} samples {list(x.shape[1:])}, NFE per sample {sampler.stats['nfe_per_sample']:.2f} in total")
 
 import torch  # noqa: E402
 

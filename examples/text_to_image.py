@@ -33,4 +33,5 @@ dlg = DLGPipeline.from_pipe(pipe, classifier=args.classifier, num_chains=args.ch
 images = dlg(args.prompt, guidance_scale=args.guidance_scale, num_inference_steps=args.steps,
              num_images_per_prompt=args.n).images
 image_grid(images).save(args.out)
-print(f"wrote {args.out}; NFE per image {next(iter(dlg.samplers.values())).stats['nfe_per_sample']}")
+print(f"wrote {args.out}; NFE per image {dlg.stats['nfe_per_sample']:.2f} in total (guided evaluations, the chains' "
+      "warm-up included)")

@@ -1,7 +1,7 @@
-"""DLG warm-starts any diffusers scheduler: the chains' low-noise states are finished by DPM-Solver++ (or any
+"""DLG warm-starts any diffusers scheduler: each restart move's lifted state is denoised by DPM-Solver++ (or any
 scheduler of ``dlg_sampler.schedulers.supported_schedulers()``) configured from the pipeline's own scheduler.
 
-    python examples/warm_start_scheduler.py --scheduler DPMSolverMultistepScheduler --n 500
+    python examples/warm_start_scheduler.py --scheduler DPMSolverMultistepScheduler --nfe 10 --n 500
 """
 
 import argparse
@@ -16,7 +16,7 @@ from dlg_sampler.digits import CLASSIFIER_DIR, PIPELINE_DIR, DigitsEvaluator
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--scheduler", default="DPMSolverMultistepScheduler")
-parser.add_argument("--steps", type=int, default=5, help="scheduler steps after the Gibbs steps")
+parser.add_argument("--nfe", type=int, default=10, help="model evaluations per sample, everything counted")
 parser.add_argument("--n", type=int, default=500)
 args = parser.parse_args()
 
@@ -24,16 +24,16 @@ pipe = DDPMPipeline.from_pretrained(PIPELINE_DIR)
 score = from_pipeline(pipe)
 scheduler = getattr(diffusers, args.scheduler).from_config(pipe.scheduler.config)
 classifier = NoiseClassifier.from_pretrained(CLASSIFIER_DIR)
-sampler = DLGSampler(score, classifier, classifier.levels, shape=(1, 8, 8), num_chains=args.n,
-                     integrator=scheduler, denoise_steps=args.steps, gibbs_steps=2, step_size=0.1, seed=0)
-x = sampler.sample(args.n)
+sampler = DLGSampler.for_budget(score, classifier, shape=(1, 8, 8), nfe=args.nfe, n=args.n, integrator=scheduler,
+                                seed=0)
+x = sampler.sample(args.n).clamp(-1, 1)
 evaluator = DigitsEvaluator()
-nfe = sampler.stats["nfe_per_sample"]
-print(f"DLG + {args.scheduler}: NFE {nfe['total']:.1f}, FD {evaluator.evaluate(x)['fd']:.3f}")
+nfe = sampler.stats["nfe_per_sample"]  # every evaluation, the warm-up included, over the samples
+print(f"DLG + {args.scheduler} ({sampler.denoise_steps} steps per output): NFE {nfe:.2f} in total, "
+      f"FD {evaluator.evaluate(x)['fd']:.3f}")
 
-# The same scheduler alone from pure noise, at the same NFE, through the same one-signature call ("trailing"
-# spacing: its own schedule must start at the top level, where pure noise lives).
+# The same scheduler alone from pure noise, at the most steps that fit DLG's total, through the same one-signature
+# call ("trailing" spacing: its own schedule must start at the top level, where pure noise lives).
 alone = getattr(diffusers, args.scheduler).from_config(pipe.scheduler.config, timestep_spacing="trailing")
-x0, used = integrate(alone, score, score.sigma_max * torch.randn(args.n, 1, 8, 8), score.sigma_max,
-                     round(nfe["total"]))
-print(f"{args.scheduler} alone: NFE {used}, FD {evaluator.evaluate(x0)['fd']:.3f}")
+x0, used = integrate(alone, score, score.sigma_max * torch.randn(args.n, 1, 8, 8), score.sigma_max, int(nfe))
+print(f"{args.scheduler} alone: NFE {used}, FD {evaluator.evaluate(x0.clamp(-1, 1))['fd']:.3f}")

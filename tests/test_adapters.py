@@ -235,16 +235,16 @@ def test_cfg_adapter_end_to_end_with_dlg_sampler():
                                uncond_kwargs={"encoder_hidden_states": torch.zeros(1, 3, 8)})
     levels = NoiseLevels(0.02, 100.0, 50)
     classifier = NoiseClassifier(0.02, 100.0, 50, sample_shape=(4, 8, 8), channels=(8,), hidden=16)
-    sampler = DLGSampler(adapter, classifier, levels, shape=(4, 8, 8), num_chains=4, denoise_steps=2, gibbs_steps=2,
-                         step_size=0.05, warmup_steps=2, warmup_sweeps=(1, 1), seed=0)
-    with torch.no_grad():
-        out = sampler.sample(4)
-    assert finite_and_shaped(out, (4, 4, 8, 8)) and set(calls) == {8}  # every call: 4 chains, both branches
-    stats = sampler.stats  # one batch: every model call counted once per score evaluation, warm-up included
-    assert len(calls) == stats["warmup_nfe_per_chain"] + stats["nfe_per_sample"]["total"]
-    stats = sampler.stats  # one batch of 4 chains: every model call is counted once, warm-up included
-    assert stats["nfe_per_sample"]["gibbs"] == 2 and len(calls) == stats["warmup_nfe_per_chain"] + \
-        stats["nfe_per_sample"]["total"]
+    for kernel in ({}, {"kernel": "gibbs", "gibbs_steps": 2, "step_size": 0.05, "warmup_sweeps": (1, 1)}):
+        calls.clear()
+        sampler = DLGSampler(adapter, classifier, levels, shape=(4, 8, 8), num_chains=4, denoise_steps=2,
+                             warmup_steps=2, seed=0, **kernel)
+        with torch.no_grad():
+            out = sampler.sample(4)
+        assert finite_and_shaped(out, (4, 4, 8, 8)) and set(calls) == {8}  # every call: 4 chains, both branches
+        stats = sampler.stats  # one batch of 4 chains: each guided call is one evaluation per chain, warm-up included
+        assert len(calls) * 4 == stats["model_evaluations"] == stats["nfe_per_sample"] * 4
+        assert stats["nfe_split"]["gibbs"] == kernel.get("gibbs_steps", 0) and stats["nfe_split"]["warmup"] > 0
 
 
 def test_cross_attention_unet_with_cfg_one_doubled_batch():

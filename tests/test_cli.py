@@ -51,8 +51,13 @@ def tiny_classifier_folder(path: Path) -> Path:
     (["--out", "AFILE/x.png"], "AFILE is a file, so nothing can be written under it"),
     (["--out-dir", "/proc/run"], "--out-dir /proc/run: cannot write there"),
     (["--device", "gpu0"], "--device 'gpu0' is not a device name: use cpu, cuda, cuda:N or mps"),
-    (["--nfe", "4"], "--nfe 4 leaves no room for denoising after 2 Gibbs steps: karras_heun needs at least --nfe 5"),
-    (["--nfe", "3", "--gibbs-steps", "1", "--integrator", "karras_stochastic"], "needs at least --nfe 4"),
+    (["--nfe", "2"], "a budget of 2 model evaluations per sample is too small: one restart output costs at least "
+                     "2.51 (one denoising step, the Tweedie step and the warm-up of 13 chains amortised over n=256); "
+                     "raise --nfe to at least 3"),
+    (["--nfe", "5", "--kernel", "gibbs", "--n", "100"], "raise --nfe to at least 7, or draw more samples per chain "
+                                                        "(more --n or fewer --chains)"),
+    (["--step-size", "0.3"], "--step-size sets the gibbs kernel, but the restart kernel is used: add --kernel gibbs"),
+    (["--kernel", "gibbs", "--restart-sigma", "3"], "--restart-sigma sets the restart kernel, but the gibbs kernel"),
 ])
 def test_sample_refuses_bad_outputs_and_budgets_before_loading(args, message, tmp_path, monkeypatch, capsys,
                                                                no_loading):
@@ -186,8 +191,7 @@ def test_score_sde_network_module_is_found_in_the_current_directory(score_sde_ru
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("PYTHONPATH", None)
     done = subprocess.run([str(BIN / "dlg-sample"), "--model", "checkpoint_1.pth", "--score-sde-net", "my_models:build",
-                           "--shape", "1", "8", "8", "--classifier", "clf", "--n", "4", "--chains", "4",
-                           "--out", "x.png"], cwd=score_sde_run, env=env, capture_output=True, text=True, timeout=300)
+                           "--shape", "1", "8", "8", "--classifier", "clf", "--n", "8", "--out", "x.png"], cwd=score_sde_run, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (score_sde_run / "x.png").exists()
 
@@ -209,7 +213,7 @@ def test_score_sde_network_mistakes_are_clear(net, message, score_sde_run, monke
 # ---------------------------------------------------------------------------------------------------------------
 # --help
 
-@pytest.mark.parametrize("parser", [cli.sample_parser(), cli.train_classifier_parser()])
+@pytest.mark.parametrize("parser", [cli.sample_parser(), cli.train_classifier_parser(), cli.tune_parser()])
 def test_help_explains_every_option_and_shows_defaults(parser):
     undocumented = [a.option_strings[0] for a in parser._actions if a.option_strings and not a.help]
     assert not undocumented

@@ -1,15 +1,18 @@
 """The DLG core against an exact Gaussian mixture (closed-form score and noise posterior)."""
 
+import io
 import math
 import warnings
 
 import pytest
 import torch
+from tqdm.auto import tqdm
 
 from dlg_sampler import INTEGRATORS, DLGSampler, GaussianMixture, NoiseLevels, integrate
 from dlg_sampler.diagnostics import OutputCorrelation, ess_fraction
 from dlg_sampler.gibbs import gibbs_step, sample_sigma_index
 from dlg_sampler.metrics import sliced_wasserstein
+from dlg_sampler.tuning import plan_budget
 
 SIGMA_MAX = 80.0
 
@@ -202,6 +205,19 @@ def test_every_model_evaluation_is_in_the_reported_nfe(kernel, mixture, levels):
     assert st["nfe_split"]["warmup"] * 57 == pytest.approx(st["warmup_nfe_per_chain"] * 16)
 
 
+def test_an_external_progress_bar_counts_every_evaluation_as_planned(mixture, levels):
+    """One caller's bar over several ``sample`` calls: advanced by each model evaluation, sized by planned_nfe."""
+    score = Counting(mixture.score)
+    sampler = DLGSampler(score, mixture.noise_posterior(levels), levels, shape=(8,), num_chains=16, denoise_steps=3,
+                         seed=0)
+    planned = sampler.planned_nfe(50)  # the warm-up and 4 batches of 16
+    with tqdm(total=planned, file=io.StringIO()) as bar:
+        sampler.sample(30, progress_bar=bar)
+        sampler.sample(20, progress_bar=bar)
+    assert bar.n == score.evaluations == planned == 16 * (10 + 4 * 4)
+    assert sampler.planned_nfe(14) == 0 and sampler.planned_nfe(15) == 16 * 4  # 14 samples are already made
+
+
 def test_stats_split_and_exact_n(mixture, levels):
     sampler = DLGSampler(mixture.score, mixture.noise_posterior(levels), levels, shape=(8,), num_chains=64,
                          kernel="gibbs", integrator="karras_heun", denoise_steps=3, gibbs_steps=2, step_size=0.05,
@@ -332,6 +348,18 @@ def test_for_budget_scales_with_the_model(mixture):
     b = DLGSampler.for_budget(big.score, big.noise_posterior(lv_big), shape=(8,), nfe=10, n=5000, seed=1)
     assert b.restart_sigma == pytest.approx(10 * a.restart_sigma, rel=1e-3)
     assert a.denoise_steps == b.denoise_steps and a.num_chains == b.num_chains
+
+
+def test_plan_budget_is_for_budgets_choice_without_a_model(mixture, levels):
+    """What a command line checks before it loads a model is what for_budget then builds."""
+    plan = plan_budget(12, 10_000, kernel="restart")
+    sampler = DLGSampler.for_budget(mixture.score, mixture.noise_posterior(levels), shape=(8,), nfe=12, n=10_000,
+                                    kernel="restart", seed=0)
+    assert plan["settings"]["denoise_steps"] == sampler.denoise_steps and plan["settings"]["num_chains"] == 500
+    assert plan["predicted_nfe_per_sample"] == sampler.tuning["predicted_nfe_per_sample"]
+    assert plan["pilot_chains"] == sampler.tuning["pilot"]["chains"] > 0
+    with pytest.raises(ValueError, match="too small.*raise nfe to at least 3"):
+        plan_budget(2, 1000)
 
 
 def test_for_budget_refuses_a_budget_too_small(mixture, levels):

@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -29,21 +30,24 @@ def run(script: str, *args: str, cwd: Path) -> str:
 
 def test_sample_digits(tmp_path):
     out = run("sample_digits.py", "--n", "64", "--out", "grid.png", cwd=tmp_path)
-    assert "DLG" in out and "'fd'" in out
+    total = float(re.search(r"DLG restart kernel, S [\d.]+, 4 chains: NFE per sample ([\d.]+) in total", out)[1])
+    assert total <= 10 and f"vanilla DPM-Solver++ 2M, {int(total)} NFE" in out and out.count("'fd'") == 2
     grid = np.asarray(Image.open(tmp_path / "grid.png"))
     assert grid.shape[:2] == (8 * 68, 8 * 68)  # 8 x 8 tiles of 64 px, each with a 2 px border (was one 16 x 4 strip)
     assert (grid[:, [0, 1, 66, 67, 68]] == 255).all() and (grid[[66, 67, 68, 69], :] == 255).all()
 
 
 def test_warm_start_scheduler(tmp_path):
-    out = run("warm_start_scheduler.py", "--scheduler", "UniPCMultistepScheduler", "--steps", "4", "--n", "64",
+    out = run("warm_start_scheduler.py", "--scheduler", "UniPCMultistepScheduler", "--nfe", "8", "--n", "64",
               cwd=tmp_path)
-    assert "DLG + UniPCMultistepScheduler" in out and "alone" in out
+    total = float(re.search(r"DLG \+ UniPCMultistepScheduler \(\d+ steps per output\): NFE ([\d.]+) in total", out)[1])
+    assert total <= 8 and f"UniPCMultistepScheduler alone: NFE {int(total)}," in out
 
 
 def test_drop_in_scheduler(tmp_path):
     out = run("drop_in_scheduler.py", "--batch-size", "4", "--steps", "10", cwd=tmp_path)
-    assert "call 1: 4 images" in out
+    assert "call 0: 4 images, NFE per sample 20.00 in total" in out  # 10 per sample + the warm-up of 4 chains
+    assert "call 1: 4 images, NFE per sample 15.00 in total" in out  # the warm-up amortised over 8
     config = (tmp_path / "dlg_scheduler" / "scheduler_config.json").read_text()
     assert '"classifier": "classifier"' in config and str(CLASSIFIER_DIR) not in config  # portable, not a local path
     assert NoiseClassifier.from_pretrained(tmp_path / "dlg_scheduler" / "classifier").levels == \

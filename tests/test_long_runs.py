@@ -1,8 +1,10 @@
 """Long runs: dlg-sample --out-dir writes atomic shards that survive SIGKILL and resume to exactly N samples,
-identical to an uninterrupted run; corrupt shards and changed settings are caught."""
+identical to an uninterrupted run, with the settings the budget chose stored and restored; corrupt shards and changed
+settings are caught."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
 
+from dlg_sampler import GaussianMixture, NoiseLevels, cli, models
+from dlg_sampler.models import LoadedModel
 from dlg_sampler.shards import ShardWriter, read_samples
 
 N, SHARD = 96, 8
@@ -75,10 +81,10 @@ def test_corrupt_shard_is_named_and_resumed_from_the_last_good_one(tiny_model, t
 def test_changed_setting_on_resume_is_refused_unless_overwrite(tiny_model, tmp_path):
     out = tmp_path / "run"
     assert run(command(tiny_model, out)).returncode == 0
-    refused = run(command(tiny_model, out, "--step-size", "0.2"))
-    assert refused.returncode != 0 and "step_size: 0.1 -> 0.2" in refused.stderr and "--overwrite" in refused.stderr
+    refused = run(command(tiny_model, out, "--nfe", "12"))
+    assert refused.returncode != 0 and "nfe: 10 -> 12" in refused.stderr and "--overwrite" in refused.stderr
     assert read_samples(out).shape[0] == N  # nothing the user had is lost
-    redone = run(command(tiny_model, out, "--step-size", "0.2", "--overwrite"))
+    redone = run(command(tiny_model, out, "--nfe", "12", "--overwrite"))
     assert redone.returncode == 0 and read_samples(out).shape[0] == N
 
 
@@ -96,3 +102,74 @@ def test_shard_writer_refuses_a_file_and_an_unwritable_folder(tmp_path):
     (bad / "manifest.json").write_text("{not json")
     with pytest.raises(ValueError, match="manifest.json is corrupt"):
         ShardWriter(bad, {})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the budget's choice (pilot included) is stored with the shards and restored, never chosen twice
+
+
+@pytest.fixture
+def mixture_run(monkeypatch, tmp_path):
+    """dlg-sample in-process on an exact Gaussian mixture (fast enough for a run with a pilot): returns a
+    function running it into ``tmp_path / name``; ``counter["evaluations"]`` counts every model evaluation."""
+    mixture = GaussianMixture.random(num_modes=4, dim=8, spread=2.0, std=0.5, seed=0)
+    levels, counter = NoiseLevels(0.01, 80.0, 1000), {"evaluations": 0}
+
+    def score(x, sigma):
+        counter["evaluations"] += x.shape[0]
+        return mixture.score(x, sigma)
+
+    model = LoadedModel(score, (8,), 0.01, 80.0, lambda x: x)
+    monkeypatch.setattr(cli, "load_model", lambda *args, **kwargs: model)
+    monkeypatch.setattr(models, "load_classifier", lambda *args, **kwargs: mixture.noise_posterior(levels))
+    bars = counter["bars"] = []
+
+    class KeptBar(tqdm):  # the command's progress bar, kept to read its count and size afterwards
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
+    monkeypatch.setattr(cli, "tqdm", KeptBar)
+
+    def sample(name: str) -> Path:
+        cli.sample_main(["--model", "mixture", "--classifier", "exact", "--out-dir", str(tmp_path / name),
+                         "--n", "2000", "--shard-size", "500", "--seed", "3"])
+        return tmp_path / name
+
+    return sample, counter
+
+
+def shard_state(path: Path) -> dict:
+    with safe_open(str(path), "pt") as f:
+        return json.loads(f.metadata()["state"])
+
+
+def test_tuning_is_stored_with_the_shards_and_restored_on_resume(mixture_run, capsys):
+    sample, counter = mixture_run
+    full = sample("full")
+    bar = counter["bars"].pop()  # one bar over the whole job, the pilot and the warm-up included, sized exactly
+    assert bar.n == bar.total == counter["evaluations"] and bar.initial > 0
+    manifest = json.loads((full / "manifest.json").read_text())
+    tuning = manifest["config"]["tuning"]
+    assert tuning["pilot"]["chains"] >= 8 and tuning["settings"]["num_chains"] == 100  # n / 20
+    last = shard_state(full / manifest["shards"][-1]["file"])
+    assert tuning["settings"]["restart_sigma"] == last["restart_sigma"] == tuning["pilot"]["restart_sigma"]
+    assert last["tuning"] == tuning and last["counts"]["pilot"] == tuning["pilot"]["evaluations"]
+    # Killed after two of four shards: the manifest lists two, the other shard files never landed.
+    killed = full.parent / "killed"
+    shutil.copytree(full, killed)
+    for entry in manifest["shards"][2:]:
+        (killed / entry["file"]).unlink()
+    (killed / "manifest.json").write_text(json.dumps({**manifest, "shards": manifest["shards"][:2], "count": 1000}))
+    capsys.readouterr()
+    counter["evaluations"] = 0
+    sample("killed")
+    assert "resuming" in capsys.readouterr().out
+    assert torch.equal(read_samples(killed), read_samples(full))
+    assert json.loads((killed / "manifest.json").read_text())["config"] == manifest["config"]
+    # Only the two missing shards were computed: no second pilot, no second warm-up.
+    before = shard_state(killed / manifest["shards"][1]["file"])["counts"]
+    phases = ("pilot", "warmup", "gibbs", "denoise", "tweedie")
+    assert counter["evaluations"] == sum(last["counts"][k] - before[k] for k in phases) > 0
+    bar = counter["bars"].pop()  # the resumed bar starts where the interrupted job stood
+    assert bar.initial == sum(before[k] for k in phases) and bar.n == bar.total == sum(last["counts"][k] for k in phases)

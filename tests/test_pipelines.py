@@ -33,26 +33,31 @@ def vp_parts(in_channels=1):
     return unet, scheduler, clf
 
 
-@pytest.mark.parametrize("pipeline_cls", [DDPMPipeline, DDIMPipeline])
-def test_drop_in_scheduler_runs_the_pipelines_own_call(pipeline_cls):
+@pytest.mark.parametrize("pipeline_cls, kernel", [(DDPMPipeline, {}), (DDIMPipeline, {}),
+                                                  (DDPMPipeline, {"kernel": "gibbs", "gibbs_steps": 2, "step_size": 0.05})])
+def test_drop_in_scheduler_runs_the_pipelines_own_call(pipeline_cls, kernel):
     unet, scheduler, clf = vp_parts()
     pipe = pipeline_cls(unet=unet, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = DLGScheduler.from_pipe(pipe, classifier=clf, warmup_steps=3)
+    pipe.scheduler = DLGScheduler.from_pipe(pipe, classifier=clf, warmup_steps=3, **kernel)
     calls = count_calls(unet)
     out = pipe(batch_size=4, num_inference_steps=10, output_type="np")
     assert isinstance(out.images, np.ndarray) and out.images.shape == (4, 8, 8, 1)
     assert np.isfinite(out.images).all()
     stats = pipe.scheduler.stats
-    assert stats["nfe_per_sample"]["total"] == 10 and stats["nfe_per_sample"]["pipeline_first_call"] == 1
+    assert list(stats)[0] == "nfe_per_sample" and isinstance(stats["nfe_per_sample"], float)
+    # every model call is counted: the pipeline's calls, the chain moves, denoising and the one-time warm-up
+    assert sum(calls) == stats["nfe_per_sample"] * stats["samples"] == stats["model_evaluations"]
     warmup = stats["warmup_nfe_per_chain"][4]
-    assert sum(calls) == 4 * (10 + warmup)  # every model call is counted: the per-sample budget plus the warm-up
-    chains = pipe.scheduler.samplers[4].x.clone()
-    calls.clear()
+    assert stats["nfe_per_sample"] == 10 + warmup and stats["nfe_split"]["warmup"] == warmup  # 4 chains, 4 samples
+    assert stats["nfe_split"]["pipeline_first_call"] == 1 and stats["nfe_split"]["tweedie"] == 1
+    assert stats["nfe_split"]["gibbs"] == kernel.get("gibbs_steps", 0) and stats["kernel"] == kernel.get("kernel", "restart")
+    chains, first = pipe.scheduler.samplers[4].x.clone(), sum(calls)
     second = pipe(batch_size=4, num_inference_steps=10, output_type="pt").images
-    assert sum(calls) == 4 * 10  # the chains persist: no second warm-up
+    assert sum(calls) - first == 4 * 10  # the chains persist: no second warm-up
     assert second.shape == (4, 1, 8, 8) and not torch.equal(pipe.scheduler.samplers[4].x, chains)
-    assert pipe.scheduler.stats["samples"] == 8
+    stats = pipe.scheduler.stats
+    assert stats["samples"] == 8 and sum(calls) == stats["nfe_per_sample"] * 8 and stats["nfe_per_sample"] < 10 + warmup
 
 
 def test_drop_in_scheduler_for_score_sde_ve_pipeline():
@@ -66,8 +71,9 @@ def test_drop_in_scheduler_for_score_sde_ve_pipeline():
     calls = count_calls(unet)
     images = pipe(batch_size=2, num_inference_steps=8, output_type="np").images
     assert images.shape == (2, 8, 8, 3) and np.isfinite(images).all()
-    assert pipe.scheduler.stats["nfe_per_sample"]["total"] == 8
-    assert sum(calls) == 2 * (8 + pipe.scheduler.stats["warmup_nfe_per_chain"][2])
+    stats = pipe.scheduler.stats
+    assert stats["nfe_per_sample"] == 8 + stats["warmup_nfe_per_chain"][2]
+    assert sum(calls) == stats["nfe_per_sample"] * 2
 
 
 def test_scheduler_save_and_load_round_trip(tmp_path, monkeypatch):
@@ -79,32 +85,37 @@ def test_scheduler_save_and_load_round_trip(tmp_path, monkeypatch):
     clf.save_pretrained("clf")
     pipe = DDPMPipeline(unet=unet, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = DLGScheduler.from_pipe(pipe, classifier="clf", step_size=0.2, gibbs_steps=3)
+    pipe.scheduler = DLGScheduler.from_pipe(pipe, classifier="clf", kernel="gibbs", step_size=0.2, gibbs_steps=3)
     pipe.scheduler.save_pretrained("sched")
     text = Path("sched/scheduler_config.json").read_text()
     config = json.loads(text)
     assert config["classifier"] == "classifier" and str(tmp_path) not in text
-    assert config["base_scheduler"]["class_name"] == "DDPMScheduler"
+    assert config["base_scheduler"]["class_name"] == "DDPMScheduler" and config["kernel"] == "gibbs"
     assert pipe.scheduler.config.classifier == str(tmp_path / "work" / "clf")  # saving leaves the live config
     shutil.move("sched", tmp_path / "moved")
     shutil.rmtree("clf")
     monkeypatch.chdir(tmp_path)
     loaded = DLGScheduler.from_pretrained("moved").bind(unet)
-    assert loaded.config.step_size == 0.2 and loaded.config.gibbs_steps == 3
+    assert loaded.config.kernel == "gibbs" and loaded.config.step_size == 0.2 and loaded.config.gibbs_steps == 3
     assert loaded.classifier.levels == clf.levels
     x = torch.randn(2, 1, 8, 8)
     assert torch.equal(loaded.classifier(x), clf(x))
     # A Hub repo id is stored as it is; a classifier given as an instance is saved into the folder too.
     DLGScheduler(classifier="someone/clf").save_pretrained(tmp_path / "hub")
     assert json.loads((tmp_path / "hub" / "scheduler_config.json").read_text())["classifier"] == "someone/clf"
-    DLGScheduler.from_pipe(DDPMPipeline(unet=unet, scheduler=scheduler), classifier=clf).save_pretrained("inst")
-    assert DLGScheduler.from_pretrained("inst").bind(unet).classifier.levels == clf.levels
-    # The whole pipeline round-trips too, and from_pipe on a DLG pipeline keeps the original schedule.
+    DLGScheduler.from_pipe(DDPMPipeline(unet=unet, scheduler=scheduler), classifier=clf,
+                           restart_sigma=5.0).save_pretrained("inst")
+    restart = DLGScheduler.from_pretrained("inst").bind(unet)
+    assert restart.classifier.levels == clf.levels
+    assert (restart.config.kernel, restart.config.restart_sigma, restart.config.integrator) == ("restart", 5.0, "dpmpp_2m")
+    # The whole pipeline round-trips too, and from_pipe on a DLG pipeline keeps its settings and original schedule.
     pipe.save_pretrained(tmp_path / "pipe")
     again = DDPMPipeline.from_pretrained(tmp_path / "pipe")
     again.scheduler = DLGScheduler.from_pipe(again)
+    assert again.scheduler.config.kernel == "gibbs" and again.scheduler.config.step_size == 0.2
     again.set_progress_bar_config(disable=True)
     assert again(batch_size=2, num_inference_steps=9, output_type="np").images.shape == (2, 8, 8, 1)
+    assert again.scheduler.samplers[2].kernel == "gibbs" and again.scheduler.samplers[2].gibbs_steps == 3
 
 
 def test_scheduler_misuse_is_a_clear_error():
@@ -114,8 +125,10 @@ def test_scheduler_misuse_is_a_clear_error():
     with pytest.raises(ValueError, match="outside the model's trained sigma range"):
         DLGScheduler.from_pipe(pipe, classifier=wrong_grid)
     pipe.scheduler = DLGScheduler.from_pipe(pipe, classifier=clf)
-    with pytest.raises(ValueError, match="below DLGScheduler's minimum"):
-        pipe(batch_size=2, num_inference_steps=3)
+    with pytest.raises(ValueError, match=r"below DLGScheduler's minimum 3 \(1 pipeline call \+ denoising \+ Tweedie\)"):
+        pipe(batch_size=2, num_inference_steps=2)
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        DLGScheduler.from_pipe(pipe, classifier=clf, kernel="langevin")
     wrong_shape = NoiseClassifier(clf.levels.sigma_min, clf.levels.sigma_max, 200, sample_shape=(3, 8, 8), channels=(8,))
     with pytest.raises(ValueError, match="shape"):
         pipe.scheduler = DLGScheduler.from_pipe(pipe, classifier=wrong_shape)
@@ -129,7 +142,7 @@ def test_dlg_pipeline_text_to_image_with_guidance(tiny_sd_pipe):
     ac = pipe.scheduler.alphas_cumprod.double()
     sig = ((1 - ac) / ac).sqrt()
     clf = NoiseClassifier(float(sig[0]), float(sig[-1]), 100, sample_shape=(4, 8, 8), channels=(8,), hidden=16)
-    dlg = DLGPipeline.from_pipe(pipe, classifier=clf, num_chains=3, warmup_steps=2, warmup_sweeps=(1, 1))
+    dlg = DLGPipeline.from_pipe(pipe, classifier=clf, num_chains=3, warmup_steps=2)
     calls = count_calls(pipe.unet)
     out = dlg(["a photo of a cat", "a dog"], guidance_scale=3.0, num_inference_steps=6, num_images_per_prompt=2)
     assert len(out.images) == 4 and out.images[0].size == (16, 16)  # PIL, decoded by the VAE (8x8 latents)
@@ -141,6 +154,17 @@ def test_dlg_pipeline_text_to_image_with_guidance(tiny_sd_pipe):
     assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
     key = next(k for k in dlg.samplers if k[0] == "a photo of a cat")
     assert not torch.equal(dlg.samplers[key].x, first[key])  # the same chains went on
+    stats = dlg.stats  # one guided evaluation is one doubled-batch call; every one counted, warm-ups included
+    assert list(stats)[0] == "nfe_per_sample" and stats["samples"] == 6 and stats["kernel"] == "restart"
+    assert sum(calls) // 2 == stats["nfe_per_sample"] * stats["samples"] == stats["model_evaluations"]
+    assert stats["nfe_split"]["warmup"] > 0 and stats["nfe_split"]["gibbs"] == 0
+    gibbs = DLGPipeline.from_pipe(pipe, classifier=clf, kernel="gibbs", gibbs_steps=4, num_chains=2, warmup_steps=2,
+                                  warmup_sweeps=(1, 1))
+    with pytest.raises(ValueError, match="leaves no room for dpmpp_2m denoising and the Tweedie step after 4 Gibbs"):
+        gibbs("a dog", guidance_scale=3.0, num_inference_steps=5)
+    calls.clear()
+    gibbs("a dog", guidance_scale=3.0, num_inference_steps=7, num_images_per_prompt=2, output_type="pt")
+    assert gibbs.stats["nfe_split"]["gibbs"] == 4 and sum(calls) // 2 == gibbs.stats["model_evaluations"]
     with pytest.raises(ValueError, match="DLGPipeline"):
         pipe.scheduler = DLGScheduler.from_pipe(pipe, classifier=clf)
     with pytest.raises(ValueError, match="latents"):

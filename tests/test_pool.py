@@ -273,7 +273,7 @@ def test_text_to_image_classifier_from_the_model_alone_then_dlg_pipeline_images(
     assert NoiseClassifier.from_pretrained("clf").sample_shape == (4, 8, 8)  # the classifier works on latents
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
-    dlg = DLGPipeline.from_pipe(pipe, classifier="clf", num_chains=2, warmup_steps=2, warmup_sweeps=(1, 1))
+    dlg = DLGPipeline.from_pipe(pipe, classifier="clf", num_chains=2, warmup_steps=2)
     images = dlg("a photo of a cat", guidance_scale=3.0, num_inference_steps=6, num_images_per_prompt=2).images
     assert len(images) == 2 and images[0].size == (16, 16)
 

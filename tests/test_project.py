@@ -40,7 +40,7 @@ def test_every_document_the_project_points_to_is_in_the_project():
     assert not missing, sorted(missing)
 
 
-@pytest.mark.parametrize("parser", [cli.sample_parser(), cli.train_classifier_parser()])
+@pytest.mark.parametrize("parser", [cli.sample_parser(), cli.train_classifier_parser(), cli.tune_parser()])
 def test_usage_guide_explains_every_command_line_option(parser):
     guide = (ROOT / "docs" / "usage.md").read_text()
     options = [o for a in parser._actions for o in a.option_strings if o.startswith("--") and o != "--help"]
