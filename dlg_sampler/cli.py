@@ -258,8 +258,9 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     """``--model``, ``--classifier`` and the score_sde options, shared by ``dlg-sample`` and ``dlg-tune``."""
     p.add_argument("--model", default=None, help="diffusers pipeline folder, Hub repo id or score_sde checkpoint "
                                                  "(default: the shipped digits model)")
-    p.add_argument("--classifier", default=None, help="NoiseClassifier folder or Hub repo id (default: the shipped "
-                                                      "digits classifier with the digits model)")
+    p.add_argument("--classifier", default=None, help="NoiseClassifier folder or Hub repo id, needed by the Gibbs "
+                                                      "kernel (default: the shipped digits classifier with the digits "
+                                                      "model; none with --model: the restart kernel needs none)")
     g = p.add_argument_group("score_sde checkpoints (--model checkpoint_*.pth): the values of the model's config")
     g.add_argument("--score-sde-net", default=None, metavar="MODULE:FUNCTION",
                    help="builds the untrained network: FUNCTION() of MODULE, imported from the current directory "
@@ -282,24 +283,28 @@ def _add_device_argument(p: argparse.ArgumentParser) -> None:
 
 
 def _check_model_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> bool:
-    """Whether the run is the shipped preset; refuses a model without its classifier and the reverse."""
+    """Whether the run is the shipped preset; refuses a classifier without its model, and the Gibbs kernel
+    without a classifier (the restart kernel needs none)."""
     preset = args.model is None
     if preset and args.classifier is not None:
         parser.error("--classifier needs --model (the shipped classifier belongs to the shipped model)")
-    if not preset and args.classifier is None:
-        parser.error("--model needs --classifier: a noise classifier for that model (train one with "
-                     "dlg-train-classifier --model MODEL --data IMAGES --out FOLDER)")
+    if not preset and args.classifier is None and getattr(args, "kernel", "restart") == "gibbs":
+        parser.error("--kernel gibbs needs --classifier: a noise classifier for that model (train one with "
+                     "dlg-train-classifier --model MODEL --data IMAGES --out FOLDER), or use the restart kernel, "
+                     "which needs none")
     return preset
 
 
 def _load(args: argparse.Namespace, device, preset: bool):
-    """The model (:class:`~dlg_sampler.models.LoadedModel`) and its classifier; exits with the loader's message."""
+    """The model (:class:`~dlg_sampler.models.LoadedModel`) and its classifier (``None`` when none was named: the
+    restart kernel runs on the model's trained range); exits with the loader's message."""
     from .models import load_classifier
 
     score_sde_kwargs = {"beta_min": args.beta_min, "beta_max": args.beta_max, "sigma_min": args.sde_sigma_min,
                         "sigma_max": args.sde_sigma_max, "continuous": args.continuous}
     try:
-        classifier = load_classifier(digits.CLASSIFIER_DIR if preset else args.classifier, device)
+        spec = digits.CLASSIFIER_DIR if preset else args.classifier
+        classifier = None if spec is None else load_classifier(spec, device)
         model = load_model(str(digits.PIPELINE_DIR if preset else args.model), score_sde_net=args.score_sde_net,
                            sde=args.sde, shape=tuple(args.shape) if args.shape else None,
                            score_sde_kwargs=score_sde_kwargs, device=device)
@@ -358,7 +363,7 @@ def sample_parser() -> argparse.ArgumentParser:
     k.add_argument("--gibbs-steps", type=int, default=None, help="gibbs kernel: Gibbs steps per output (default 2)")
     k.add_argument("--denoise-steps", type=int, default=None,
                    help="denoising solver steps per output (instead of --nfe)")
-    k.add_argument("--integrator", default="dpmpp_2m",
+    k.add_argument("--integrator", default="unipc",
                    help="denoising integrator: one of the core names or a diffusers scheduler class name "
                         "(configured from the pipeline's scheduler), e.g. UniPCMultistepScheduler")
     k.add_argument("--chains", type=int, default=None,
@@ -542,6 +547,8 @@ def sample_main(argv: list[str] | None = None) -> None:
     evaluator = digits.DigitsEvaluator() if preset else None
     if evaluator is not None:
         line += "; " + _quality(evaluator.evaluate(images.cpu()))
+        if world == 1 and sampler.stats["reinitialised"] == 0:
+            line += "; " + _class_repeats(evaluator.predict(images.cpu()), sampler.num_chains)
     print(line)
     if preset if args.compare is None else args.compare:
         _compare(model, integrator, args, summary["nfe_per_sample"], evaluator, device)
@@ -595,8 +602,21 @@ def _cost_line(summary: dict, wall: float, resumed: bool = False) -> str:
             f"wall {wall:.1f}s {'since resuming' if resumed else 'with warm-up'}")
 
 
+def _class_repeats(labels: torch.Tensor, chains: int) -> str:
+    """How often consecutive outputs of one chain show the same digit, against independent draws with the same
+    class proportions (``sum p_k^2``): the pixel lag-1 autocorrelation misses a chain that keeps its digit.
+    ``labels [N]`` in batch order (sample ``j`` from chain ``j % chains``)."""
+    if len(labels) <= chains:
+        return "digit repeats n/a (one output per chain)"
+    same = (labels[chains:] == labels[:-chains]).double().mean()
+    p = torch.bincount(labels).double() / len(labels)
+    return (f"consecutive outputs of a chain show the same digit in {float(same):.0%} of pairs (independent "
+            f"samples: {float((p * p).sum()):.0%})")
+
+
 def _quality(q: dict) -> str:
-    return (f"FD {q['fd']:.3f}, precision {q['precision']:.2f}, recall {q['recall']:.2f}, "
+    model = f"FD vs the model's own samples {q['fd_model']:.2f}, " if "fd_model" in q else ""
+    return (f"{model}FD vs held-out digits {q['fd']:.2f}, precision {q['precision']:.2f}, recall {q['recall']:.2f}, "
             f"classes {round(q['coverage'] * 10)}/10 (entropy {q['entropy']:.3f})")
 
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .hub import QuietHubMixin
-from .metrics import class_coverage, frechet_distance, precision_recall
+from .metrics import class_coverage, feature_stats, frechet_distance, frechet_distance_from_stats, precision_recall
 
 #: Fraction of the 1797 digits held out for evaluation (never seen by any shipped model).
 HELD_OUT_FRACTION = 0.2
@@ -43,6 +43,9 @@ PIPELINE_DIR = DIGITS_DIR / "pipeline"
 CLASSIFIER_DIR = DIGITS_DIR / "classifier"
 #: The digit recogniser whose penultimate layer is the feature space of the digits Frechet distance.
 FEATURES_DIR = DIGITS_DIR / "features"
+#: Feature mean and covariance of the digits model's own distribution (its model reference: 10,000 samples of
+#: Karras Heun at 199 NFE, ``dlg-bench reference --stats-out ...``): the FD that separates samplers of this model.
+REFERENCE_STATS = DIGITS_DIR / "reference_stats.safetensors"
 
 
 def load_digits_pipeline(**kwargs):
@@ -122,6 +125,24 @@ class DigitsEvaluator:
             self._real_feats[split] = self.features(load_digits_data(split))
         return self._real_feats[split]
 
+    def save_reference_stats(self, samples: torch.Tensor, path: str | Path, metadata: dict[str, str]) -> None:
+        """Write the feature mean ``[F]`` and covariance ``[F, F]`` of ``samples [N, 1, 8, 8]`` (clamped to
+        ``[-1, 1]`` as every scored sample is) to ``path`` (safetensors, with ``metadata`` saying how they were made)."""
+        from safetensors.torch import save_file
+
+        mu, cov = feature_stats(self.features(torch.as_tensor(samples).clamp(-1, 1)))
+        save_file({"mu": torch.from_numpy(mu), "cov": torch.from_numpy(cov)}, str(path),
+                  metadata={**metadata, "n": str(len(samples))})
+
+    def model_reference_stats(self, path: str | Path = REFERENCE_STATS) -> tuple | None:
+        """The stored feature statistics of the model's own distribution (:meth:`save_reference_stats`), if any."""
+        from safetensors.torch import load_file
+
+        if not Path(path).exists():
+            return None
+        stats = load_file(str(path))
+        return stats["mu"].numpy(), stats["cov"].numpy()
+
     def real_fd_floor(self) -> float:
         """FD of the held-out real digits to the training digits: the best a sampler can expect to reach."""
         return frechet_distance(self.real_features("test"), self.real_features("train"))
@@ -129,10 +150,13 @@ class DigitsEvaluator:
     def evaluate(self, samples: torch.Tensor, k: int = 3) -> dict:
         """Quality of ``samples [N, 1, 8, 8]`` in ``[-1, 1]`` against the held-out digits.
 
-        Returns ``fd``, ``precision``, ``recall`` (k-NN manifolds, ``k``), the class coverage of the predicted
-        digits (``coverage``, ``entropy``, ``balance``, ``class_counts``) and ``n``.
+        Returns ``fd`` (against the held-out digits), ``fd_model`` (against the model's own distribution, where
+        :data:`REFERENCE_STATS` is shipped), ``precision``, ``recall`` (k-NN manifolds, ``k``), the class coverage of
+        the predicted digits (``coverage``, ``entropy``, ``balance``, ``class_counts``) and ``n``.
         """
         feats, real = self.features(samples), self.real_features("test")
         precision, recall = precision_recall(real, feats, k=k)
-        return {"fd": frechet_distance(feats, real), "precision": precision, "recall": recall,
+        reference = self.model_reference_stats()
+        model = {} if reference is None else {"fd_model": frechet_distance_from_stats(*feature_stats(feats), *reference)}
+        return {"fd": frechet_distance(feats, real), **model, "precision": precision, "recall": recall,
                 **class_coverage(self.predict(samples), num_classes=self.net.head.out_features), "n": len(samples)}

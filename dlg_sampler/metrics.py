@@ -25,19 +25,28 @@ def _as_matrix(x, name: str, *, flatten: bool = False) -> torch.Tensor:
     return x
 
 
+def feature_stats(feats) -> tuple[np.ndarray, np.ndarray]:
+    """Mean ``[F]`` and covariance ``[F, F]`` (float64) of a feature set ``[N, F]``: all the Frechet distance keeps."""
+    a = _as_matrix(feats, "feats").numpy()
+    if len(a) < 2:
+        raise ValueError("the Frechet distance needs at least 2 samples in each set to estimate a covariance.")
+    return a.mean(0), np.atleast_2d(np.cov(a, rowvar=False))
+
+
 def frechet_distance(feats_a, feats_b) -> float:
     """Frechet distance between Gaussians fitted to two feature sets ``[N, F]`` and ``[M, F]``.
 
     ``|mu_a - mu_b|^2 + tr(C_a + C_b - 2 (C_a C_b)^{1/2})`` (the FID formula), in float64 with
     ``scipy.linalg.sqrtm``; for ``N(0, I)`` vs ``N(m, I)`` it is ``|m|^2``.
     """
-    a, b = _as_matrix(feats_a, "feats_a").numpy(), _as_matrix(feats_b, "feats_b").numpy()
+    a, b = _as_matrix(feats_a, "feats_a"), _as_matrix(feats_b, "feats_b")
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"feature sizes differ: {a.shape[1]} vs {b.shape[1]}; use the same feature extractor.")
-    if min(len(a), len(b)) < 2:
-        raise ValueError("frechet_distance needs at least 2 samples in each set to estimate a covariance.")
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
+    return frechet_distance_from_stats(*feature_stats(a), *feature_stats(b))
+
+
+def frechet_distance_from_stats(mu_a: np.ndarray, cov_a: np.ndarray, mu_b: np.ndarray, cov_b: np.ndarray) -> float:
+    """:func:`frechet_distance` from two sets' :func:`feature_stats` (e.g. a reference's, stored once)."""
     covmean = scipy.linalg.sqrtm(cov_a @ cov_b)
     if not np.isfinite(covmean).all():  # singular product: regularise as in the reference FID code
         eps = 1e-6 * np.eye(len(cov_a))

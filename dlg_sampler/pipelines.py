@@ -26,6 +26,7 @@ from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
 from diffusers.schedulers.scheduling_sde_ve import SdeVeOutput
 
 from .classifier import NoiseClassifier
+from .levels import NoiseLevels
 from .integrators import INTEGRATORS, steps_for_nfe
 from .sampler import KERNELS, DLGSampler
 
@@ -35,15 +36,15 @@ SCHEDULER_PIPELINES = ("DDPMPipeline", "DDIMPipeline", "ScoreSdeVePipeline")
 CLASSIFIER_SUBFOLDER = "classifier"
 
 
-def _resolve_classifier(classifier: NoiseClassifier | str | Path | None) -> tuple[NoiseClassifier, str | None]:
-    """A classifier instance and the reference stored in a config (its absolute path / repo id, if it came as one)."""
+def _resolve_classifier(classifier: NoiseClassifier | str | Path | None) -> tuple[NoiseClassifier | None, str | None]:
+    """A classifier instance and the reference stored in a config (its absolute path / repo id, if it came as one);
+    ``(None, None)`` without one (the restart kernel needs none; the Gibbs kernel says so)."""
     from .models import load_classifier
 
     if isinstance(classifier, NoiseClassifier):
         return classifier, None
     if classifier is None:
-        raise ValueError("DLG needs a noise classifier for this model: pass classifier=<NoiseClassifier, folder or "
-                         "Hub repo id> (train one with dlg-train-classifier).")
+        return None, None
     local = Path(classifier).expanduser()
     return load_classifier(classifier), str(local.resolve()) if local.is_dir() else str(classifier)
 
@@ -114,6 +115,17 @@ def _whole_cost(samplers: Iterable[DLGSampler], returned: int | None = None, **o
             "model_evaluations": evaluations, "samples": returned}
 
 
+def _grid_and_shape(classifier: NoiseClassifier | None, score: Any, model: Any) -> tuple[NoiseLevels, tuple[int, ...]]:
+    """The noise grid and sample shape a sampler runs on: the classifier's (checked against the model's trained
+    range), or without one the model's trained range and its config's sample shape."""
+    if classifier is not None:
+        classifier.levels.check_covers(score.sigma_min, score.sigma_max)
+        return classifier.levels, tuple(classifier.sample_shape)
+    size = model.config.sample_size
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    return NoiseLevels(score.sigma_min, score.sigma_max), (model.config.in_channels, *size)
+
+
 class DLGScheduler(SchedulerMixin, ConfigMixin):
     """Drop-in DLG for ``DDPMPipeline``, ``DDIMPipeline`` and ``ScoreSdeVePipeline``.
 
@@ -139,8 +151,9 @@ class DLGScheduler(SchedulerMixin, ConfigMixin):
     make a new one: ``DLGScheduler.from_pipe(pipe, classifier=...)`` (it keeps the model's original schedule).
 
     Args:
-        classifier: noise classifier folder or Hub repo id (what ``save_pretrained`` stores: the repo id, or
-            ``"classifier"`` relative to the saved folder); ``from_pipe`` also takes an instance.
+        classifier: noise classifier folder or Hub repo id, needed by the Gibbs kernel only (what
+            ``save_pretrained`` stores: the repo id, or ``"classifier"`` relative to the saved folder); ``from_pipe``
+            also takes an instance.
         kernel, restart_sigma, integrator, step_size, gibbs_steps, num_chains, seed, warmup_steps: the
             :class:`DLGSampler` settings; ``None`` takes the sampler's own default (``restart_sigma``: from the
             warm-up's data scale; ``num_chains``: the batch size).
@@ -154,7 +167,7 @@ class DLGScheduler(SchedulerMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, classifier: str | None = None, kernel: str = "restart", restart_sigma: float | None = None,
-                 integrator: str = "dpmpp_2m", step_size: float | None = None, gibbs_steps: int | None = None,
+                 integrator: str = "unipc", step_size: float | None = None, gibbs_steps: int | None = None,
                  num_chains: int | None = None, seed: int = 0, warmup_steps: int | None = None,
                  base_scheduler: dict | None = None, correct_steps: int = 0):
         if integrator not in INTEGRATORS:
@@ -211,11 +224,8 @@ class DLGScheduler(SchedulerMixin, ConfigMixin):
         from .models import load_classifier
 
         ref = self.config.classifier
-        if ref is None and self.classifier is None:
-            raise ValueError("this DLGScheduler has no classifier to save: create it with DLGScheduler.from_pipe(pipe, "
-                             "classifier=...).")
         local = ref is None or Path(ref).expanduser().is_absolute() or Path(ref).expanduser().exists()
-        if local:  # an instance or a folder (from_pipe and from_pretrained store absolute paths): saved inside
+        if local and (ref is not None or self.classifier is not None):  # an instance or a folder (from_pipe and from_pretrained store absolute paths): saved inside
             classifier = self.classifier if self.classifier is not None else load_classifier(ref)
             classifier.save_pretrained(Path(save_directory) / CLASSIFIER_SUBFOLDER)
             ref = CLASSIFIER_SUBFOLDER
@@ -243,7 +253,7 @@ class DLGScheduler(SchedulerMixin, ConfigMixin):
         self.vp = type(base).__name__ != "ScoreSdeVeScheduler"
         self.score = DiffusersVPScore(model, base) if self.vp else DiffusersVEScore.from_scheduler(model, base)
         self.classifier = classifier if classifier is not None else _resolve_classifier(self.config.classifier)[0]
-        self.classifier.levels.check_covers(self.score.sigma_min, self.score.sigma_max)
+        self.levels, self.sample_shape = _grid_and_shape(self.classifier, self.score, model)
         self.samplers, self._pending, self._first_calls, self._returned = {}, {}, 0, 0
         self.num_train_timesteps = base.config.get("num_train_timesteps", 1000)
         self.init_noise_sigma = 1.0 if self.vp else self.score.sigma_max
@@ -255,7 +265,7 @@ class DLGScheduler(SchedulerMixin, ConfigMixin):
             given = {"restart_sigma": c.restart_sigma, "step_size": c.step_size, "gibbs_steps": c.gibbs_steps,
                      "warmup_steps": c.warmup_steps}
             self.samplers[batch] = DLGSampler(
-                self.score, self.classifier, self.classifier.levels, shape=self.classifier.sample_shape,
+                self.score, self.classifier, self.levels, shape=self.sample_shape,
                 num_chains=c.num_chains or batch, kernel=c.kernel, integrator=c.integrator,
                 denoise_steps=self.denoise_steps, seed=c.seed, tweedie_sigma=self.score.sigma_min, device=device,
                 **{k: v for k, v in given.items() if v is not None})
@@ -295,10 +305,10 @@ class DLGScheduler(SchedulerMixin, ConfigMixin):
              generator: torch.Generator | None = None, return_dict: bool = True, **kwargs: Any):
         """Call 1: run the DLG batch, return its states at the lowest level. Call 2: the Tweedie step."""
         batch = sample.shape[0]
-        if tuple(sample.shape[1:]) != tuple(self.classifier.sample_shape):
-            raise ValueError(f"the pipeline samples shape {list(sample.shape[1:])} but the noise classifier is for "
-                             f"{list(self.classifier.sample_shape)}: pass a classifier trained for this model "
-                             "(dlg-train-classifier --model ...).")
+        if tuple(sample.shape[1:]) != tuple(self.sample_shape):
+            raise ValueError(f"the pipeline samples shape {list(sample.shape[1:])} but this scheduler was bound for "
+                             f"{list(self.sample_shape)} (its model's, or its noise classifier's): bind the pipeline's "
+                             "own model, or pass a classifier trained for it (dlg-train-classifier --model ...).")
         if self._step_index == 0:
             self._step_index = 1
             self._first_calls += batch
@@ -372,14 +382,15 @@ class DLGPipeline:
     included.
 
     Args:
-        pipe, classifier: the loaded pipeline and a noise classifier for its model.
+        pipe, classifier: the loaded pipeline and a noise classifier for its model (needed by the Gibbs kernel only;
+            without one the restart kernel runs on the model's trained noise range).
         kernel, restart_sigma, integrator, num_chains, seed: :class:`DLGSampler` settings (``restart_sigma=None``:
             from the warm-up's data scale); ``sampler_kwargs``: any other (``step_size``, ``gibbs_steps`` for the
             Gibbs kernel, ``warmup_steps`` ...), the sampler's own defaults where left out.
     """
 
-    def __init__(self, pipe: Any, classifier: NoiseClassifier, *, kernel: str = "restart",
-                 restart_sigma: float | None = None, integrator: str = "dpmpp_2m", num_chains: int = 16, seed: int = 0,
+    def __init__(self, pipe: Any, classifier: NoiseClassifier | None = None, *, kernel: str = "restart",
+                 restart_sigma: float | None = None, integrator: str = "unipc", num_chains: int = 16, seed: int = 0,
                  **sampler_kwargs: Any):
         self.pipe, self.classifier = pipe, classifier
         self.settings = dict(kernel=kernel, restart_sigma=restart_sigma, integrator=integrator, num_chains=num_chains,
@@ -392,7 +403,7 @@ class DLGPipeline:
         size = model.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
         self.shape = (model.config.in_channels, *size)
-        if tuple(classifier.sample_shape) != self.shape:
+        if classifier is not None and tuple(classifier.sample_shape) != self.shape:
             raise ValueError(f"the classifier is for samples {list(classifier.sample_shape)} but this model samples "
                              f"{list(self.shape)} ({'latents' if getattr(pipe, 'vae', None) else 'images'}): train "
                              "one on the model's samples (dlg-train-classifier --model ...).")
@@ -448,8 +459,8 @@ class DLGPipeline:
             if key not in self.samplers:
                 score = DiffusersVPScore(self.model, self.pipe.scheduler, guidance_scale=guidance_scale,
                                          guidance_rescale=guidance_rescale, cond_kwargs=cond, uncond_kwargs=uncond)
-                self.classifier.levels.check_covers(score.sigma_min, score.sigma_max)
-                self.samplers[key] = DLGSampler(score, self.classifier, self.classifier.levels, shape=self.shape,
+                levels, _ = _grid_and_shape(self.classifier, score, self.model)
+                self.samplers[key] = DLGSampler(score, self.classifier, levels, shape=self.shape,
                                                 denoise_steps=steps, device=device, **self.settings)
             sampler = self.samplers[key]
             sampler.denoise_steps = steps

@@ -88,9 +88,11 @@ class DLGSampler:
 
     Args:
         score: VE score ``score(x [B, *shape], sigma [B]) -> [B, *shape]`` (an adapter or any callable).
-        noise_posterior: ``x [B, *shape] -> logits [B, L]`` over ``levels`` (e.g. a ``NoiseClassifier``); used by
-            the Gibbs kernel.
-        levels: the noise grid of the posterior; its ``sigma_max`` is where the warm-up starts.
+        noise_posterior: ``x [B, *shape] -> logits [B, L]`` over ``levels`` (e.g. a ``NoiseClassifier``); the
+            Gibbs kernel draws sigma from it; the restart kernel needs none (``None``).
+        levels: the noise grid of the posterior (without one: the model's trained range, e.g.
+            ``NoiseLevels(score.sigma_min, score.sigma_max)``); its ``sigma_max`` is where the warm-up starts, its
+            ``sigma_min`` the default Tweedie level.
         shape: sample shape, e.g. ``(1, 8, 8)``.
         num_chains: persistent chains (= samples per batch).
         kernel: ``"restart"`` or ``"gibbs"`` (see above).
@@ -115,7 +117,8 @@ class DLGSampler:
         progress: show one tqdm bar (model evaluations, warm-up included) while sampling.
     """
 
-    def __init__(self, score: Score, noise_posterior: NoisePosterior, levels: NoiseLevels, *, shape: tuple[int, ...],
+    def __init__(self, score: Score, noise_posterior: NoisePosterior | None, levels: NoiseLevels, *,
+                 shape: tuple[int, ...],
                  num_chains: int = 128, kernel: str = "restart", restart_sigma: float | None = None,
                  integrator="unipc", denoise_steps: int = 9, gibbs_steps: int = 10, step_size: float = 0.8,
                  sigma_mode: str = "argmax", tweedie_sigma: float | None = None,
@@ -126,7 +129,10 @@ class DLGSampler:
                  progress: bool = False):
         if not callable(score):
             raise TypeError(f"score must be callable as score(x, sigma), got {type(score).__name__}.")
-        if not callable(noise_posterior):
+        if noise_posterior is None and kernel == "gibbs":
+            raise ValueError("the Gibbs kernel draws sigma | x from a noise posterior: pass a NoiseClassifier trained for "
+                             "this model (dlg-train-classifier) or use kernel='restart', which needs none.")
+        if noise_posterior is not None and not callable(noise_posterior):
             raise TypeError(f"noise_posterior must be callable as posterior(x) -> logits, got {type(noise_posterior).__name__}.")
         if not isinstance(levels, NoiseLevels):
             raise TypeError(f"levels must be a NoiseLevels, got {type(levels).__name__}.")
@@ -198,7 +204,8 @@ class DLGSampler:
                                  f"pass shape={tuple(expected)} or a {name} made for {shape}.")
 
     @classmethod
-    def for_budget(cls, score: Score, noise_posterior: NoisePosterior, *, shape: tuple[int, ...], nfe: float, n: int,
+    def for_budget(cls, score: Score, noise_posterior: NoisePosterior | None, *, shape: tuple[int, ...], nfe: float,
+                   n: int,
                    num_chains: int | None = None, seed: int | None = None, **overrides: Any) -> "DLGSampler":
         """Settings from a budget of ``nfe`` model evaluations per sample (everything counted) for ``n`` samples,
         chosen by a short pilot on the model itself: see :func:`dlg_sampler.tuning.for_budget`."""

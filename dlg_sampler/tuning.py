@@ -108,8 +108,8 @@ def for_budget(score, noise_posterior, *, shape: tuple[int, ...], nfe: float, n:
     """A :class:`DLGSampler` whose whole cost per sample (pilot and warm-up amortised over ``n``) fits ``nfe``.
 
     Args:
-        score, noise_posterior, shape: as for :class:`DLGSampler` (the grid is ``noise_posterior.levels`` unless
-            ``levels`` is given).
+        score, noise_posterior, shape: as for :class:`DLGSampler` (the grid is ``levels``, else
+            ``noise_posterior.levels``, else the score's trained range; the restart kernel needs no posterior).
         nfe: budget of model evaluations per sample, everything counted.
         n: samples the run will draw (the warm-up and the pilot are amortised over them).
         num_chains: chains (default ``ceil(n / outputs_per_chain)``).
@@ -125,9 +125,11 @@ def for_budget(score, noise_posterior, *, shape: tuple[int, ...], nfe: float, n:
     """
     plan = plan_budget(nfe, n, num_chains=num_chains, outputs_per_chain=outputs_per_chain, **overrides)
     levels = levels or getattr(noise_posterior, "levels", None)
+    if levels is None and hasattr(score, "sigma_min") and hasattr(score, "sigma_max"):  # the model's trained range
+        levels = NoiseLevels(float(score.sigma_min), float(score.sigma_max))
     if not isinstance(levels, NoiseLevels):
-        raise ValueError("the noise grid is unknown: pass levels=NoiseLevels(...) or a noise posterior with .levels "
-                         "(a NoiseClassifier).")
+        raise ValueError("the noise grid is unknown: pass levels=NoiseLevels(...), a noise posterior with .levels "
+                         "(a NoiseClassifier) or a score with .sigma_min / .sigma_max (an adapter).")
     settings = plan["settings"]
     sampler = DLGSampler(score, noise_posterior, levels, shape=shape, seed=seed, device=device,
                          **{k: v for k, v in settings.items() if k != "shape"})

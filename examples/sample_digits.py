@@ -36,7 +36,7 @@ print(f"DLG {st['kernel']} kernel, S {st['restart_sigma']:.3g}, {st['chains']} c
       {k: round(v, 3) for k, v in evaluator.evaluate(x).items() if k in ("fd", "coverage", "entropy")})
 
 steps = int(st["nfe_per_sample"])                          # the most steps that fit DLG's whole cost
-x_vanilla, nfe = integrate("dpmpp_2m", score, score.sigma_max * torch.randn(args.n, 1, 8, 8), score.sigma_max, steps)
+x_vanilla, nfe = integrate("unipc", score, score.sigma_max * torch.randn(args.n, 1, 8, 8), score.sigma_max, steps)
 print(f"vanilla DPM-Solver++ 2M, {nfe} NFE", {k: round(v, 3) for k, v in evaluator.evaluate(x_vanilla.clamp(-1, 1)).items()
                                               if k in ("fd", "coverage", "entropy")})
 

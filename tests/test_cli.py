@@ -196,6 +196,19 @@ def test_score_sde_network_module_is_found_in_the_current_directory(score_sde_ru
     assert (score_sde_run / "x.png").exists()
 
 
+def test_a_model_without_classifier_samples_with_the_restart_kernel_and_gibbs_asks_for_one(score_sde_run, capsys,
+                                                                                         monkeypatch):
+    """The default kernel needs no noise classifier: --model alone runs on the model's trained range."""
+    monkeypatch.chdir(score_sde_run)
+    cli.sample_main(["--model", "checkpoint_1.pth", "--score-sde-net", "my_models:build", "--shape", "1", "8", "8",
+                     "--n", "8", "--chains", "4", "--out", "x.png"])
+    assert "DLG restart kernel" in capsys.readouterr().out and (score_sde_run / "x.png").exists()
+    err = error_of(cli.sample_main, ["--model", "checkpoint_1.pth", "--score-sde-net", "my_models:build", "--shape",
+                                     "1", "8", "8", "--kernel", "gibbs"], capsys)
+    assert "--kernel gibbs needs --classifier" in err and "restart kernel, which needs none" in err
+    sys.modules.pop("my_models", None)
+
+
 @pytest.mark.parametrize("net, message", [
     ("my_models:build_ncsnpp", "module 'my_models' ("),
     ("my_models:build_ncsnpp", "has no function 'build_ncsnpp'; its functions and classes: Net, build"),
@@ -231,3 +244,15 @@ def test_sample_grid_is_square_and_padded(tmp_path):
     grid = np.asarray(Image.open(tmp_path / "grid.png"))
     assert grid.shape[:2] == (22 * 68, 23 * 68)  # 500 tiles of 64 px + 2 px borders in 23 columns: about square
     assert (grid[:, 66:70] == 255).all() and (grid[66:70, :] == 255).all()  # a light border between tiles
+
+
+def test_digit_repeats_of_consecutive_outputs_against_independent_draws():
+    """A chain that keeps its digit shows in the summary even where the pixel lag-1 autocorrelation is small."""
+    sticky = torch.arange(10).repeat(5)  # 10 chains, each always the same digit
+    assert cli._class_repeats(sticky, 10).startswith("consecutive outputs of a chain show the same digit in 100% "
+                                                     "of pairs (independent samples: 10%)")
+    independent = torch.randint(0, 10, (5000,), generator=torch.Generator().manual_seed(0))
+    shown = cli._class_repeats(independent, 10)
+    same = int(shown.split("same digit in ")[1].split("%")[0])
+    assert abs(same - 10) <= 2 and shown.endswith("(independent samples: 10%)")
+    assert cli._class_repeats(sticky[:10], 10) == "digit repeats n/a (one output per chain)"

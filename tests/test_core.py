@@ -284,6 +284,22 @@ def test_nan_chain_is_reinitialised_and_never_emitted(kernel, mixture, levels):
     assert torch.isfinite(x).all() and x.shape == (40, 8)
 
 
+def test_the_restart_kernel_needs_no_noise_posterior_and_the_gibbs_kernel_says_it_does(mixture, levels):
+    sampler = DLGSampler(mixture.score, None, levels, shape=(8,), num_chains=20, denoise_steps=4, seed=0)
+    assert sampler.sample(40).shape == (40, 8)
+
+    class Adapter:  # a score that knows its trained range gives for_budget the grid
+        sigma_min, sigma_max = 0.01, SIGMA_MAX
+
+        def __call__(self, x, sigma):
+            return mixture.score(x, sigma)
+
+    tuned = DLGSampler.for_budget(Adapter(), None, shape=(8,), nfe=10, n=400, seed=0)
+    assert tuned.levels == NoiseLevels(0.01, SIGMA_MAX) and tuned.sample(40).shape == (40, 8)
+    with pytest.raises(ValueError, match="Gibbs kernel draws sigma.*kernel='restart', which needs none"):
+        DLGSampler(mixture.score, None, levels, shape=(8,), kernel="gibbs")
+
+
 def test_a_score_that_always_diverges_stops_with_a_clear_error(mixture, levels):
     sampler = DLGSampler(lambda x, s: torch.full_like(x, float("nan")), mixture.noise_posterior(levels), levels,
                          shape=(8,), num_chains=4, denoise_steps=2, seed=0)

@@ -107,7 +107,7 @@ def test_scheduler_save_and_load_round_trip(tmp_path, monkeypatch):
                            restart_sigma=5.0).save_pretrained("inst")
     restart = DLGScheduler.from_pretrained("inst").bind(unet)
     assert restart.classifier.levels == clf.levels
-    assert (restart.config.kernel, restart.config.restart_sigma, restart.config.integrator) == ("restart", 5.0, "dpmpp_2m")
+    assert (restart.config.kernel, restart.config.restart_sigma, restart.config.integrator) == ("restart", 5.0, "unipc")
     # The whole pipeline round-trips too, and from_pipe on a DLG pipeline keeps its settings and original schedule.
     pipe.save_pretrained(tmp_path / "pipe")
     again = DDPMPipeline.from_pretrained(tmp_path / "pipe")
@@ -116,6 +116,26 @@ def test_scheduler_save_and_load_round_trip(tmp_path, monkeypatch):
     again.set_progress_bar_config(disable=True)
     assert again(batch_size=2, num_inference_steps=9, output_type="np").images.shape == (2, 8, 8, 1)
     assert again.scheduler.samplers[2].kernel == "gibbs" and again.scheduler.samplers[2].gibbs_steps == 3
+
+
+def test_without_a_classifier_the_restart_kernel_runs_and_the_gibbs_kernel_asks_for_one(tiny_sd_pipe, tmp_path):
+    unet, scheduler, _ = vp_parts()
+    pipe = DDPMPipeline(unet=unet, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = DLGScheduler.from_pipe(pipe, warmup_steps=3)  # the model's trained range, its sample shape
+    calls = count_calls(unet)
+    assert pipe(batch_size=3, num_inference_steps=6, output_type="np").images.shape == (3, 8, 8, 1)
+    assert sum(calls) == pipe.scheduler.stats["model_evaluations"]
+    pipe.scheduler.save_pretrained(tmp_path / "sched")  # nothing to copy: the config alone
+    assert not (tmp_path / "sched" / "classifier").exists()
+    reloaded = DLGScheduler.from_pretrained(tmp_path / "sched").bind(unet)
+    assert reloaded.classifier is None and reloaded.sample_shape == (1, 8, 8)
+    dlg = DLGPipeline.from_pipe(tiny_sd_pipe, num_chains=2, warmup_steps=2)
+    assert len(dlg("a cat", guidance_scale=2.0, num_inference_steps=5, num_images_per_prompt=2).images) == 2
+    gibbs = DDPMPipeline(unet=unet, scheduler=scheduler)
+    gibbs.scheduler = DLGScheduler.from_pipe(gibbs, kernel="gibbs", gibbs_steps=1, step_size=0.05)
+    with pytest.raises(ValueError, match="Gibbs kernel draws sigma.*needs none"):
+        gibbs(batch_size=2, num_inference_steps=6)
 
 
 def test_scheduler_misuse_is_a_clear_error():
@@ -160,7 +180,7 @@ def test_dlg_pipeline_text_to_image_with_guidance(tiny_sd_pipe):
     assert stats["nfe_split"]["warmup"] > 0 and stats["nfe_split"]["gibbs"] == 0
     gibbs = DLGPipeline.from_pipe(pipe, classifier=clf, kernel="gibbs", gibbs_steps=4, num_chains=2, warmup_steps=2,
                                   warmup_sweeps=(1, 1))
-    with pytest.raises(ValueError, match="leaves no room for dpmpp_2m denoising and the Tweedie step after 4 Gibbs"):
+    with pytest.raises(ValueError, match="leaves no room for unipc denoising and the Tweedie step after 4 Gibbs"):
         gibbs("a dog", guidance_scale=3.0, num_inference_steps=5)
     calls.clear()
     gibbs("a dog", guidance_scale=3.0, num_inference_steps=7, num_images_per_prompt=2, output_type="pt")

@@ -23,10 +23,10 @@ equal total NFE (every model evaluation a run makes, DLG's warm-up included, / s
 seed, on exact Gaussian mixtures and the shipped digits model.
 
 commands:
-  run        (default) every planned run missing from OUT/results.jsonl, then OUT/RESULTS.md and plots;
+  run        (default) every planned run missing from OUT/results.jsonl, then RESULTS.md and plots in OUT;
              rerunning the same command resumes
   reference  make, finish or verify the digits model reference and record its convergence check
-  report     rebuild OUT/RESULTS.md and the plots from the stored rows (no sampling)
+  report     rebuild RESULTS.md and the plots in OUT from the stored rows (no sampling)
 
 Workloads, samplers, budgets, DLG configs and levers live in dlg_sampler/bench/registry.py."""
 
@@ -81,6 +81,9 @@ def parser() -> argparse.ArgumentParser:
     ref.add_argument("--reference-n", type=int, default=None,
                      help=f"reference samples (default: {REFERENCE_N}; --quick: {QUICK_REFERENCE_N})")
     ref.add_argument("--reference-seed", type=int, default=0, help="reference seed (default: %(default)s)")
+    ref.add_argument("--stats-out", type=Path, default=None,
+                     help="also write the reference's digit-feature mean and covariance here (the shipped "
+                          "dlg_sampler/weights/digits/reference_stats.safetensors is made this way; default: %(default)s)")
     ref.add_argument("--check-n", type=int, default=None,
                      help="reference command: samples of its convergence check, 0 to skip (default: 5000, the "
                           "digits runs' n; --quick: 0)")
@@ -140,8 +143,15 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {report(args.out)}")
     elif args.command == "reference":
         check_n = args.check_n if args.check_n is not None else (0 if args.quick else R.WORKLOADS["digits"].n)
-        _, info = make_reference(args.reference_n or (QUICK_REFERENCE_N if args.quick else REFERENCE_N),
-                                 args.reference_seed, args.reference_dir, check_n=check_n)
+        samples, info = make_reference(args.reference_n or (QUICK_REFERENCE_N if args.quick else REFERENCE_N),
+                                       args.reference_seed, args.reference_dir, check_n=check_n)
         print(f"digits model reference {info['path']} (sha256 {info['sha256'][:12]}), check: {info.get('check')}")
+        if args.stats_out is not None:  # the shipped statistics dlg-sample's summary scores against
+            from ..digits import DigitsEvaluator
+
+            DigitsEvaluator().save_reference_stats(samples, args.stats_out, {
+                "reference": Path(info["path"]).name, "sha256": info["sha256"], "sampler": "karras_heun 100 steps "
+                "(199 NFE) from sigma_max", "made_by": "dlg-bench reference --stats-out"})
+            print(f"wrote its feature statistics to {args.stats_out}")
     else:
         run(args, argv)
