@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -282,8 +283,9 @@ def targets(by_workload: dict[str, list[Group]]) -> list[list[str]]:
 def write_markdown(by_workload: dict[str, list[Group]], meta: dict[str, Any], plots: dict[str, list[str]],
                    path: Path) -> None:
     lines = ["# dlg-bench results", ""]
-    for run in meta.get("runs", []):
-        lines.append(f"- `{run['command']}` on {run['machine']}, {run['date']}")
+    invocations = Counter(f"`{r['command']}` on {r['machine']}, {r['date']}" for r in meta.get("runs", []))
+    for text, times in invocations.items():  # a resumed run is the same invocation again
+        lines.append(f"- {text}" + (f" ({times} invocations, each resuming the last)" if times > 1 else ""))
     wall = sum(r.get("wall_s", 0.0) for gs in by_workload.values() for g in gs for r in g.rows.values())
     lines += [f"- sampling wall time of all rows: {wall:.0f} s", ""]
     if not any(plots.values()):
