@@ -3,6 +3,7 @@
 import json
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +11,8 @@ import torch
 from dlg_sampler.bench import cli, reference, report, runs
 from dlg_sampler.bench.registry import WORKLOADS
 from dlg_sampler.bench.workloads import mixture_workload
+
+ROOT = Path(__file__).resolve().parents[1]
 
 #: A tiny bench: 2 seeds x (floor + 2 samplers x 2 budgets + DLG at 2 budgets + a lever) on the separated mixture.
 TINY = ["--workloads", "separated", "--n", "200", "--seeds", "0", "1", "--nfe", "8", "12", "--lever-nfe", "12",
@@ -233,3 +236,11 @@ def test_a_scheduler_that_cannot_start_at_the_top_is_a_skipped_row_not_a_crash()
     w = mixture_workload("wide", WORKLOADS["wide"], 50)
     x, info = runs.run_vanilla(w, "DDIM", 15, 0, 50)
     assert x is None and "cannot walk 15 steps" in info["skipped"]
+
+
+def test_committed_results_are_what_the_report_makes_from_the_committed_rows(tmp_path):
+    """benchmarks/RESULTS.md is generated, never edited by hand: the README's digest quotes it."""
+    committed = ROOT / "benchmarks"
+    for name in (report.RESULTS, report.META):
+        shutil.copy(committed / name, tmp_path / name)
+    assert report.report(tmp_path).read_text() == (committed / "RESULTS.md").read_text()
