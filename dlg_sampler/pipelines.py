@@ -27,7 +27,7 @@ from diffusers.schedulers.scheduling_sde_ve import SdeVeOutput
 
 from .classifier import NoiseClassifier
 from .levels import NoiseLevels
-from .integrators import INTEGRATORS, steps_for_nfe
+from .integrators import INTEGRATORS, check_steps, steps_for_nfe
 from .sampler import KERNELS, DLGSampler
 
 #: Pipelines whose own ``__call__`` runs with :class:`DLGScheduler`.
@@ -126,6 +126,25 @@ def _grid_and_shape(classifier: NoiseClassifier | None, score: Any, model: Any) 
     return NoiseLevels(score.sigma_min, score.sigma_max), (model.config.in_channels, *size)
 
 
+def _new_sampler(score: Any, classifier: NoiseClassifier | None, levels: NoiseLevels, shape: tuple[int, ...], *,
+                 budget: int, num_samples: int | None, default_chains: int, **settings: Any) -> DLGSampler:
+    """One set of chains for a pipeline. Given ``num_samples`` (the samples the user plans to draw from these
+    chains), :meth:`DLGSampler.for_budget`'s route: ``num_samples / 20`` chains unless ``num_chains`` is given and,
+    for the restart kernel without a ``restart_sigma``, ``S`` from a pilot on the model of at most 5% of the run at
+    ``budget`` evaluations per sample, counted in ``.stats``. Otherwise the settings as given, the sampler's
+    defaults where ``None`` and ``default_chains`` chains."""
+    settings = {k: v for k, v in settings.items() if v is not None}
+    if num_samples is not None:
+        return DLGSampler.for_budget(score, classifier, shape=shape, nfe=budget, n=num_samples, levels=levels,
+                                     **settings)
+    settings.setdefault("num_chains", default_chains)
+    return DLGSampler(score, classifier, levels, shape=shape, **settings)
+
+
+#: ``DLGPipeline``'s chains per condition when neither ``num_chains`` nor ``num_samples`` is given.
+DEFAULT_PIPELINE_CHAINS = 16
+
+
 class DLGScheduler(SchedulerMixin, ConfigMixin):
     """Drop-in DLG for ``DDPMPipeline``, ``DDIMPipeline`` and ``ScoreSdeVePipeline``.
 
@@ -157,6 +176,10 @@ class DLGScheduler(SchedulerMixin, ConfigMixin):
         kernel, restart_sigma, integrator, step_size, gibbs_steps, num_chains, seed, warmup_steps: the
             :class:`DLGSampler` settings; ``None`` takes the sampler's own default (``restart_sigma``: from the
             warm-up's data scale; ``num_chains``: the batch size).
+        num_samples: the samples you plan to draw per batch size. Given, the chains follow
+            :meth:`DLGSampler.for_budget` at ``num_inference_steps`` per sample: ``num_samples / 20`` chains unless
+            ``num_chains`` is given and, with ``restart_sigma`` left out, ``S`` from a pilot of at most 5% of the
+            run (counted in ``.stats``, the choice in ``.stats["tuning"]``).
         base_scheduler: the pipeline's original scheduler (``{"class_name": ..., "config": {...}}``), recorded by
             ``from_pipe``: it defines the model's noise schedule.
         correct_steps: 0, so ``ScoreSdeVePipeline`` makes no corrector calls.
@@ -169,11 +192,13 @@ class DLGScheduler(SchedulerMixin, ConfigMixin):
     def __init__(self, classifier: str | None = None, kernel: str = "restart", restart_sigma: float | None = None,
                  integrator: str = "unipc", step_size: float | None = None, gibbs_steps: int | None = None,
                  num_chains: int | None = None, seed: int = 0, warmup_steps: int | None = None,
-                 base_scheduler: dict | None = None, correct_steps: int = 0):
+                 num_samples: int | None = None, base_scheduler: dict | None = None, correct_steps: int = 0):
         if integrator not in INTEGRATORS:
             raise ValueError(f"unknown integrator {integrator!r}: DLGScheduler uses one of {sorted(INTEGRATORS)}.")
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}.")
+        if num_samples is not None:
+            check_steps(num_samples, "num_samples (the samples you plan to draw per batch size)")
         self.score, self.classifier = None, None
         self.samplers: dict[int, DLGSampler] = {}
         self._pending: dict[int, torch.Tensor] = {}  # denoised states awaiting their Tweedie step, per batch size
@@ -262,13 +287,12 @@ class DLGScheduler(SchedulerMixin, ConfigMixin):
     def _sampler(self, batch: int, device: torch.device) -> DLGSampler:
         if batch not in self.samplers:
             c = self.config
-            given = {"restart_sigma": c.restart_sigma, "step_size": c.step_size, "gibbs_steps": c.gibbs_steps,
-                     "warmup_steps": c.warmup_steps}
-            self.samplers[batch] = DLGSampler(
-                self.score, self.classifier, self.levels, shape=self.sample_shape,
-                num_chains=c.num_chains or batch, kernel=c.kernel, integrator=c.integrator,
-                denoise_steps=self.denoise_steps, seed=c.seed, tweedie_sigma=self.score.sigma_min, device=device,
-                **{k: v for k, v in given.items() if v is not None})
+            self.samplers[batch] = _new_sampler(
+                self.score, self.classifier, self.levels, self.sample_shape, budget=self.num_inference_steps,
+                num_samples=c.num_samples, default_chains=batch, num_chains=c.num_chains,
+                kernel=c.kernel, integrator=c.integrator, denoise_steps=self.denoise_steps, seed=c.seed,
+                tweedie_sigma=self.score.sigma_min, device=device, restart_sigma=c.restart_sigma,
+                step_size=c.step_size, gibbs_steps=c.gibbs_steps, warmup_steps=c.warmup_steps)
         sampler = self.samplers[batch]
         sampler.denoise_steps = self.denoise_steps
         return sampler
@@ -363,6 +387,7 @@ class DLGScheduler(SchedulerMixin, ConfigMixin):
         return {**_whole_cost(self.samplers.values(), self._returned, pipeline_first_call=self._first_calls),
                 "kernel": self.config.kernel,
                 "restart_sigma": {b: s.restart_sigma for b, s in self.samplers.items()},
+                "tuning": {b: s.tuning for b, s in self.samplers.items() if s.tuning is not None},
                 "chains": {b: s.num_chains for b, s in self.samplers.items()},
                 "lag1_autocorr": {b: s.stats["lag1_autocorr"] for b, s in self.samplers.items()},
                 "warmup_nfe_per_chain": {b: s.stats["warmup_nfe_per_chain"] for b, s in self.samplers.items()}}
@@ -385,14 +410,21 @@ class DLGPipeline:
         pipe, classifier: the loaded pipeline and a noise classifier for its model (needed by the Gibbs kernel only;
             without one the restart kernel runs on the model's trained noise range).
         kernel, restart_sigma, integrator, num_chains, seed: :class:`DLGSampler` settings (``restart_sigma=None``:
-            from the warm-up's data scale); ``sampler_kwargs``: any other (``step_size``, ``gibbs_steps`` for the
-            Gibbs kernel, ``warmup_steps`` ...), the sampler's own defaults where left out.
+            from the warm-up's data scale; ``num_chains=None``: 16 per condition); ``sampler_kwargs``: any other
+            (``step_size``, ``gibbs_steps`` for the Gibbs kernel, ``warmup_steps`` ...), the sampler's own defaults
+            where left out.
+        num_samples: the images you plan to draw per condition. Given, each condition's chains follow
+            :meth:`DLGSampler.for_budget` at ``num_inference_steps`` per image: ``num_samples / 20`` chains unless
+            ``num_chains`` is given and, with ``restart_sigma`` left out, ``S`` from a pilot of at most 5% of the
+            run (counted in ``.stats``, the choice in ``.stats["tuning"]``).
     """
 
     def __init__(self, pipe: Any, classifier: NoiseClassifier | None = None, *, kernel: str = "restart",
-                 restart_sigma: float | None = None, integrator: str = "unipc", num_chains: int = 16, seed: int = 0,
-                 **sampler_kwargs: Any):
-        self.pipe, self.classifier = pipe, classifier
+                 restart_sigma: float | None = None, integrator: str = "unipc", num_chains: int | None = None,
+                 seed: int = 0, num_samples: int | None = None, **sampler_kwargs: Any):
+        if num_samples is not None:
+            check_steps(num_samples, "num_samples (the images you plan to draw per condition)")
+        self.pipe, self.classifier, self.num_samples = pipe, classifier, num_samples
         self.settings = dict(kernel=kernel, restart_sigma=restart_sigma, integrator=integrator, num_chains=num_chains,
                              seed=seed, **sampler_kwargs)
         self.samplers: dict[tuple, DLGSampler] = {}
@@ -460,8 +492,10 @@ class DLGPipeline:
                 score = DiffusersVPScore(self.model, self.pipe.scheduler, guidance_scale=guidance_scale,
                                          guidance_rescale=guidance_rescale, cond_kwargs=cond, uncond_kwargs=uncond)
                 levels, _ = _grid_and_shape(self.classifier, score, self.model)
-                self.samplers[key] = DLGSampler(score, self.classifier, levels, shape=self.shape,
-                                                denoise_steps=steps, device=device, **self.settings)
+                self.samplers[key] = _new_sampler(score, self.classifier, levels, self.shape,
+                                                  budget=num_inference_steps, num_samples=self.num_samples,
+                                                  default_chains=DEFAULT_PIPELINE_CHAINS, denoise_steps=steps,
+                                                  device=device, **self.settings)
             sampler = self.samplers[key]
             sampler.denoise_steps = steps
             latents.append(sampler.sample(num_images_per_prompt, generator))
@@ -484,4 +518,5 @@ class DLGPipeline:
         images returned, over all conditions; ``nfe_split`` per phase; then each condition's chains' mixing."""
         return {**_whole_cost(self.samplers.values()), "kernel": self.settings["kernel"],
                 "restart_sigma": {k: s.restart_sigma for k, s in self.samplers.items()},
+                "tuning": {k: s.tuning for k, s in self.samplers.items() if s.tuning is not None},
                 "lag1_autocorr": {k: s.stats["lag1_autocorr"] for k, s in self.samplers.items()}}

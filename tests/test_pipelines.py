@@ -189,3 +189,44 @@ def test_dlg_pipeline_text_to_image_with_guidance(tiny_sd_pipe):
         pipe.scheduler = DLGScheduler.from_pipe(pipe, classifier=clf)
     with pytest.raises(ValueError, match="latents"):
         DLGPipeline.from_pipe(pipe, classifier=NoiseClassifier(sample_shape=(3, 16, 16), channels=(8,)))
+
+
+def test_scheduler_told_the_run_size_takes_the_budget_route():
+    """num_samples given, restart_sigma left out: chains num_samples / 20 and S from for_budget's pilot, which is
+    counted like every other model call and is the same under the same seed."""
+    chosen = []
+    for _ in range(2):
+        unet, scheduler, _ = vp_parts()
+        pipe = DDPMPipeline(unet=unet, scheduler=scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.scheduler = DLGScheduler.from_pipe(pipe, num_samples=2000, warmup_steps=3, seed=1)
+        calls = count_calls(unet)
+        pipe(batch_size=4, num_inference_steps=10, output_type="np")
+        sampler, stats = pipe.scheduler.samplers[4], pipe.scheduler.stats
+        pilot = sampler.tuning["pilot"]
+        assert sampler.num_chains == 100 and pilot["chains"] >= 8 and stats["tuning"][4] is sampler.tuning
+        assert sampler.restart_sigma == pilot["restart_sigma"]
+        assert stats["nfe_split"]["pilot"] * stats["samples"] == pilot["evaluations"] > 0
+        assert sum(calls) == stats["model_evaluations"]
+        assert pilot["evaluations"] <= 0.05 * 2000 * 10  # at most 5% of the planned run
+        chosen.append(sampler.restart_sigma)
+    assert chosen[0] == chosen[1]
+    pipe.scheduler = DLGScheduler.from_pipe(pipe, num_samples=2000, restart_sigma=3.0, warmup_steps=3)
+    pipe(batch_size=4, num_inference_steps=10, output_type="np")  # S given: no pilot, the chains from the run size
+    given = pipe.scheduler.samplers[4]
+    assert given.restart_sigma == 3.0 and given.tuning["pilot"] is None and given.num_chains == 100
+    with pytest.raises(ValueError, match="num_samples"):
+        DLGScheduler.from_pipe(pipe, num_samples=0)
+
+
+def test_dlg_pipeline_told_the_run_size_takes_the_budget_route(tiny_sd_pipe):
+    dlg = DLGPipeline.from_pipe(tiny_sd_pipe, num_samples=2000, warmup_steps=2)
+    calls = count_calls(tiny_sd_pipe.unet)
+    dlg("a photo of a cat", guidance_scale=3.0, num_inference_steps=6, num_images_per_prompt=2, output_type="pt")
+    (sampler,) = dlg.samplers.values()
+    assert sampler.num_chains == 100 and sampler.tuning["pilot"]["chains"] >= 8
+    stats = dlg.stats
+    assert stats["nfe_split"]["pilot"] > 0 and sum(calls) // 2 == stats["model_evaluations"]
+    assert DLGPipeline.from_pipe(tiny_sd_pipe).settings["num_chains"] is None  # 16 per condition, as before
+    with pytest.raises(ValueError, match="num_samples"):
+        DLGPipeline.from_pipe(tiny_sd_pipe, num_samples=-5)
