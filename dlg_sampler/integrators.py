@@ -102,12 +102,17 @@ def sample_reverse_diffusion(score: Score, x: torch.Tensor, sigmas: torch.Tensor
     """Reverse-diffusion predictor (Song et al. 2021, VE): ``x <- x + (s_i^2 - s_{i+1}^2) s + sqrt(s_i^2 - s_{i+1}^2) z``."""
     score = CountedScore(score)
     for i in trange(len(sigmas) - 1, disable=disable):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        var = append_dims(sigma**2 - sigma_next**2, x.ndim)
-        x_mean = x + var * score(x, sigma)
-        x = x_mean + _noise_unless_last(var.sqrt(), sigma_next, x, generator)
-        _report(callback, x, i, sigma, x_mean)
+        x, x_mean = _reverse_diffusion_step(score, x, sigmas[i], sigmas[i + 1], generator)
+        _report(callback, x, i, sigmas[i], x_mean)
     return x, score.nfe
+
+
+def _reverse_diffusion_step(score: Score, x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor,
+                            generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One reverse-diffusion step from ``sigma`` to ``sigma_next``: the new state and its noise-free mean."""
+    var = append_dims(sigma**2 - sigma_next**2, x.ndim)
+    x_mean = x + var * score(x, sigma)
+    return x_mean + _noise_unless_last(var.sqrt(), sigma_next, x, generator), x_mean
 
 
 @torch.no_grad()
@@ -125,9 +130,7 @@ def sample_pc(score: Score, x: torch.Tensor, sigmas: torch.Tensor, *, snr: float
             eps = append_dims(2 * (snr * noise_norm / grad_norm.clamp_min(1e-12)) ** 2, x.ndim)
             x = x + eps * grad + (2 * eps).sqrt() * noise
         # Predictor: reverse diffusion to sigma_{i+1}.
-        var = append_dims(sigma**2 - sigma_next**2, x.ndim)
-        x_mean = x + var * score(x, sigma)
-        x = x_mean + _noise_unless_last(var.sqrt(), sigma_next, x, generator)
+        x, x_mean = _reverse_diffusion_step(score, x, sigma, sigma_next, generator)
         _report(callback, x, i, sigma, x_mean)
     return x, score.nfe
 

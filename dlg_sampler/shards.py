@@ -36,7 +36,8 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
+    """Hex SHA-256 of the file at ``path``, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -119,7 +120,7 @@ class ShardWriter:
         self.config.update({k: saved[k] for k in self.derived if k in saved})
         for entry in shards:  # keep the longest prefix of shards that are intact
             path = self.out_dir / entry["file"]
-            if not path.exists() or _sha256(path) != entry["sha256"]:
+            if not path.exists() or sha256(path) != entry["sha256"]:
                 self.warnings.append(f"shard {path.name} is missing or corrupt: resuming from the shard before it")
                 break
             self.shards.append(entry)
@@ -163,7 +164,7 @@ class ShardWriter:
         tensors["samples"] = samples.detach().contiguous().cpu()
         metadata = {"state": json.dumps(rest), "format_version": str(FORMAT_VERSION)}
         _atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-        self.shards.append({"file": path.name, "count": len(samples), "sha256": _sha256(path)})
+        self.shards.append({"file": path.name, "count": len(samples), "sha256": sha256(path)})
         self._write_manifest()
         return path
 

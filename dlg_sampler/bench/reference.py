@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..integrators import count_nfe, integrate
+from ..shards import sha256
 from .runs import make_scheduler, write_json
 
 #: The reference sampler: vanilla Karras Heun, 100 steps from sigma_max (199 NFE).
@@ -44,14 +45,6 @@ class ReferenceError(ValueError):
 def default_reference_dir() -> Path:
     """``$XDG_CACHE_HOME/dlg-sampler/reference``, default ``~/.cache/dlg-sampler/reference``."""
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dlg-sampler" / "reference"
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def model_checksum() -> str:
