@@ -151,3 +151,18 @@ class MixtureScoreSdeModel(torch.nn.Module):
         root = abar.sqrt().reshape(-1, *[1] * (x.ndim - 1))
         s_t = self.mixture.score(xd / root, std / abar.sqrt()) / root
         return (-std.reshape(root.shape) * s_t).to(x.device, x.dtype)
+
+
+class CountingScore:
+    """A score that counts every sample it evaluates (``x.shape[0]`` per call) in ``.evaluations``, independently
+    of the library's own counters; every other attribute (``sigma_min``, ``sigma_max`` ...) is the wrapped score's."""
+
+    def __init__(self, score: Any):
+        self.score, self.evaluations = score, 0
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        self.evaluations += x.shape[0]
+        return self.score(x, sigma)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.score, name)

@@ -12,23 +12,13 @@ import torch
 from dlg_sampler.bench import cli, reference, report, runs
 from dlg_sampler.bench.registry import WORKLOADS
 from dlg_sampler.bench.workloads import mixture_workload
+from dlg_sampler.testing import CountingScore
 
 ROOT = Path(__file__).resolve().parents[1]
 
 #: A tiny bench: 2 seeds x (floor + 2 samplers x 2 budgets + DLG at 2 budgets + a lever) on the separated mixture.
 TINY = ["--workloads", "separated", "--n", "200", "--seeds", "0", "1", "--nfe", "8", "12", "--lever-nfe", "12",
         "--samplers", "karras_heun", "DPM++2M", "--levers", "restart_sigma-separated", "--configs", "--outputs-per-chain", "10"]
-
-
-class Counting:
-    """The test's own count of sample evaluations of a score."""
-
-    def __init__(self, score):
-        self.score, self.evaluations = score, 0
-
-    def __call__(self, x, sigma):
-        self.evaluations += x.shape[0]
-        return self.score(x, sigma)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +50,7 @@ def test_reported_nfe_is_every_counted_model_evaluation(spec, budget):
     """The row's NFE x n equals every score evaluation the run made (DLG: warm-up, burn-in, Gibbs, denoising,
     Tweedie; the tuned sampler: its pilot too); a fitted DLG row stays within its budget."""
     w = mixture_workload("separated", WORKLOADS["separated"], 64)
-    w.score = counting = Counting(w.score)
+    w.score = counting = CountingScore(w.score)
     row = runs.perform(w, runs.Run("separated", spec, budget, 0, 64, "x"), warm={})
     assert counting.evaluations > 0 and row["nfe"] * 64 == pytest.approx(counting.evaluations, abs=1e-9)
     if spec["kind"] == "tuned":

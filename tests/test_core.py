@@ -12,6 +12,7 @@ from dlg_sampler import INTEGRATORS, DLGSampler, GaussianMixture, NoiseLevels, i
 from dlg_sampler.diagnostics import OutputCorrelation, ess_fraction
 from dlg_sampler.gibbs import gibbs_step, sample_sigma_index
 from dlg_sampler.metrics import sliced_wasserstein
+from dlg_sampler.testing import CountingScore
 from dlg_sampler.tuning import plan_budget
 
 SIGMA_MAX = 80.0
@@ -126,17 +127,6 @@ def test_gibbs_kernel_leaves_joint_approximately_invariant(mixture):
     assert torch.equal(am, post(x).argmax(-1))
 
 
-class Counting:
-    """A score that counts every sample evaluation (``x.shape[0]`` per call)."""
-
-    def __init__(self, score):
-        self.score, self.evaluations = score, 0
-
-    def __call__(self, x, sigma):
-        self.evaluations += x.shape[0]
-        return self.score(x, sigma)
-
-
 def test_restart_move_is_exact(mixture):
     """x + sqrt(S^2 - sigma^2) z of exact p_sigma samples is an exact draw of p_S: the restart kernel's lift."""
     g = torch.Generator().manual_seed(0)
@@ -167,7 +157,7 @@ def test_restart_beats_vanilla_at_equal_total_nfe(mixture, levels):
     g = torch.Generator().manual_seed(0)
     n = 2000
     ref = mixture.sample(n, generator=g)
-    score = Counting(mixture.score)
+    score = CountingScore(mixture.score)
     sampler = DLGSampler(score, mixture.noise_posterior(levels), levels, shape=(8,), num_chains=n // 20,
                          denoise_steps=5, seed=0)
     x = sampler.sample(n)
@@ -190,7 +180,7 @@ def test_every_model_evaluation_is_in_the_reported_nfe(kernel, mixture, levels):
             s[3], inject["on"] = float("nan"), False
         return s
 
-    score = Counting(flaky)
+    score = CountingScore(flaky)
     kw = dict(kernel="gibbs", integrator="karras_heun", gibbs_steps=2, step_size=0.05) if kernel == "gibbs" else {}
     sampler = DLGSampler(score, mixture.noise_posterior(levels), levels, shape=(8,), num_chains=16, denoise_steps=3,
                          seed=0, **kw)
@@ -207,7 +197,7 @@ def test_every_model_evaluation_is_in_the_reported_nfe(kernel, mixture, levels):
 
 def test_an_external_progress_bar_counts_every_evaluation_as_planned(mixture, levels):
     """One caller's bar over several ``sample`` calls: advanced by each model evaluation, sized by planned_nfe."""
-    score = Counting(mixture.score)
+    score = CountingScore(mixture.score)
     sampler = DLGSampler(score, mixture.noise_posterior(levels), levels, shape=(8,), num_chains=16, denoise_steps=3,
                          seed=0)
     planned = sampler.planned_nfe(50)  # the warm-up and 4 batches of 16
@@ -342,7 +332,7 @@ def test_output_correlation_of_copies_and_independent_draws():
 
 # ----------------------------------------------------------------------------- settings from a budget
 def test_for_budget_fits_the_budget_counts_its_pilot_and_is_deterministic(mixture, levels):
-    score = Counting(mixture.score)
+    score = CountingScore(mixture.score)
     a = DLGSampler.for_budget(score, mixture.noise_posterior(levels), shape=(8,), nfe=12, n=10_000, seed=0)
     pilot = a.tuning["pilot"]
     assert 0 < pilot["evaluations"] == score.evaluations <= 0.05 * 12 * 10_000  # at most 5% of the run

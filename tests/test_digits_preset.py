@@ -22,6 +22,7 @@ from dlg_sampler.adapters import from_pipeline
 from dlg_sampler.classifier import evaluate_noise_classifier
 from dlg_sampler.digits import (CLASSIFIER_DIR, FEATURES_DIR, PIPELINE_DIR, DigitsEvaluator, load_digit_features,
                                 load_digits_data)
+from dlg_sampler.testing import CountingScore
 
 BIN = Path(sys.executable).parent
 
@@ -140,20 +141,6 @@ def test_dlg_sample_with_a_diffusers_scheduler_and_a_local_model_folder(tmp_path
     assert done.returncode == 0, done.stderr[-3000:]
     total = float(re.search(r"NFE/sample ([\d.]+) in total", done.stdout).group(1))
     assert 7 <= total <= 8 and "DPMSolverMultistepScheduler 7 steps:" in done.stdout and (tmp_path / "x.png").exists()
-
-
-class CountingScore:
-    """A loaded model's score that counts every sample it evaluates; everything else is the model's."""
-
-    def __init__(self, score):
-        self.score, self.evaluations = score, 0
-
-    def __call__(self, x, sigma):
-        self.evaluations += x.shape[0]
-        return self.score(x, sigma)
-
-    def __getattr__(self, name):
-        return getattr(self.score, name)
 
 
 @pytest.fixture
