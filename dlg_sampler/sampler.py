@@ -13,8 +13,8 @@ from tqdm.auto import tqdm
 
 from .diagnostics import CORRELATION_WARNING, OutputCorrelation, ess_fraction
 from .gibbs import SIGMA_MODES, NoisePosterior, diverged, langevin_step, sample_sigma_index
-from .integrators import (INTEGRATORS, CountedScore, Score, append_dims, check_integrator, check_steps, get_schedule,
-                          integrate, randn_like)
+from .integrators import (INTEGRATORS, CountedScore, Score, append_dims, check_integrator, check_steps, count_nfe,
+                          get_schedule, integrate, randn_like)
 from .levels import NoiseLevels
 
 #: Chain kernels: ``"restart"`` (exact lift to ``restart_sigma``, then the denoising solve back; the default, measured
@@ -346,12 +346,14 @@ class DLGSampler:
         return x0
 
     def _denoise(self, x: torch.Tensor, sigma: torch.Tensor, g: torch.Generator | None, *, tweedie: bool = True,
-                 phases: tuple[str, str] = ("denoise", "tweedie")) -> torch.Tensor:
-        """Denoising (and Tweedie) of ``x [k, *shape]`` from ``sigma [k]``, counted under ``phases``."""
+                 phases: tuple[str, str] = ("denoise", "tweedie"), steps: int | None = None) -> torch.Tensor:
+        """Denoising (and Tweedie) of ``x [k, *shape]`` from ``sigma [k]`` in ``steps`` steps (default
+        ``denoise_steps``), counted under ``phases``."""
+        steps = steps or self.denoise_steps
         self.score.phase = phases[0]
         if isinstance(self.integrator, str):
             # Denoising: integrate from each chain's own sigma down to the Tweedie level.
-            sigmas = get_schedule(self.integrator, self.denoise_steps, sigma, self.tweedie_sigma, append_zero=False)
+            sigmas = get_schedule(self.integrator, steps, sigma, self.tweedie_sigma, append_zero=False)
             x, _ = INTEGRATORS[self.integrator](self.score, x, sigmas, generator=g, **self.integrator_kwargs)
             if tweedie:  # Tweedie step: D(x, sigma_end) = x + sigma_end^2 s(x, sigma_end).
                 self.score.phase = phases[1]
@@ -361,7 +363,7 @@ class DLGSampler:
         else:  # a diffusers scheduler denoises to 0 by itself
             groups = SCHEDULER_GROUPS if self.kernel == "gibbs" else 1
             kwargs = {"groups": min(groups, len(x)), **self.integrator_kwargs}
-            x, _ = integrate(self.integrator, self.score, x, sigma, self.denoise_steps, generator=g, **kwargs)
+            x, _ = integrate(self.integrator, self.score, x, sigma, steps, generator=g, **kwargs)
         return x
 
     def _reinitialise(self, chains: torch.Tensor, g: torch.Generator) -> None:
@@ -412,8 +414,6 @@ class DLGSampler:
     def planned_nfe(self, n: int) -> int:
         """Model evaluations (all samples together) the next ``n`` samples will cost, warm-up included if due
         (samples already made and kept for the next call cost nothing)."""
-        from .integrators import count_nfe
-
         batches = math.ceil(max(n - len(self._buffer), 0) / self.num_chains)
         per_batch = count_nfe(self.integrator, self.denoise_steps, dlg=isinstance(self.integrator, str))
         if self.kernel == "gibbs":

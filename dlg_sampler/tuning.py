@@ -217,8 +217,4 @@ def _restart(sampler: DLGSampler, x: torch.Tensor, level: float, steps: int, see
     g = torch.Generator(x.device).manual_seed(seed)
     lifted = x + level * torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
     S = torch.full((len(x),), level, device=x.device, dtype=x.dtype)
-    kept, sampler.denoise_steps = sampler.denoise_steps, steps
-    try:
-        return sampler._denoise(lifted, S, g, phases=("pilot", "pilot"))
-    finally:
-        sampler.denoise_steps = kept
+    return sampler._denoise(lifted, S, g, phases=("pilot", "pilot"), steps=steps)
