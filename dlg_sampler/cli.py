@@ -355,8 +355,9 @@ def sample_parser() -> argparse.ArgumentParser:
                    help="chain kernel: restart (the default: lift each chain to S exactly, denoise back) or gibbs "
                         "(the paper's Langevin-Gibbs sweeps and min-sigma selection)")
     k.add_argument("--restart-sigma", type=float, default=None,
-                   help="restart kernel: the lift level S (default: from a short pilot on the model, or "
-                        f"{RESTART_SCALE:g} x the data scale the warm-up measures when --n is too small for one)")
+                   help=f"restart kernel: the lift level S (default: {RESTART_SCALE:g} x the data scale the warm-up "
+                        "measures, raised where a short pilot on the model says consecutive outputs would keep a "
+                        "lag-1 autocorrelation above 0.2; no pilot when --n is too small for one)")
     k.add_argument("--step-size", type=float, default=None,
                    help=f"gibbs kernel: Langevin step size eta (default {sampler_defaults['step_size'].default:g}, "
                         "the paper's); it sets the chains' working noise level")
@@ -580,7 +581,10 @@ def _settings_line(sampler: DLGSampler, integrator: str, summary: dict, world: i
         pilot = sampler.tuning["pilot"]
         source = ("given" if pilot is None else
                   f"{RESTART_SCALE:g} x the warm-up's data scale; n too small for a pilot" if not pilot["chains"] else
-                  f"from the pilot: lag-1 {pilot['lag1']:.2f} on {pilot['chains']} chains")
+                  f"raised by the pilot to lag-1 {pilot['lag1']:.2f} on {pilot['chains']} chains"
+                  if pilot["restart_sigma"] > pilot["rule_of_thumb"] else
+                  f"{RESTART_SCALE:g} x the warm-up's data scale, checked by the pilot: lag-1 {pilot['lag1']:.2f} on "
+                  f"{pilot['chains']} chains")
         kernel = f"restart kernel, S {sampler.restart_sigma:.3g} ({source})"
     else:
         kernel = (f"gibbs kernel, step size {sampler.step_size:g}, {sampler.gibbs_steps} Gibbs steps, selected sigma "
@@ -721,9 +725,12 @@ def tune_main(argv: list[str] | None = None) -> None:
         print("  ladder, one restart move each: " + ", ".join(
             f"S {c['restart_sigma']:.3g} lag-1 {_fmt(c['lag1'])}" + (f" ({c['diverged']} diverged)" if c["diverged"]
                                                                       else "") for c in pilot["candidates"]))
-        print(f"  chosen S {pilot['restart_sigma']:.4g} for target lag-1 {pilot['target_lag1']:g}: lag-1 "
-              f"{_fmt(pilot['lag1'])}, agreement {pilot['agreement']:.3g} (RMS to twice the denoising steps, in data "
-              f"scales), {pilot['diverged']} diverged")
+        mixing = "no fit" if pilot["mixing_level"] is None else f"{pilot['mixing_level']:.4g}"
+        why = "raised to where the fitted curve reaches" if pilot["restart_sigma"] > pilot["rule_of_thumb"] else \
+            f"the rule of thumb, {RESTART_SCALE:g} x the data scale; the fitted curve reaches"
+        print(f"  chosen S {pilot['restart_sigma']:.4g} ({why} target lag-1 {pilot['target_lag1']:g} at {mixing}): "
+              f"lag-1 {_fmt(pilot['lag1'])}, agreement {pilot['agreement']:.3g} (RMS to twice the denoising steps, "
+              f"in data scales), {pilot['diverged']} diverged")
     print(f"predicted NFE per sample: {tuning['predicted_nfe_per_sample']:.2f} in total (warm-up and pilot "
           "amortised over n)")
 

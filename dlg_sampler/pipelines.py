@@ -130,8 +130,8 @@ def _new_sampler(score: Any, classifier: NoiseClassifier | None, levels: NoiseLe
                  budget: int, num_samples: int | None, default_chains: int, **settings: Any) -> DLGSampler:
     """One set of chains for a pipeline. Given ``num_samples`` (the samples the user plans to draw from these
     chains), :meth:`DLGSampler.for_budget`'s route: ``num_samples / 20`` chains unless ``num_chains`` is given and,
-    for the restart kernel without a ``restart_sigma``, ``S`` from a pilot on the model of at most 5% of the run at
-    ``budget`` evaluations per sample, counted in ``.stats``. Otherwise the settings as given, the sampler's
+    for the restart kernel without a ``restart_sigma``, ``S`` (12 x the data scale) checked by a pilot on the model
+    of at most 5% of the run at ``budget`` evaluations per sample, counted in ``.stats``. Otherwise the settings as given, the sampler's
     defaults where ``None`` and ``default_chains`` chains."""
     settings = {k: v for k, v in settings.items() if v is not None}
     if num_samples is not None:
@@ -178,7 +178,7 @@ class DLGScheduler(SchedulerMixin, ConfigMixin):
             warm-up's data scale; ``num_chains``: the batch size).
         num_samples: the samples you plan to draw per batch size. Given, the chains follow
             :meth:`DLGSampler.for_budget` at ``num_inference_steps`` per sample: ``num_samples / 20`` chains unless
-            ``num_chains`` is given and, with ``restart_sigma`` left out, ``S`` from a pilot of at most 5% of the
+            ``num_chains`` is given and, with ``restart_sigma`` left out, ``S`` checked by a pilot of at most 5% of the
             run (counted in ``.stats``, the choice in ``.stats["tuning"]``).
         base_scheduler: the pipeline's original scheduler (``{"class_name": ..., "config": {...}}``), recorded by
             ``from_pipe``: it defines the model's noise schedule.
@@ -415,7 +415,7 @@ class DLGPipeline:
             where left out.
         num_samples: the images you plan to draw per condition. Given, each condition's chains follow
             :meth:`DLGSampler.for_budget` at ``num_inference_steps`` per image: ``num_samples / 20`` chains unless
-            ``num_chains`` is given and, with ``restart_sigma`` left out, ``S`` from a pilot of at most 5% of the
+            ``num_chains`` is given and, with ``restart_sigma`` left out, ``S`` checked by a pilot of at most 5% of the
             run (counted in ``.stats``, the choice in ``.stats["tuning"]``).
     """
 

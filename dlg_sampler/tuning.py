@@ -3,19 +3,25 @@
 A user has a score, a noise classifier, a sample shape, a budget of model evaluations per sample (everything
 counted: warm-up and this pilot included) and the number of samples wanted. The settings follow from them:
 
-- **chains**: ``n / outputs_per_chain`` (the paper's protocol: few chains, many outputs each), at most ``n``;
-- **denoising steps**: the most that fit the budget once the amortised warm-up and pilot are paid;
-- **restart level** ``S``: read off a short pilot on the model itself, without data. Pilot chains are warmed up,
-  then each level of a small ladder (in units of the data scale the warm-up measures) makes one restart move with
-  the chosen denoiser; the lag-1 autocorrelation between a chain's state and its output says how much consecutive
-  outputs would share. Those noisy estimates are pooled through the curve an exact restart move follows on
-  Gaussian data, ``r(S) = s / sqrt(s^2 + S^2)`` (it fits the digits model within 5% from S = 3 to 40), and ``S``
-  is where the fitted curve reaches ``target_lag1``: the denoiser's error grows with ``S`` at a fixed step count, so
-  the lowest level that mixes is the one to take. The pilot then checks that level (its autocorrelation and
-  divergences) and how far the denoiser lands from one with twice its steps (``agreement``), and reports its cost.
+- **denoising steps**: the most that fit the budget with the warm-up of the fewest chains (``n / 250``, the paper's
+  chain length) and the smallest pilot (8 chains) amortised over ``n``: steps are what quality is bought with;
+- **pilot**: up to ``PILOT_SHARE`` of the run (at most ``MAX_PILOT_CHAINS``) from what those steps leave;
+- **chains**: ``n / outputs_per_chain`` (the paper's protocol: few chains, many outputs each), or fewer where the
+  budget left after the steps and the pilot cannot warm that many up;
+- **restart level** ``S``: ``RESTART_SCALE`` times the data scale the run's warm-up measures, checked by the pilot,
+  run on the first warmed-up chains of the run itself, without data. Each level of a small ladder (in units of the
+  data scale) makes one restart move with the chosen denoiser; the lag-1 autocorrelation between a chain's state and
+  its output says how much consecutive outputs would share. Those noisy estimates are pooled through the curve an
+  exact restart move follows on Gaussian data, ``r(S) = s / sqrt(s^2 + S^2)`` (it fits the digits model within 5%
+  from S = 3 to 40); where that curve says the rule of thumb leaves consecutive outputs more correlated than
+  ``target_lag1``, ``S`` is raised to where it reaches the target. The pilot then checks the level (its
+  autocorrelation and divergences) and how far the denoiser lands from one with twice its steps (``agreement``),
+  and reports its cost. (Aiming at the target itself, the lowest level that mixes, was tried: it picks lower levels
+  than the rule of thumb, which scored worse on digits and no better on the mixtures; docs/design.md.)
 
-The pilot spends at most ``PILOT_SHARE`` of the run's budget; below ``MIN_PILOT_CHAINS`` chains it is skipped and
-``S`` falls back to ``RESTART_SCALE`` times the measured data scale (said in ``sampler.tuning``).
+The pilot's moves are counted as ``pilot`` (the warm-up it starts from is the run's own, counted as ``warmup``).
+Where even the smallest pilot is more than ``PILOT_SHARE`` of the run it is skipped and ``S`` falls back to
+``RESTART_SCALE`` times the measured data scale (said in ``sampler.tuning``).
 """
 
 from __future__ import annotations
@@ -45,6 +51,9 @@ RESTART_LADDER = (1.0, 2.0, 4.0, 8.0)
 TARGET_LAG1 = 0.2
 #: Default outputs per chain (the mixing issue's protocol asks >= 20; the paper takes 250).
 OUTPUTS_PER_CHAIN = 20
+#: Most outputs per chain: where the budget is tight, chains are traded for denoising steps down to ``n / 250``
+#: (the paper's CIFAR-10 chains; consecutive restart outputs are as good as those of fresh chains, docs/mixing.md).
+MAX_OUTPUTS_PER_CHAIN = 250
 
 
 def plan_budget(nfe: float, n: int, *, num_chains: int | None = None, outputs_per_chain: int = OUTPUTS_PER_CHAIN,
@@ -59,42 +68,62 @@ def plan_budget(nfe: float, n: int, *, num_chains: int | None = None, outputs_pe
     n = check_steps(n, "n")
     if isinstance(nfe, bool) or not isinstance(nfe, (int, float)) or not math.isfinite(nfe) or nfe <= 0:
         raise ValueError(f"nfe must be a positive number of model evaluations per sample, got {nfe!r}.")
-    chains = num_chains or min(n, math.ceil(n / outputs_per_chain))
-    chains = check_steps(chains, "num_chains")
+    most = check_steps(num_chains or min(n, math.ceil(n / outputs_per_chain)), "num_chains")
     kernel = overrides.get("kernel", "restart")
+    # Only restart chains are traded for steps: a Gibbs chain's consecutive outputs are near-copies (mixing.md).
+    fewest = min(most, math.ceil(n / MAX_OUTPUTS_PER_CHAIN)) if kernel == "restart" and not num_chains else most
     integrator = overrides.get("integrator", "unipc")
     gibbs_steps = overrides.get("gibbs_steps", 2) if kernel == "gibbs" else 0
     warmup_integrator = overrides.get("warmup_integrator") or ("karras_stochastic" if kernel == "gibbs" else "unipc")
     warmup_steps = overrides.get("warmup_steps") or (20 if kernel == "gibbs" else 10)
-    warm = count_nfe(warmup_integrator, warmup_steps, dlg=False)
-    if kernel == "gibbs":
-        warm += sum(overrides.get("warmup_sweeps", (10, 10)))
     search = kernel == "restart" and overrides.get("restart_sigma") is None
     dlg = isinstance(integrator, str)
 
-    def cost(steps: int) -> tuple[float, int]:
-        """(predicted NFE per sample, pilot chains) with ``steps`` denoising steps."""
-        per_output = count_nfe(integrator, steps, dlg=dlg) + gibbs_steps
-        pilot_chains = 0
-        if search:
-            per_pilot_chain = warm + (len(RESTART_LADDER) + 2) * per_output + count_nfe(integrator, 2 * steps, dlg=dlg)
-            pilot_chains = min(MAX_PILOT_CHAINS, int(PILOT_SHARE * n * nfe // per_pilot_chain))
-            pilot_chains = pilot_chains if pilot_chains >= MIN_PILOT_CHAINS else 0
-            pilot = pilot_chains * per_pilot_chain
-        else:
-            pilot = 0
-        return per_output + (warm * chains + pilot) / n, pilot_chains
+    warm = count_nfe(warmup_integrator, warmup_steps, dlg=False)
+    if kernel == "gibbs":
+        warm += sum(overrides.get("warmup_sweeps", (10, 10)))
+
+    def per_output(steps: int) -> int:
+        """Model evaluations of one output with ``steps`` denoising steps."""
+        return count_nfe(integrator, steps, dlg=dlg) + gibbs_steps
+
+    def fit(steps: int, strict: bool = True) -> tuple[float, int, int] | None:
+        """(predicted NFE per sample, chains, pilot chains) with ``steps`` denoising steps; ``None``: over budget.
+        A pilot runs where its smallest size fits its share of the run; ``strict=False`` (steps given): the default
+        chains and a pilot of its share, whatever they cost."""
+        per_chain = warm + (overrides.get("burn_in", 0) * per_output(steps) if kernel == "restart" else 0)
+        per_pilot_chain = (len(RESTART_LADDER) + 2) * per_output(steps) + count_nfe(integrator, 2 * steps, dlg=dlg)
+
+        def cost(chains: int, pilot: int) -> float:
+            """NFE per sample: every batch of outputs (the last one whole), the warm-up and the pilot, over ``n``."""
+            outputs = math.ceil(n / chains) * chains
+            return (outputs * per_output(steps) + chains * per_chain + pilot * per_pilot_chain) / n
+
+        pilot = min(MAX_PILOT_CHAINS, most, int(PILOT_SHARE * n * nfe // per_pilot_chain)) if search else 0
+        pilot = pilot if pilot >= MIN_PILOT_CHAINS else 0  # too small a run to amortise a pilot: skipped
+        if not strict:
+            return cost(most, pilot), most, pilot
+        # The most chains (down to the fewest, each giving whole batches) beside which a pilot of at least
+        # MIN_PILOT_CHAINS fits; it runs on the first of them.
+        for chains in sorted({math.ceil(n / b) for b in range(math.ceil(n / most), math.ceil(n / fewest) + 1)},
+                             reverse=True):
+            left = nfe * n - cost(chains, 0) * n
+            fits = min(pilot, chains, int(left // per_pilot_chain))
+            if (fits >= MIN_PILOT_CHAINS) if pilot else left >= 0:
+                return cost(chains, fits if pilot else 0), chains, fits if pilot else 0
+        return None
 
     steps = overrides.get("denoise_steps")
-    if steps is None:
-        steps = max((k for k in range(1, int(nfe) + 1) if cost(k)[0] <= nfe), default=None)
-        if steps is None:
-            minimum = cost(1)[0]
-            raise ValueError(f"a budget of {nfe:g} model evaluations per sample is too small: one {kernel} output "
-                             f"costs at least {minimum:.2f} ({'Gibbs steps, ' if kernel == 'gibbs' else ''}one "
-                             f"denoising step, the Tweedie step and the warm-up of {chains} chains amortised over "
-                             f"n={n}); raise nfe to at least {math.ceil(minimum)}, or draw more samples per chain.")
-    predicted, pilot_chains = cost(steps)
+    if steps is None:  # the most denoising steps that fit
+        steps = next((k for k in range(int(nfe), 0, -1) if fit(k)), None)
+    fitted = fit(steps, strict="denoise_steps" not in overrides) if steps else None
+    if fitted is None:
+        minimum = per_output(1) + warm * fewest / n
+        raise ValueError(f"a budget of {nfe:g} model evaluations per sample is too small: one {kernel} output "
+                         f"costs at least {minimum:.2f} ({'Gibbs steps, ' if kernel == 'gibbs' else ''}one "
+                         f"denoising step, the Tweedie step and the warm-up of {fewest} chains amortised over "
+                         f"n={n}); raise nfe to at least {math.ceil(minimum)}, or draw more samples per chain.")
+    predicted, chains, pilot_chains = fitted
     settings = {"num_chains": chains, "kernel": kernel, "integrator": integrator, "denoise_steps": steps,
                 **({"gibbs_steps": gibbs_steps} if kernel == "gibbs" else {}), **overrides,
                 "warmup_integrator": warmup_integrator, "warmup_steps": warmup_steps}
@@ -134,9 +163,13 @@ def for_budget(score, noise_posterior, *, shape: tuple[int, ...], nfe: float, n:
     sampler = DLGSampler(score, noise_posterior, levels, shape=shape, seed=seed, device=device,
                          **{k: v for k, v in settings.items() if k != "shape"})
     search = settings["kernel"] == "restart" and settings.get("restart_sigma") is None
-    pilot = _pilot(sampler, plan["pilot_chains"], target_lag1, seed) if search else None
-    if pilot is not None:
-        sampler.restart_sigma = pilot["restart_sigma"]
+    pilot = None
+    if search:
+        if plan["pilot_chains"]:
+            sampler.warm_up()  # the run's own warm-up: the pilot starts from its first chains
+        pilot = _pilot(sampler, plan["pilot_chains"], target_lag1, seed)
+        if pilot["restart_sigma"] is not None:
+            sampler.restart_sigma = pilot["restart_sigma"]
     integrator = settings["integrator"]
     sampler.tuning = {
         "budget": {"nfe": nfe, "n": n},
@@ -157,16 +190,11 @@ def _pilot(sampler: DLGSampler, chains: int, target_lag1: float, seed: int | Non
         return {"chains": 0, "evaluations": 0, "restart_sigma": None,
                 "skipped": f"n too small to amortise a pilot within {PILOT_SHARE:.0%} of the budget: restart_sigma = "
                            f"{RESTART_SCALE:g} x the data scale measured at the warm-up"}
-    levels, dtype, device, score = sampler.levels, sampler.dtype, sampler.device, sampler.score
+    levels, device = sampler.levels, sampler.device
     base = 0 if seed is None else seed + 1
-    g = torch.Generator(device).manual_seed(base)
-    # Warm-up of the pilot chains, as the sampler's own warm-up does it.
-    score.phase = "pilot"
-    x = levels.sigma_max * torch.randn(chains, *sampler.shape, generator=g, device=device, dtype=dtype)
-    sigma_max = torch.full((chains,), levels.sigma_max, device=device, dtype=dtype)
-    x, _ = integrate(sampler.warmup_integrator, score, x, sigma_max, sampler.warmup_steps, generator=g,
-                     sigma_end=sampler.tweedie_sigma)
-    scale = _data_scale(x)
+    sampler.score.phase = "pilot"
+    x = sampler.x[:chains].clone()  # warmed-up chains of the run; the pilot's moves leave them as they are
+    scale = _data_scale(sampler.x)
     ladder = _ladder(scale, levels.sigma_max)
     # One restart move at the top of the ladder first: the ladder then starts from outputs of the kernel (what a
     # running chain holds), not of the warm-up solver, whose outputs are measurably more correlated with the next.
@@ -180,17 +208,7 @@ def _pilot(sampler: DLGSampler, chains: int, target_lag1: float, seed: int | Non
         corr.update(idx, x)
         corr.update(idx[~lost], out[~lost])
         candidates.append({"restart_sigma": level, "lag1": corr.lag1, "diverged": int(lost.sum())})
-    # Pool the noisy single-move estimates through r(S) = s_eff / sqrt(s_eff^2 + S^2), the lag-1 autocorrelation of
-    # an exact restart move on Gaussian data of scale s_eff (measured to fit the digits model within 5% for S from 3
-    # to 40): each candidate gives s_eff = S r / sqrt(1 - r^2), weighted by its precision (r (1 - r^2))^2.
-    fits = [(math.log(c["restart_sigma"] * c["lag1"] / math.sqrt(1 - c["lag1"] ** 2)),
-             (c["lag1"] * (1 - c["lag1"] ** 2)) ** 2)
-            for c in candidates if c["lag1"] is not None and 0.02 < c["lag1"] < 0.98 and not c["diverged"]]
-    if fits:
-        s_eff = math.exp(sum(v * w for v, w in fits) / sum(w for _, w in fits))
-        chosen = min(s_eff * math.sqrt(1 / target_lag1**2 - 1), levels.sigma_max)
-    else:  # no usable estimate: the rule of thumb
-        s_eff, chosen = None, min(RESTART_SCALE * scale, levels.sigma_max)
+    s_eff, mixing, chosen = choose_level(candidates, scale, levels.sigma_max, target_lag1)
     k = len(candidates)
     out = _restart(sampler, x, chosen, sampler.denoise_steps, base + 1 + k)
     lost = diverged(out, levels)
@@ -201,8 +219,33 @@ def _pilot(sampler: DLGSampler, chains: int, target_lag1: float, seed: int | Non
     fine = _restart(sampler, x, chosen, 2 * sampler.denoise_steps, base + 1 + k)
     agreement = float((out - fine).flatten(1).pow(2).mean().sqrt()) / scale
     return {"chains": chains, "evaluations": sampler._counts["pilot"], "data_scale": scale,
-            "effective_scale": s_eff, "target_lag1": target_lag1, "candidates": candidates, "restart_sigma": chosen,
+            "effective_scale": s_eff, "target_lag1": target_lag1, "candidates": candidates,
+            "rule_of_thumb": min(RESTART_SCALE * scale, levels.sigma_max), "mixing_level": mixing, "restart_sigma": chosen,
             "lag1": check.lag1, "agreement": agreement, "diverged": int(lost.sum())}
+
+
+def choose_level(candidates: list[dict[str, Any]], scale: float, sigma_max: float, target_lag1: float = TARGET_LAG1
+                 ) -> tuple[float | None, float | None, float]:
+    """The restart level from the pilot's ladder: ``(s_eff, mixing level, chosen level)``.
+
+    ``candidates``: ``{"restart_sigma": S, "lag1": r, "diverged": k}`` per ladder level. The noisy single-move
+    estimates are pooled through ``r(S) = s_eff / sqrt(s_eff^2 + S^2)``, the lag-1 autocorrelation of an exact
+    restart move on Gaussian data of scale ``s_eff`` (measured to fit the digits model within 5% for S from 3 to
+    40): each gives ``s_eff = S r / sqrt(1 - r^2)``, weighted by its precision ``(r (1 - r^2))^2``. The mixing level
+    is where the fitted curve reaches ``target_lag1``; the chosen level is the rule of thumb (``RESTART_SCALE x
+    scale``) or, where the model's chains would not mix at it, the mixing level (both at most ``sigma_max``).
+    Aiming at the mixing level itself picks lower levels that score worse on digits (FD 1.14 against 1.01 at 10
+    NFE, docs/design.md).
+    """
+    fits = [(math.log(c["restart_sigma"] * c["lag1"] / math.sqrt(1 - c["lag1"] ** 2)),
+             (c["lag1"] * (1 - c["lag1"] ** 2)) ** 2)
+            for c in candidates if c["lag1"] is not None and 0.02 < c["lag1"] < 0.98 and not c["diverged"]]
+    rule = min(RESTART_SCALE * scale, sigma_max)
+    if not fits:  # no usable estimate: the rule of thumb
+        return None, None, rule
+    s_eff = math.exp(sum(v * w for v, w in fits) / sum(w for _, w in fits))
+    mixing = min(s_eff * math.sqrt(1 / target_lag1**2 - 1), sigma_max)
+    return s_eff, mixing, max(rule, mixing)
 
 
 def _ladder(scale: float, sigma_max: float) -> list[float]:

@@ -54,7 +54,7 @@ def test_reported_nfe_is_every_counted_model_evaluation(spec, budget):
     row = runs.perform(w, runs.Run("separated", spec, budget, 0, 64, "x"), warm={})
     assert counting.evaluations > 0 and row["nfe"] * 64 == pytest.approx(counting.evaluations, abs=1e-9)
     if spec["kind"] == "tuned":
-        assert row["nfe"] <= budget and row["outputs_per_chain"] == 8
+        assert row["nfe"] <= budget and row["outputs_per_chain"] >= 8  # fewer chains where steps need the budget
     if spec["kind"] == "dlg":
         assert 0 < row["warmup_nfe_per_sample"] < row["nfe"]
         assert row["outputs_per_chain"] == spec["config"]["outputs_per_chain"]

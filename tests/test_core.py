@@ -13,7 +13,7 @@ from dlg_sampler.diagnostics import OutputCorrelation, ess_fraction
 from dlg_sampler.gibbs import gibbs_step, sample_sigma_index
 from dlg_sampler.metrics import sliced_wasserstein
 from dlg_sampler.testing import CountingScore
-from dlg_sampler.tuning import plan_budget
+from dlg_sampler.tuning import RESTART_LADDER, choose_level, plan_budget
 
 SIGMA_MAX = 80.0
 
@@ -334,16 +334,51 @@ def test_output_correlation_of_copies_and_independent_draws():
 def test_for_budget_fits_the_budget_counts_its_pilot_and_is_deterministic(mixture, levels):
     score = CountingScore(mixture.score)
     a = DLGSampler.for_budget(score, mixture.noise_posterior(levels), shape=(8,), nfe=12, n=10_000, seed=0)
-    pilot = a.tuning["pilot"]
-    assert 0 < pilot["evaluations"] == score.evaluations <= 0.05 * 12 * 10_000  # at most 5% of the run
-    assert a.tuning["predicted_nfe_per_sample"] <= 12 and a.num_chains == 500
+    pilot, counts = a.tuning["pilot"], dict(a._counts)
+    assert 0 < pilot["evaluations"] == counts["pilot"] <= 0.05 * 12 * 10_000  # at most 5% of the run
+    # The pilot started from the run's own warm-up (counted once, as warm-up): sampling warms up nothing more.
+    assert score.evaluations == counts["pilot"] + counts["warmup"] == pilot["evaluations"] + 10 * a.num_chains
+    assert a.tuning["predicted_nfe_per_sample"] <= 12 and a.denoise_steps == 10
     b = DLGSampler.for_budget(mixture.score, mixture.noise_posterior(levels), shape=(8,), nfe=12, n=10_000, seed=0)
     assert a.restart_sigma == b.restart_sigma and a.tuning == b.tuning
-    x = a.sample(1000)
-    assert torch.isfinite(x).all()
-    assert a.stats["nfe_split"]["pilot"] * 1000 == score.evaluations - (a.stats["nfe_per_sample"] -
-                                                                       a.stats["nfe_split"]["pilot"]) * 1000
+    x = a.sample(10_000)
+    assert torch.isfinite(x).all() and a._counts["warmup"] == counts["warmup"]
+    assert a.stats["nfe_per_sample"] == pytest.approx(a.tuning["predicted_nfe_per_sample"])  # the whole run
+    assert a.stats["nfe_per_sample"] <= 12
+    assert a.stats["nfe_per_sample"] * 10_000 == score.evaluations
+    assert a.stats["nfe_split"]["pilot"] * 10_000 == pilot["evaluations"]
     assert a.state_dict()["tuning"] == a.tuning
+
+
+def test_a_tight_budget_trades_restart_chains_for_denoising_steps():
+    """Steps first: 11.5 NFE leave 0.5 per sample beside 10 steps + Tweedie, exactly the warm-up of n / 20 chains, so
+    the pilot takes fewer chains; without a pilot (S given) n / 20 fit. Chains
+    given stay as given; Gibbs chains are never traded (their consecutive outputs are near-copies)."""
+    tight, roomy = plan_budget(11.5, 10_000), plan_budget(11.5, 10_000, restart_sigma=5.0)
+    assert tight["settings"]["denoise_steps"] == roomy["settings"]["denoise_steps"] == 10
+    assert 10_000 / 250 <= tight["settings"]["num_chains"] < 500 == roomy["settings"]["num_chains"]
+    assert tight["pilot_chains"] >= 8 and roomy["pilot_chains"] == 0
+    assert tight["predicted_nfe_per_sample"] <= 11.5 and roomy["predicted_nfe_per_sample"] == 11.5
+    assert plan_budget(12, 10_000)["settings"]["num_chains"] == 500  # room for n / 20 chains and the pilot
+    given = plan_budget(11.5, 10_000, num_chains=500)
+    assert given["settings"]["num_chains"] == 500 and given["settings"]["denoise_steps"] == 9
+    assert plan_budget(10, 5000, num_chains=4)["pilot_chains"] == 0  # a pilot needs 8 of the run's chains
+    assert plan_budget(10, 5000, kernel="gibbs")["settings"]["num_chains"] == 250
+
+
+def test_the_pilot_keeps_the_rule_of_thumb_where_chains_mix_and_raises_s_where_they_would_not():
+    """Ladder lags that follow r(S) = s_eff / sqrt(s_eff^2 + S^2): with s_eff = the data scale the rule of thumb
+    (12 x scale, lag-1 0.08) mixes and stays; with s_eff = 5 x scale it would leave lag-1 0.38, so S rises to where
+    the curve reaches 0.2 (5 x sqrt(24) = 24.5 x scale); capped at sigma_max; no usable estimate: the rule."""
+    def ladder(s_eff, scale=2.0):
+        return [{"restart_sigma": c * scale, "lag1": s_eff / math.hypot(s_eff, c * scale), "diverged": 0}
+                for c in RESTART_LADDER]
+
+    assert choose_level(ladder(2.0), 2.0, 80.0) == (pytest.approx(2.0), pytest.approx(2.0 * 24 ** 0.5), 24.0)
+    s_eff, mixing, chosen = choose_level(ladder(10.0), 2.0, 80.0)
+    assert s_eff == pytest.approx(10.0) and chosen == mixing == pytest.approx(10.0 * 24 ** 0.5)
+    assert choose_level(ladder(10.0), 2.0, 30.0)[2] == 30.0
+    assert choose_level([{**c, "diverged": 1} for c in ladder(10.0)], 2.0, 80.0) == (None, None, 24.0)
 
 
 def test_for_budget_scales_with_the_model(mixture):
@@ -361,7 +396,8 @@ def test_plan_budget_is_for_budgets_choice_without_a_model(mixture, levels):
     plan = plan_budget(12, 10_000, kernel="restart")
     sampler = DLGSampler.for_budget(mixture.score, mixture.noise_posterior(levels), shape=(8,), nfe=12, n=10_000,
                                     kernel="restart", seed=0)
-    assert plan["settings"]["denoise_steps"] == sampler.denoise_steps and plan["settings"]["num_chains"] == 500
+    assert plan["settings"]["denoise_steps"] == sampler.denoise_steps
+    assert plan["settings"]["num_chains"] == sampler.num_chains
     assert plan["predicted_nfe_per_sample"] == sampler.tuning["predicted_nfe_per_sample"]
     assert plan["pilot_chains"] == sampler.tuning["pilot"]["chains"] > 0
     with pytest.raises(ValueError, match="too small.*raise nfe to at least 3"):
