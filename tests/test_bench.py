@@ -225,6 +225,25 @@ def test_verdicts_are_paired_by_seed_and_the_frontier_keeps_improvements():
     assert report.pareto([(10, 3.0), (8, 4.0), (12, 3.5), (15, 1.0)]) == [(8, 4.0), (10, 3.0), (15, 1.0)]
 
 
+def test_the_tuned_target_compares_over_the_tuned_seeds_and_says_what_it_leaves_out():
+    """A setting run on fewer seeds than the tuned sampler is not its yardstick (it is counted instead), a sticky
+    one (lag-1 > 0.2) is named apart, and the section says which rows ran more seeds."""
+    def group(label, kind, values, lag=0.1, tags=()):
+        return report.Group(label, {"kind": kind}, 12, list(tags),
+                            {s: {"nfe": 11.5, "n": 100, "sw": v, "lag1": lag} for s, v in values.items()})
+
+    tuned = group("DLG tuned (for_budget)", "tuned", {0: 1.0, 1: 1.0, 2: 1.2, 3: 1.0}, tags=["tuned"])
+    hand = group("DLG a", "dlg", {0: 1.1, 1: 0.9, 2: 1.0, 3: 1.0})
+    fewer = group("DLG b", "dlg", {0: 0.5, 1: 0.5})
+    sticky = group("DLG c", "dlg", {0: 0.8, 1: 0.8, 2: 0.8, 3: 0.8}, lag=0.5)
+    [row] = [r for r in report.targets({"separated": [tuned, hand, fewer, sticky]}) if "tuned sampler" in r[0]]
+    assert "vs DLG a @11.50 1 [0.9-1.1] over 4 seeds (ratio 1.05; tuned better on 1/4 seeds)" in row[1]
+    assert "unconstrained best DLG c" in row[1] and "1 setting run on fewer seeds left out" in row[1]
+    assert row[2] == "yes"
+    text = "\n".join(report.workload_section("separated", [tuned, hand, fewer, sticky], {}, []))
+    assert "seeds 0, 1 for every sampler; rows with more in the seeds column also ran seeds 2, 3" in text
+
+
 def test_a_scheduler_that_cannot_start_at_the_top_is_a_skipped_row_not_a_crash():
     w = mixture_workload("wide", WORKLOADS["wide"], 50)
     x, info = runs.run_vanilla(w, "DDIM", 15, 0, 50)

@@ -67,6 +67,19 @@ class Group:
         return math.inf if s is None else s[0]
 
 
+def restrict(g: Group, seeds: list[int]) -> Group:
+    """``g`` with only the rows of ``seeds``."""
+    return Group(g.label, g.spec, g.budget, g.tags, {s: g.rows[s] for s in seeds})
+
+
+def paired(a: Group | None, b: Group | None) -> tuple[Group | None, Group | None]:
+    """``a`` and ``b`` over the seeds both ran (compared side by side, seed by seed)."""
+    if a is None or b is None:
+        return a, b
+    seeds = sorted(set(a.rows) & set(b.rows))
+    return restrict(a, seeds), restrict(b, seeds)
+
+
 def group_rows(rows: list[dict[str, Any]]) -> dict[str, list[Group]]:
     """Rows that produced samples, grouped by workload, then by (spec, budget), over seeds."""
     out: dict[str, dict[str, Group]] = {}
@@ -147,10 +160,13 @@ def _order(g: Group) -> tuple:
 def workload_section(name: str, groups: list[Group], info: dict[str, Any], plots: list[str]) -> list[str]:
     metrics = metrics_of(groups)
     any_row = next(iter(groups[0].rows.values()))
-    seeds = sorted({s for g in groups for s in g.rows})
-    lines = [f"## {name}", "", f"{any_row['n']} samples per run, seeds {', '.join(map(str, seeds))} (every sampler "
-             "runs the same seeds); mean [min-max] over seeds, lower is better. NFE = every model evaluation the "
-             "run made / samples returned (DLG: warm-up included, its share in brackets)."]
+    common = sorted(set.intersection(*(set(g.rows) for g in groups)))
+    more = sorted({s for g in groups for s in g.rows} - set(common))
+    extra = f"; rows with more in the seeds column also ran seeds {_seed_list(more)}, and are compared over the " \
+            "seeds both sides ran" if more else ""
+    lines = [f"## {name}", "", f"{any_row['n']} samples per run, seeds {_seed_list(common)} for every sampler{extra}; "
+             "mean [min-max] over seeds, lower is better. NFE = every model evaluation the run made / samples "
+             "returned (DLG: warm-up included, its share in brackets)."]
     lines += [""] + [f"- {k}: {v}" for k, v in _info_lines(info)]
     floor = [g for g in groups if g.kind == "exact"]
     if floor:
@@ -158,15 +174,15 @@ def workload_section(name: str, groups: list[Group], info: dict[str, Any], plots
             f"{METRIC_NAMES[m]} {fmt(floor[0].stat(m))}" for m in metrics)]
     vanilla = sorted((g for g in groups if g.kind == "vanilla"), key=lambda g: (g.label, g.budget))
     lines += ["", "### Vanilla samplers (from sigma_max)", ""]
-    lines += _table(["sampler", "budget", "NFE"] + [METRIC_NAMES[m] for m in metrics] + ["wall s"],
-                    [[g.label, str(g.budget), _nfe(g)] + [fmt(g.stat(m)) for m in metrics] + [_mean(g, "wall_s")]
-                     for g in vanilla])
+    lines += _table(["sampler", "budget", "NFE", "seeds"] + [METRIC_NAMES[m] for m in metrics] + ["wall s"],
+                    [[g.label, str(g.budget), _nfe(g), str(len(g.rows))] + [fmt(g.stat(m)) for m in metrics]
+                     + [_mean(g, "wall_s")] for g in vanilla])
     dlg = sorted((g for g in groups if g.kind in ("dlg", "tuned")), key=_order)
     lines += ["", "### DLG (chosen point first; the tuned sampler; levers; named configs; diagnostics)", ""]
-    lines += _table(["config", "budget", "NFE", "denoise steps"] + [METRIC_NAMES[m] for m in metrics]
+    lines += _table(["config", "budget", "NFE", "seeds", "denoise steps"] + [METRIC_NAMES[m] for m in metrics]
                     + ["outputs/chain", "lag-1", "ESS fraction", "classifier/sample", "wall s"],
                     [[g.label + (" (chosen)" if "chosen" in g.tags else ""), str(g.budget), _nfe(g),
-                      fmt(g.stat("denoise_steps"))] + [fmt(g.stat(m)) for m in metrics]
+                      str(len(g.rows)), fmt(g.stat("denoise_steps"))] + [fmt(g.stat(m)) for m in metrics]
                      + [fmt(g.stat("outputs_per_chain")), fmt(g.stat("lag1")), fmt(g.stat("ess_fraction")),
                         _mean(g, "classifier_per_sample"), _mean(g, "wall_s")] for g in dlg])
     diverged = [f"{g.label} @{g.budget} (seed {s}: {r['nonfinite']} samples)" for g in groups
@@ -175,6 +191,13 @@ def workload_section(name: str, groups: list[Group], info: dict[str, Any], plots
         lines += ["", "Non-finite samples (metrics left out, shown as -): " + "; ".join(diverged)]
     lines += [""] + wins_and_losses(groups) + [""] + [f"![{name}: {p}]({p})" for p in plots] + [""]
     return lines
+
+
+def _seed_list(seeds: list[int]) -> str:
+    """``0, 1, 2`` or, for a run of consecutive seeds longer than three, ``3-9``."""
+    if len(seeds) > 3 and seeds == list(range(seeds[0], seeds[-1] + 1)):
+        return f"{seeds[0]}-{seeds[-1]}"
+    return ", ".join(map(str, seeds))
 
 
 def _info_lines(info: dict[str, Any]) -> list[tuple[str, str]]:
@@ -214,12 +237,14 @@ def wins_and_losses(groups: list[Group]) -> list[str]:
             if peer is None or (chosen is None and best is None):
                 continue
             over = " (over budget)" if chosen is not None and chosen.nfe > b + 1e-9 else ""
-            v = verdict(chosen, peer, m)
+            (c, cp), (d, dp) = paired(chosen, peer), paired(best, peer)
+            v = verdict(c, cp, m)
             summary[m].setdefault(v.split()[0], []).append(str(b))
-            table.append([str(b), METRIC_NAMES[m], f"{peer.label} {fmt(peer.stat(m))}",
-                          "-" if chosen is None else f"{chosen.nfe:.2f} NFE: {fmt(chosen.stat(m))}{over}", v,
-                          "-" if best is None else f"{best.label} @{best.budget}, {best.nfe:.2f} NFE: "
-                                                   f"{fmt(best.stat(m))}", verdict(best, peer, m)])
+            table.append([str(b), METRIC_NAMES[m], f"{peer.label} {fmt((cp or peer).stat(m))}",
+                          "-" if c is None else f"{c.nfe:.2f} NFE: {fmt(c.stat(m))}{over}", v,
+                          "-" if d is None else f"{d.label} @{d.budget}, {d.nfe:.2f} NFE: {fmt(d.stat(m))}"
+                          + ("" if set(dp.rows) == set(cp.rows if cp else peer.rows) else
+                             f" (peer {fmt(dp.stat(m))} on its {len(dp.rows)} seeds)"), verdict(d, dp, m)])
     if not table:
         return lines + ["No DLG row and peer row at a common budget."]
     lines += _table(["budget", "metric", "best peer", "chosen DLG", "chosen vs peer", "best DLG (NFE <= budget)",
@@ -240,6 +265,7 @@ def targets(by_workload: dict[str, list[Group]]) -> list[list[str]]:
         if dlg is None or ref is None:
             out.append([title, "not measured in this run", "-"])
             return
+        dlg, ref = paired(dlg, ref)
         d, r = dlg.mean(metric), ref.mean(metric)
         out.append([title, f"{dlg.label} @{dlg.nfe:.2f} NFE {fmt(dlg.stat(metric))} vs {ref.label} "
                     f"@{ref.budget} {fmt(ref.stat(metric))}; {verdict(dlg, ref, metric)}", "yes" if d <= r else "no"])
@@ -258,7 +284,10 @@ def targets(by_workload: dict[str, list[Group]]) -> list[list[str]]:
         for tuned in sorted((g for g in groups if "tuned" in g.tags and g.stat(metric)), key=lambda g: g.budget):
             # The hand search: every DLG setting run at this budget that mixes (lag-1 <= 0.2, the mixing target);
             # a setting whose outputs are more correlated scores well on these metrics but is worth fewer samples.
-            hand = [g for g in groups if g.kind == "dlg" and is_dlg(g) and g.budget == tuned.budget and g.stat(metric)]
+            # Compared over the tuned sampler's seeds (a setting run on fewer is left out and counted).
+            seeds = sorted(tuned.rows)
+            ran = [g for g in groups if g.kind == "dlg" and is_dlg(g) and g.budget == tuned.budget and g.stat(metric)]
+            hand = [restrict(g, seeds) for g in ran if set(seeds) <= set(g.rows)]
             mixing = [g for g in hand if g.stat("lag1") is not None and g.stat("lag1")[0] <= 0.2]
             best = min(mixing, key=lambda g: g.mean(metric), default=None)
             if best is None or len(hand) < 2:
@@ -266,10 +295,14 @@ def targets(by_workload: dict[str, list[Group]]) -> list[list[str]]:
             any_best = min(hand, key=lambda g: g.mean(metric))
             note = "" if any_best is best else (f"; unconstrained best {any_best.label} {fmt(any_best.stat(metric))} "
                                                 f"with lag-1 {any_best.stat('lag1')[0]:.2f}")
+            fewer = len(ran) - len(hand)
+            note += f"; {fewer} setting{'s' * (fewer > 1)} run on fewer seeds left out" if fewer else ""
             out.append([f"{name}: tuned sampler (for_budget) within 10% of the best hand-searched DLG setting with "
                         f"lag-1 <= 0.2 at {tuned.budget} NFE, {METRIC_NAMES[metric]}",
                         f"tuned @{tuned.nfe:.2f} NFE {fmt(tuned.stat(metric))} vs {best.label} @{best.nfe:.2f} "
-                        f"{fmt(best.stat(metric))} (ratio {tuned.mean(metric) / best.mean(metric):.2f}){note}",
+                        f"{fmt(best.stat(metric))} over {len(seeds)} seeds (ratio "
+                        f"{tuned.mean(metric) / best.mean(metric):.2f}; tuned better on "
+                        f"{verdict(tuned, best, metric).split('(')[1].split()[0]} seeds){note}",
                         "yes" if tuned.mean(metric) <= 1.1 * best.mean(metric) else "no"])
         lag = [g.stat("lag1") for g in groups if "chosen" in g.tags]
         lag = [s for s in lag if s is not None]
