@@ -135,6 +135,29 @@ def test_resume_after_a_failure_runs_only_what_is_missing(tmp_path, monkeypatch)
     assert calls == []
 
 
+def test_two_bench_processes_on_one_folder_keep_each_others_records(tmp_path, monkeypatch):
+    """Another dlg-bench writing the same --out while this one runs (e.g. mixtures and digits side by side): its
+    invocation and workload records survive this run's own writes."""
+    execute = cli.execute
+
+    def beside(plan, store, build):
+        def other(meta):
+            meta["runs"].append({"command": "dlg-bench --out x --workloads digits", "machine": "m", "date": "d"})
+            meta["workloads"]["digits"] = {"n": 5}
+
+        runs.update_json(tmp_path / report.META, other)
+        return execute(plan, store, build)
+
+    monkeypatch.setattr(cli, "execute", beside)
+    cli.main(TINY[:2] + ["--n", "40", "--seeds", "0", "--nfe", "8", "--samplers", "karras_heun", "--levers",
+                         "--configs", "--out", str(tmp_path)])
+    meta = runs.read_json(tmp_path / report.META)
+    assert [r["command"].split()[-1] for r in meta["runs"]] == [str(tmp_path), "digits"]
+    assert meta["workloads"]["digits"] == {"n": 5} and "mixture" in meta["workloads"]["separated"]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.suffix == ".png") == ["RESULTS.md", "meta.json",
+                                                                                      "results.jsonl"]
+
+
 def test_report_rebuilds_markdown_from_stored_rows_without_sampling(tiny_run, tmp_path, monkeypatch):
     out = tmp_path / "copy"
     shutil.copytree(tiny_run, out)

@@ -14,7 +14,7 @@ import torch
 from . import registry as R
 from .reference import QUICK_REFERENCE_N, REFERENCE_N, default_reference_dir, make_reference
 from .report import META, PLOTS_HINT, RESULTS, have_matplotlib, report
-from .runs import Store, execute, plan_runs, read_json, write_json
+from .runs import Store, execute, plan_runs, update_json
 from .workloads import Workload, build_workload
 
 DESCRIPTION = """\
@@ -112,12 +112,14 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
                      floors=[w for w in args.workloads if isinstance(R.WORKLOADS[w], R.MixtureSpec)],
                      budgets_given=bool(args.nfe) or quick)
     store = Store(out / RESULTS)
-    meta: dict[str, Any] = read_json(out / META)
-    meta.setdefault("runs", []).append({"command": "dlg-bench " + " ".join(argv), "machine": machine(),
-                                        "date": time.strftime("%Y-%m-%d")})
-    for w, n in ns.items():
-        meta.setdefault("workloads", {}).setdefault(w, {})["n"] = n
-    write_json(meta, out / META)
+    invocation = {"command": "dlg-bench " + " ".join(argv), "machine": machine(), "date": time.strftime("%Y-%m-%d")}
+
+    def record_invocation(meta: dict[str, Any]) -> None:
+        meta.setdefault("runs", []).append(invocation)
+        for w, n in ns.items():
+            meta.setdefault("workloads", {}).setdefault(w, {})["n"] = n
+
+    update_json(out / META, record_invocation)
     todo = [r for r in plan if r.key not in store.rows]
     cost = ", ".join(f"{w} {sum(r.n * (r.budget or 0) for r in todo if r.workload == w) / 1e6:.2f}M"
                      for w in ns)
@@ -127,8 +129,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
     def build(name: str) -> Workload:
         w = build_workload(name, ns[name], quick, args.reference_dir,
                            args.reference_n or (QUICK_REFERENCE_N if quick else REFERENCE_N), args.reference_seed)
-        meta["workloads"][name] = {**w.info, "n": ns[name]}
-        write_json(meta, out / META)
+
+        def record_workload(meta: dict[str, Any]) -> None:
+            meta.setdefault("workloads", {})[name] = {**w.info, "n": ns[name]}
+
+        update_json(out / META, record_workload)
         return w
 
     start = time.perf_counter()

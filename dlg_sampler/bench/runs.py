@@ -8,6 +8,7 @@ is ``(workload, spec, budget, seed, n)``; finished rows are appended to ``result
 from __future__ import annotations
 
 import copy
+import fcntl
 import inspect
 import json
 import math
@@ -312,6 +313,19 @@ def write_json(data: dict[str, Any], path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=1) + "\n")
     os.replace(tmp, path)
+
+
+def update_json(path: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    """Read ``path``'s JSON object, ``change`` it in place and write it back, holding a lock: two bench processes
+    writing one ``--out`` folder (say, mixtures and digits side by side) keep each other's records."""
+    folder = os.open(Path(path).parent, os.O_RDONLY)  # the lock is on the folder: no lock file is left behind
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        data = read_json(path)
+        change(data)
+        write_json(data, path)
+    finally:
+        os.close(folder)  # releases the lock
 
 
 class Store:
