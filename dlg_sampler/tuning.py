@@ -234,8 +234,8 @@ def choose_level(candidates: list[dict[str, Any]], scale: float, sigma_max: floa
     40): each gives ``s_eff = S r / sqrt(1 - r^2)``, weighted by its precision ``(r (1 - r^2))^2``. The mixing level
     is where the fitted curve reaches ``target_lag1``; the chosen level is the rule of thumb (``RESTART_SCALE x
     scale``) or, where the model's chains would not mix at it, the mixing level (both at most ``sigma_max``).
-    Aiming at the mixing level itself picks lower levels that score worse on digits (FD 1.14 against 1.01 at 10
-    NFE, docs/design.md).
+    Aiming at the mixing level itself picks lower levels that score worse on digits (FD 1.06 / 0.89 against 1.02 /
+    0.86 at 10 / 12 NFE, 7 seeds; docs/design.md).
     """
     fits = [(math.log(c["restart_sigma"] * c["lag1"] / math.sqrt(1 - c["lag1"] ** 2)),
              (c["lag1"] * (1 - c["lag1"] ** 2)) ** 2)
