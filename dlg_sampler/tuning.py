@@ -33,7 +33,7 @@ import torch
 
 from .diagnostics import OutputCorrelation
 from .gibbs import diverged
-from .integrators import check_steps, count_nfe, integrate
+from .integrators import check_steps, count_nfe
 from .levels import NoiseLevels
 from .sampler import RESTART_SCALE, DLGSampler, _data_scale
 
@@ -194,7 +194,7 @@ def _pilot(sampler: DLGSampler, chains: int, target_lag1: float, seed: int | Non
     base = 0 if seed is None else seed + 1
     sampler.score.phase = "pilot"
     x = sampler.x[:chains].clone()  # warmed-up chains of the run; the pilot's moves leave them as they are
-    scale = _data_scale(sampler.x)
+    scale, rule = _data_scale(sampler.x), sampler.restart_sigma  # the warm-up set the rule of thumb
     ladder = _ladder(scale, levels.sigma_max)
     # One restart move at the top of the ladder first: the ladder then starts from outputs of the kernel (what a
     # running chain holds), not of the warm-up solver, whose outputs are measurably more correlated with the next.
@@ -208,7 +208,7 @@ def _pilot(sampler: DLGSampler, chains: int, target_lag1: float, seed: int | Non
         corr.update(idx, x)
         corr.update(idx[~lost], out[~lost])
         candidates.append({"restart_sigma": level, "lag1": corr.lag1, "diverged": int(lost.sum())})
-    s_eff, mixing, chosen = choose_level(candidates, scale, levels.sigma_max, target_lag1)
+    s_eff, mixing, chosen = choose_level(candidates, rule, levels.sigma_max, target_lag1)
     k = len(candidates)
     out = _restart(sampler, x, chosen, sampler.denoise_steps, base + 1 + k)
     lost = diverged(out, levels)
@@ -220,11 +220,11 @@ def _pilot(sampler: DLGSampler, chains: int, target_lag1: float, seed: int | Non
     agreement = float((out - fine).flatten(1).pow(2).mean().sqrt()) / scale
     return {"chains": chains, "evaluations": sampler._counts["pilot"], "data_scale": scale,
             "effective_scale": s_eff, "target_lag1": target_lag1, "candidates": candidates,
-            "rule_of_thumb": min(RESTART_SCALE * scale, levels.sigma_max), "mixing_level": mixing, "restart_sigma": chosen,
+            "rule_of_thumb": rule, "mixing_level": mixing, "restart_sigma": chosen,
             "lag1": check.lag1, "agreement": agreement, "diverged": int(lost.sum())}
 
 
-def choose_level(candidates: list[dict[str, Any]], scale: float, sigma_max: float, target_lag1: float = TARGET_LAG1
+def choose_level(candidates: list[dict[str, Any]], rule: float, sigma_max: float, target_lag1: float = TARGET_LAG1
                  ) -> tuple[float | None, float | None, float]:
     """The restart level from the pilot's ladder: ``(s_eff, mixing level, chosen level)``.
 
@@ -232,15 +232,15 @@ def choose_level(candidates: list[dict[str, Any]], scale: float, sigma_max: floa
     estimates are pooled through ``r(S) = s_eff / sqrt(s_eff^2 + S^2)``, the lag-1 autocorrelation of an exact
     restart move on Gaussian data of scale ``s_eff`` (measured to fit the digits model within 5% for S from 3 to
     40): each gives ``s_eff = S r / sqrt(1 - r^2)``, weighted by its precision ``(r (1 - r^2))^2``. The mixing level
-    is where the fitted curve reaches ``target_lag1``; the chosen level is the rule of thumb (``RESTART_SCALE x
-    scale``) or, where the model's chains would not mix at it, the mixing level (both at most ``sigma_max``).
+    is where the fitted curve reaches ``target_lag1``; the chosen level is ``rule`` (the rule of thumb the warm-up
+    sets, ``RESTART_SCALE`` x the data scale) or, where the model's chains would not mix at it, the mixing level
+    (at most ``sigma_max``).
     Aiming at the mixing level itself picks lower levels that score worse on digits (FD 1.06 / 0.89 against 1.02 /
     0.86 at 10 / 12 NFE, 7 seeds; docs/design.md).
     """
     fits = [(math.log(c["restart_sigma"] * c["lag1"] / math.sqrt(1 - c["lag1"] ** 2)),
              (c["lag1"] * (1 - c["lag1"] ** 2)) ** 2)
             for c in candidates if c["lag1"] is not None and 0.02 < c["lag1"] < 0.98 and not c["diverged"]]
-    rule = min(RESTART_SCALE * scale, sigma_max)
     if not fits:  # no usable estimate: the rule of thumb
         return None, None, rule
     s_eff = math.exp(sum(v * w for v, w in fits) / sum(w for _, w in fits))

@@ -374,11 +374,11 @@ def test_the_pilot_keeps_the_rule_of_thumb_where_chains_mix_and_raises_s_where_t
         return [{"restart_sigma": c * scale, "lag1": s_eff / math.hypot(s_eff, c * scale), "diverged": 0}
                 for c in RESTART_LADDER]
 
-    assert choose_level(ladder(2.0), 2.0, 80.0) == (pytest.approx(2.0), pytest.approx(2.0 * 24 ** 0.5), 24.0)
-    s_eff, mixing, chosen = choose_level(ladder(10.0), 2.0, 80.0)
+    assert choose_level(ladder(2.0), 24.0, 80.0) == (pytest.approx(2.0), pytest.approx(2.0 * 24 ** 0.5), 24.0)
+    s_eff, mixing, chosen = choose_level(ladder(10.0), 24.0, 80.0)
     assert s_eff == pytest.approx(10.0) and chosen == mixing == pytest.approx(10.0 * 24 ** 0.5)
-    assert choose_level(ladder(10.0), 2.0, 30.0)[2] == 30.0
-    assert choose_level([{**c, "diverged": 1} for c in ladder(10.0)], 2.0, 80.0) == (None, None, 24.0)
+    assert choose_level(ladder(10.0), 24.0, 30.0)[2] == 30.0
+    assert choose_level([{**c, "diverged": 1} for c in ladder(10.0)], 24.0, 80.0) == (None, None, 24.0)
 
 
 def test_for_budget_scales_with_the_model(mixture):

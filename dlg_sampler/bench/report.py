@@ -124,15 +124,20 @@ def best_dlg(groups: list[Group], max_nfe: float, metric: str) -> Group | None:
     return min(cands, key=lambda g: g.mean(metric), default=None)
 
 
+def better_on(dlg: Group | None, peer: Group | None, metric: str) -> tuple[int, int]:
+    """(seeds on which ``dlg`` scores lower than ``peer``, seeds both ran)."""
+    a, b = (None, None) if dlg is None or peer is None else (dlg.values(metric), peer.values(metric))
+    seeds = set(a or {}) & set(b or {})
+    return sum(a[s] < b[s] for s in seeds), len(seeds)
+
+
 def verdict(dlg: Group | None, peer: Group | None, metric: str) -> str:
     """``wins`` / ``loses`` when every paired seed agrees, else ``mixed``; with the count of seeds DLG is better."""
-    a, b = (None, None) if dlg is None or peer is None else (dlg.values(metric), peer.values(metric))
-    seeds = sorted(set(a or {}) & set(b or {}))
-    if not seeds:
+    k, n = better_on(dlg, peer, metric)
+    if not n:
         return "-"
-    k = sum(a[s] < b[s] for s in seeds)
-    word = "wins" if k == len(seeds) else "loses" if k == 0 else "mixed"
-    return f"{word} ({k}/{len(seeds)} seeds)"
+    word = "wins" if k == n else "loses" if k == 0 else "mixed"
+    return f"{word} ({k}/{n} seeds)"
 
 
 # ----------------------------------------------------------------------------- markdown
@@ -302,7 +307,7 @@ def targets(by_workload: dict[str, list[Group]]) -> list[list[str]]:
                         f"tuned @{tuned.nfe:.2f} NFE {fmt(tuned.stat(metric))} vs {best.label} @{best.nfe:.2f} "
                         f"{fmt(best.stat(metric))} over {len(seeds)} seeds (ratio "
                         f"{tuned.mean(metric) / best.mean(metric):.2f}; tuned better on "
-                        f"{verdict(tuned, best, metric).split('(')[1].split()[0]} seeds){note}",
+                        f"{better_on(tuned, best, metric)[0]}/{len(seeds)} seeds){note}",
                         "yes" if tuned.mean(metric) <= 1.1 * best.mean(metric) else "no"])
         lag = [g.stat("lag1") for g in groups if "chosen" in g.tags]
         lag = [s for s in lag if s is not None]
