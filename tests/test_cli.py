@@ -240,7 +240,7 @@ def test_help_explains_every_option_and_shows_defaults(parser):
 # the PNG grid
 
 def test_sample_grid_is_square_and_padded(tmp_path):
-    cli._save_grid(torch.rand(500, 1, 8, 8) * 2 - 1, tmp_path / "grid.png")
+    cli.sample._save_grid(torch.rand(500, 1, 8, 8) * 2 - 1, tmp_path / "grid.png")
     grid = np.asarray(Image.open(tmp_path / "grid.png"))
     assert grid.shape[:2] == (22 * 68, 23 * 68)  # 500 tiles of 64 px + 2 px borders in 23 columns: about square
     assert (grid[:, 66:70] == 255).all() and (grid[66:70, :] == 255).all()  # a light border between tiles
@@ -249,10 +249,10 @@ def test_sample_grid_is_square_and_padded(tmp_path):
 def test_digit_repeats_of_consecutive_outputs_against_independent_draws():
     """A chain that keeps its digit shows in the summary even where the pixel lag-1 autocorrelation is small."""
     sticky = torch.arange(10).repeat(5)  # 10 chains, each always the same digit
-    assert cli._class_repeats(sticky, 10).startswith("consecutive outputs of a chain show the same digit in 100% "
+    assert cli.sample._class_repeats(sticky, 10).startswith("consecutive outputs of a chain show the same digit in 100% "
                                                      "of pairs (independent samples: 10%)")
     independent = torch.randint(0, 10, (5000,), generator=torch.Generator().manual_seed(0))
-    shown = cli._class_repeats(independent, 10)
+    shown = cli.sample._class_repeats(independent, 10)
     same = int(shown.split("same digit in ")[1].split("%")[0])
     assert abs(same - 10) <= 2 and shown.endswith("(independent samples: 10%)")
-    assert cli._class_repeats(sticky[:10], 10) == "digit repeats n/a (one output per chain)"
+    assert cli.sample._class_repeats(sticky[:10], 10) == "digit repeats n/a (one output per chain)"

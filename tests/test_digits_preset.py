@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from dlg_sampler import DLGSampler, NoiseClassifier, integrate
 from dlg_sampler import cli as dlg_cli
+from dlg_sampler.cli import common as cli_common
 from dlg_sampler.adapters import from_pipeline
 from dlg_sampler.classifier import evaluate_noise_classifier
 from dlg_sampler.digits import (CLASSIFIER_DIR, FEATURES_DIR, PIPELINE_DIR, DigitsEvaluator, load_digit_features,
@@ -148,7 +149,7 @@ def counted(monkeypatch, tmp_path, one_thread):
     """dlg-sample in-process in ``tmp_path``: the loaded score counts its evaluations, every scored image is kept."""
     monkeypatch.chdir(tmp_path)
     scores, scored = [], []
-    load, evaluate = dlg_cli.load_model, DigitsEvaluator.evaluate
+    load, evaluate = cli_common.load_model, DigitsEvaluator.evaluate
 
     def load_counted(*args, **kwargs):
         model = load(*args, **kwargs)
@@ -159,7 +160,7 @@ def counted(monkeypatch, tmp_path, one_thread):
         scored.append(images)
         return evaluate(self, images, *args, **kwargs)
 
-    monkeypatch.setattr(dlg_cli, "load_model", load_counted)
+    monkeypatch.setattr(cli_common, "load_model", load_counted)
     monkeypatch.setattr(DigitsEvaluator, "evaluate", evaluate_kept)
     return scores, scored
 

@@ -1,0 +1,150 @@
+"""What the console scripts share: the help format, the checks made before anything loads (device, writable paths,
+positive numbers, model flags), the model and classifier options and their loading."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .. import digits
+from ..models import load_model
+
+DIGITS = "digits"
+#: The budget when ``--nfe`` is not given: model evaluations per sample, everything counted.
+DEFAULT_NFE = 10
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows every option's default, except where there is none to show (``None``, ``False``)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def check_device(device: str | None, parser: argparse.ArgumentParser) -> None:
+    """Refuse a ``--device`` this torch build or machine cannot use, before anything loads."""
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        parser.error(f"--device {device!r} is not a device name: use cpu, cuda, cuda:N or mps")
+    if dev.type == "cuda":
+        if torch.version.cuda is None and torch.version.hip is None:
+            parser.error(f"--device {device}: this torch {torch.__version__} is a CPU-only build. Install a CUDA "
+                         "build of torch first (the command for your CUDA version is on "
+                         "https://pytorch.org/get-started/locally/), or use --device cpu")
+        if not torch.cuda.is_available():
+            parser.error(f"--device {device}: torch sees no CUDA GPU (check nvidia-smi and CUDA_VISIBLE_DEVICES), "
+                         "or use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            parser.error(f"--device {device}: there are {torch.cuda.device_count()} CUDA GPUs (cuda:0 .. "
+                         f"cuda:{torch.cuda.device_count() - 1})")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        parser.error(f"--device {device}: MPS is not available in this torch build or machine; use --device cpu")
+
+
+def check_writable(path: str | Path, flag: str, parser: argparse.ArgumentParser, *, folder: bool) -> None:
+    """Refuse an output ``path`` (a file, or a ``folder``) that cannot be written, before any compute: its nearest
+    existing folder must take a new file, and an existing file must be writable. Creates nothing."""
+    path = Path(path)
+    if not folder and path.is_dir():
+        parser.error(f"{flag} {path} is a folder, not a file; pass a file path")
+    if folder and path.exists() and not path.is_dir():
+        parser.error(f"{flag} {path} is a file, not a folder; pass a folder path")
+    existing = path if folder and path.is_dir() else path.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        parser.error(f"{flag} {path}: {existing} is a file, so nothing can be written under it; pass another path")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+        if path.is_file() and not os.access(path, os.W_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as err:
+        parser.error(f"{flag} {path}: cannot write there ({err.strerror or err}); pass a writable path")
+
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """``--model``, ``--classifier`` and the score_sde options, shared by ``dlg-sample`` and ``dlg-tune``."""
+    p.add_argument("--model", default=None, help="diffusers pipeline folder, Hub repo id or score_sde checkpoint "
+                                                 "(default: the shipped digits model)")
+    p.add_argument("--classifier", default=None, help="NoiseClassifier folder or Hub repo id, needed by the Gibbs "
+                                                      "kernel (default: the shipped digits classifier with the digits "
+                                                      "model; none with --model: the restart kernel needs none)")
+    g = p.add_argument_group("score_sde checkpoints (--model checkpoint_*.pth): the values of the model's config")
+    g.add_argument("--score-sde-net", default=None, metavar="MODULE:FUNCTION",
+                   help="builds the untrained network: FUNCTION() of MODULE, imported from the current directory "
+                        "first (e.g. my_models:build_ncsnpp for ./my_models.py); MODULE may be a .py path")
+    g.add_argument("--sde", default="vp", choices=["vp", "subvp", "ve"], help="the SDE the model was trained with")
+    g.add_argument("--shape", type=int, nargs="+", default=None, metavar="C H W", help="sample shape")
+    g.add_argument("--beta-min", type=float, default=0.1, help="vp / subvp: config.model.beta_min")
+    g.add_argument("--beta-max", type=float, default=20.0, help="vp / subvp: config.model.beta_max")
+    g.add_argument("--sde-sigma-min", type=float, default=0.01, help="ve: config.model.sigma_min")
+    g.add_argument("--sde-sigma-max", type=float, default=50.0, help="ve: config.model.sigma_max (CIFAR-10: 50, "
+                                                                       "CelebA-HQ-256: 348)")
+    g.add_argument("--continuous", action=argparse.BooleanOptionalAction, default=True,
+                   help="config.training.continuous: the network takes continuous times (--no-continuous: "
+                        "discrete labels, as NCSN / DDPM-style score_sde models)")
+
+
+def add_device_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: a GPU if torch sees one, "
+                                                  "else the CPU; under accelerate launch: the process's own)")
+
+
+def check_model_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> bool:
+    """Whether the run is the shipped preset; refuses a classifier without its model, and the Gibbs kernel
+    without a classifier (the restart kernel needs none)."""
+    preset = args.model is None
+    if preset and args.classifier is not None:
+        parser.error("--classifier needs --model (the shipped classifier belongs to the shipped model)")
+    if not preset and args.classifier is None and getattr(args, "kernel", "restart") == "gibbs":
+        parser.error("--kernel gibbs needs --classifier: a noise classifier for that model (train one with "
+                     "dlg-train-classifier --model MODEL --data IMAGES --out FOLDER), or use the restart kernel, "
+                     "which needs none")
+    return preset
+
+
+def load(args: argparse.Namespace, device, preset: bool):
+    """The model (:class:`~dlg_sampler.models.LoadedModel`) and its classifier (``None`` when none was named: the
+    restart kernel runs on the model's trained range); exits with the loader's message."""
+    from ..models import load_classifier
+
+    score_sde_kwargs = {"beta_min": args.beta_min, "beta_max": args.beta_max, "sigma_min": args.sde_sigma_min,
+                        "sigma_max": args.sde_sigma_max, "continuous": args.continuous}
+    try:
+        spec = digits.CLASSIFIER_DIR if preset else args.classifier
+        classifier = None if spec is None else load_classifier(spec, device)
+        model = load_model(str(digits.PIPELINE_DIR if preset else args.model), score_sde_net=args.score_sde_net,
+                           sde=args.sde, shape=tuple(args.shape) if args.shape else None,
+                           score_sde_kwargs=score_sde_kwargs, device=device)
+    except ValueError as err:
+        sys.exit(f"error: {err}")
+    if model.prompts:
+        sys.exit(f"error: --model {args.model} is a text-to-image pipeline; dlg-sample draws from unconditional "
+                 "models. Sample it with DLGPipeline.from_pipe(pipe, classifier=...) (examples/text_to_image.py).")
+    return model, classifier
+
+
+def budget_error(err: ValueError) -> str:
+    """``for_budget``'s budget message in the command line's words."""
+    return (f"error: {err}".replace("raise nfe to", "raise --nfe to")
+            .replace("draw more samples per chain", "draw more samples per chain (more --n or fewer --chains)"))
+
+
+
+def positive(value, name: str, parser: argparse.ArgumentParser) -> None:
+    if value is not None and (not math.isfinite(value) or value <= 0):
+        parser.error(f"{name} must be positive, got {value}")
+

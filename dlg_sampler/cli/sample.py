@@ -1,0 +1,365 @@
+"""``dlg-sample``: DLG samples from a pretrained model (the shipped digits preset by default), with the run's whole
+cost and, on the preset, its quality against the vanilla integrator and diffusers' peers at the same total NFE."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import digits
+from ..diagnostics import ess_fraction
+from ..integrators import INTEGRATORS, count_nfe, integrate, steps_for_nfe
+from ..models import make_integrator
+from ..parallel import cpu_processes, process_seed
+from ..sampler import KERNELS, RESTART_SCALE, DLGSampler
+from .common import (DEFAULT_NFE, HelpFormatter, add_device_argument, add_model_arguments, budget_error, check_device,
+                     check_model_flags, check_writable, load, positive)
+
+#: The few-step peers the summary measures at DLG's total NFE: label -> (diffusers scheduler, config overrides), each
+#: configured from the pipeline's scheduler with trailing spacing (its schedule starts at sigma_max, where the noise is).
+PEERS = {"DPM-Solver++ 2M": ("DPMSolverMultistepScheduler", {"solver_order": 2}),
+         "UniPC": ("UniPCMultistepScheduler", {})}
+
+
+
+#: The sampler's setting names in its advice, and the flags that set them.
+_FLAG_WORDS = {"num_chains": "--chains", "kernel='restart'": "--kernel restart", "restart_sigma": "--restart-sigma",
+               "step_size": "--step-size", "gibbs_steps": "--gibbs-steps"}
+
+
+def _in_flag_words(message: str) -> str:
+    """A sampler warning's advice in the command line's words (``num_chains`` -> ``--chains`` ...)."""
+    for name, flag in _FLAG_WORDS.items():
+        message = message.replace(name, flag)
+    return message
+
+
+def sample_parser() -> argparse.ArgumentParser:
+    sampler_defaults = inspect.signature(DLGSampler).parameters
+    p = argparse.ArgumentParser(
+        prog="dlg-sample",
+        description="Draw samples from a pretrained diffusion model with Denoising MCMC: persistent chains, each "
+                    "output lifted by the restart kernel (or the paper's Langevin-Gibbs kernel) and denoised. The "
+                    "settings follow from the budget --nfe (dlg-tune shows them). With no arguments: the shipped "
+                    "digits model and classifier, compared at the same total NFE with the vanilla integrator and "
+                    "diffusers' DPM-Solver++ 2M and UniPC.",
+        formatter_class=HelpFormatter,
+    )
+    add_model_arguments(p)
+    p.add_argument("--nfe", type=int, default=None,
+                   help=f"budget: model evaluations per sample, everything counted (warm-up, pilot, Gibbs, "
+                        f"denoising, Tweedie); chooses the chains, the denoising steps and the restart level "
+                        f"(default {DEFAULT_NFE})")
+    k = p.add_argument_group("kernel settings (default: chosen from --nfe and --n; any given here wins)")
+    k.add_argument("--kernel", default=None, choices=KERNELS,
+                   help="chain kernel: restart (the default: lift each chain to S exactly, denoise back) or gibbs "
+                        "(the paper's Langevin-Gibbs sweeps and min-sigma selection)")
+    k.add_argument("--restart-sigma", type=float, default=None,
+                   help=f"restart kernel: the lift level S (default: {RESTART_SCALE:g} x the data scale the warm-up "
+                        "measures, raised where a short pilot on the model says consecutive outputs would keep a "
+                        "lag-1 autocorrelation above 0.2; no pilot when --n is too small for one)")
+    k.add_argument("--step-size", type=float, default=None,
+                   help=f"gibbs kernel: Langevin step size eta (default {sampler_defaults['step_size'].default:g}, "
+                        "the paper's); it sets the chains' working noise level")
+    k.add_argument("--gibbs-steps", type=int, default=None, help="gibbs kernel: Gibbs steps per output (default 2)")
+    k.add_argument("--denoise-steps", type=int, default=None,
+                   help="denoising solver steps per output (instead of --nfe)")
+    k.add_argument("--integrator", default="unipc",
+                   help="denoising integrator: one of the core names or a diffusers scheduler class name "
+                        "(configured from the pipeline's scheduler), e.g. UniPCMultistepScheduler")
+    k.add_argument("--chains", type=int, default=None,
+                   help="persistent chains (default: n / 20, few chains with many outputs each, as in the paper)")
+    p.add_argument("--n", type=int, default=256, help="number of samples")
+    p.add_argument("--seed", type=int, default=0, help="seeds the pilot and the chains (each process of accelerate "
+                                                       "launch derives its own)")
+    p.add_argument("--out", default="samples.png", help="PNG grid (the raw samples go next to it as .safetensors)")
+    p.add_argument("--out-dir", default=None, help="write resumable shards + manifest here instead of --out")
+    p.add_argument("--shard-size", type=int, default=1024, help="samples per shard with --out-dir")
+    p.add_argument("--png", action="store_true", help="with --out-dir, also write one PNG grid per shard")
+    p.add_argument("--overwrite", action="store_true", help="with --out-dir, discard a previous run there")
+    p.add_argument("--compare", action=argparse.BooleanOptionalAction, default=None,
+                   help="also run the vanilla integrator and the diffusers peers at DLG's total NFE and compare "
+                        "(default: on for digits)")
+    add_device_argument(p)
+    return p
+
+
+
+def _kernel_overrides(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
+    """The kernel settings given on the command line (they win over the budget's choice); refuses a setting of the
+    other kernel."""
+    kernel = args.kernel or "restart"
+    other = {"restart": [("--step-size", args.step_size), ("--gibbs-steps", args.gibbs_steps)],
+             "gibbs": [("--restart-sigma", args.restart_sigma)]}[kernel]
+    given = [flag for flag, value in other if value is not None]
+    if given:
+        parser.error(f"{' and '.join(given)} set{'s' if len(given) == 1 else ''} the "
+                     f"{'gibbs' if kernel == 'restart' else 'restart'} kernel, but the {kernel} kernel is used: "
+                     f"add --kernel {'gibbs' if kernel == 'restart' else 'restart'}, or drop "
+                     f"{'it' if len(given) == 1 else 'them'}")
+    flags = {"kernel": args.kernel, "restart_sigma": args.restart_sigma, "step_size": args.step_size,
+             "gibbs_steps": args.gibbs_steps, "denoise_steps": args.denoise_steps, "integrator": args.integrator}
+    return {k: v for k, v in flags.items() if v is not None}
+
+
+def _save_grid(images: torch.Tensor, path: Path) -> None:
+    """``images [N, C, H, W]`` in ``[-1, 1]`` -> one square-ish, padded PNG grid (:func:`~dlg_sampler.images.image_grid`)."""
+    from ..images import image_grid
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(images).save(path)
+
+
+def _images(model, samples: torch.Tensor, device) -> torch.Tensor:
+    """The one post-processing every sampler's samples get, before saving and scoring: decoded (latent models) and
+    clamped to ``[-1, 1]``: ``[N, *shape] -> [N, C, H, W]``."""
+    return model.decode(samples.to(device)).clamp(-1, 1)
+
+
+def _tuning_record(sampler: DLGSampler) -> dict:
+    """``sampler.tuning`` with the restart level in use (set at the warm-up when no pilot chose it)."""
+    tuning = sampler.tuning
+    return {**tuning, "settings": {**tuning["settings"], "restart_sigma": sampler.restart_sigma}}
+
+
+def sample_main(argv: list[str] | None = None) -> None:
+    from accelerate import Accelerator
+    from accelerate.utils import gather_object
+    from safetensors.torch import save_file
+
+    from ..shards import ShardWriter, shard_sizes
+    from ..tuning import plan_budget
+
+    parser = sample_parser()
+    args = parser.parse_args(argv)
+    for name in ("nfe", "denoise_steps", "gibbs_steps", "step_size", "restart_sigma", "chains", "n", "shard_size"):
+        positive(getattr(args, name), "--" + name.replace("_", "-"), parser)
+    if args.nfe is not None and args.denoise_steps is not None:
+        parser.error("pass --nfe or --denoise-steps, not both")
+    overrides = _kernel_overrides(args, parser)
+    preset = check_model_flags(args, parser)
+    if args.out_dir is None and Path(args.out).is_dir():
+        parser.error(f"--out {args.out} is a folder; pass a .png file path (or --out-dir for shards)")
+    if args.out_dir is None:
+        check_writable(args.out, "--out", parser, folder=False)
+    else:
+        check_writable(args.out_dir, "--out-dir", parser, folder=True)
+    check_device(args.device, parser)
+    if args.integrator == "ode_rk45" and args.denoise_steps is None:
+        sys.exit("error: ode_rk45 is adaptive, its NFE cannot be budgeted: pass --denoise-steps instead of --nfe.")
+    # One process, or one of `accelerate launch --num_processes K`: own device, own chains, own share of n.
+    accelerator = Accelerator(cpu=cpu_processes(args.device))
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    device = args.device or accelerator.device
+    seed = process_seed(args.seed, rank, world)
+    n = args.n // world + (rank < args.n % world)
+    nfe = args.nfe or DEFAULT_NFE
+    if args.denoise_steps is None and args.integrator in INTEGRATORS:  # scheduler names: once configured, below
+        try:  # the budget's arithmetic needs no model: a budget below the minimum is refused before loading
+            plan_budget(nfe, max(n, 1), num_chains=args.chains, **overrides)
+        except ValueError as err:
+            sys.exit(budget_error(err))
+    torch.manual_seed(seed)
+    model, classifier = load(args, device, preset)
+    try:
+        integrator = make_integrator(args.integrator, model)
+    except ValueError as err:
+        sys.exit(f"error: {err}")
+    overrides["integrator"] = integrator
+    if args.denoise_steps is not None:  # the budget the given steps imply per output: it sizes the pilot
+        nfe = count_nfe(integrator, args.denoise_steps, dlg=isinstance(integrator, str))
+
+    start = time.perf_counter()
+    writer = state = None
+    if args.out_dir is not None:
+        config = {"model": str(args.model or "digits"), "classifier": str(args.classifier or "digits"),
+                  "nfe": None if args.denoise_steps is not None else nfe, "kernel": args.kernel,
+                  "restart_sigma": args.restart_sigma, "step_size": args.step_size, "gibbs_steps": args.gibbs_steps,
+                  "denoise_steps": args.denoise_steps, "integrator": args.integrator, "chains": args.chains,
+                  "n": args.n, "seed": args.seed, "shard_size": args.shard_size, "processes": world, "tuning": None}
+        try:
+            writer = ShardWriter(args.out_dir, config, derived=("tuning",), overwrite=args.overwrite,
+                                 prefix="" if world == 1 else f"p{rank}-")
+        except ValueError as err:
+            sys.exit(f"error: {err}")
+        for warning in writer.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        state = writer.last_state()
+    num_chains = args.chains
+    if state is not None:  # the choice of the interrupted run, restored: no second pilot
+        chosen = state["tuning"]["settings"]
+        num_chains = chosen["num_chains"]
+        overrides.update(denoise_steps=chosen["denoise_steps"], restart_sigma=state["restart_sigma"])
+    try:
+        sampler = DLGSampler.for_budget(model.score, classifier, shape=model.shape, nfe=nfe, n=max(n, 1),
+                                        num_chains=num_chains, seed=seed, device=device, **overrides)
+    except ValueError as err:
+        sys.exit(budget_error(err))
+    if state is not None:
+        sampler.load_state_dict(state)
+        print(f"resuming {args.out_dir}: {writer.count} of {n} samples already written"
+              + (f" by process {rank}" if world > 1 else ""))
+    done = sampler.stats["model_evaluations"]  # the pilot's, or everything of the interrupted run
+    remaining = n - (writer.count if writer is not None else 0)
+    samples = torch.empty(0, *model.shape)
+    # One bar over the whole job, in model evaluations: the pilot (done), the warm-up and every shard.
+    with warnings.catch_warnings(record=True) as caught, \
+            tqdm(total=done + sampler.planned_nfe(remaining), initial=done, disable=not main, unit="NFE",
+                 unit_scale=True, desc="dlg-sample" + (f" (process 0 of {world})" if world > 1 else "")) as bar, \
+            accelerator.autocast():
+        if writer is not None:
+            for k, size in enumerate(shard_sizes(n, args.shard_size)):
+                if k < len(writer.shards):
+                    continue
+                batch = sampler.sample(size, progress_bar=bar)
+                writer.config["tuning"] = _tuning_record(sampler)
+                path = writer.write(batch, sampler.state_dict())
+                if args.png:
+                    _save_grid(_images(model, batch, device), path.with_suffix(".png"))
+        elif n > 0:
+            samples = sampler.sample(n, progress_bar=bar)
+    for message in dict.fromkeys(str(w.message) for w in caught):  # e.g. outputs that are near-copies, once
+        print(f"warning: {'' if world == 1 else f'process {rank}: '}{_in_flag_words(message)}", file=sys.stderr)
+    wall = time.perf_counter() - start
+    summary = _gather_stats(sampler, gather_object)
+    if writer is None:
+        samples = torch.cat(gather_object([samples.cpu()]))
+    accelerator.wait_for_everyone()
+    if not main:
+        return
+    print(_settings_line(sampler, args.integrator, summary, world))
+    line = _cost_line(summary, wall, resumed=state is not None)
+    if writer is not None:
+        print(line)
+        print(f"wrote {args.n} samples to {args.out_dir}")
+        return
+    out = Path(args.out)
+    images = _images(model, samples, device)
+    try:
+        _save_grid(images, out)
+        save_file({"samples": samples.contiguous().clone(), "images": images.contiguous().cpu().clone()},
+                  str(out.with_suffix(".safetensors")))
+    except OSError as err:
+        sys.exit(f"error: cannot write {out} ({err.strerror}): pass a writable --out path.")
+    evaluator = digits.DigitsEvaluator() if preset else None
+    if evaluator is not None:
+        line += "; " + _quality(evaluator.evaluate(images.cpu()))
+        if world == 1 and sampler.stats["reinitialised"] == 0:
+            line += "; " + _class_repeats(evaluator.predict(images.cpu()), sampler.num_chains)
+    print(line)
+    if preset if args.compare is None else args.compare:
+        _compare(model, integrator, args, summary["nfe_per_sample"], evaluator, device)
+    print(f"wrote {out} and {out.with_suffix('.safetensors')}")
+
+
+def _gather_stats(sampler: DLGSampler, gather_object) -> dict:
+    """The cost and mixing of every process's sampler together: evaluations, samples and chains summed, the split
+    and the lag-1 autocorrelation weighted by samples (one process: its own ``.stats``)."""
+    st = sampler.stats
+    split = {k: v * st["samples"] for k, v in st["nfe_split"].items()} if st["samples"] else {}
+    parts = gather_object([{"evaluations": st["model_evaluations"], "samples": st["samples"],
+                            "chains": st["chains"], "split": split, "lag1": st["lag1_autocorr"]}])
+    samples = sum(p["samples"] for p in parts)
+    per = max(samples, 1)
+    lag = [(p["lag1"], p["samples"]) for p in parts if p["lag1"] is not None]
+    lag1 = sum(r * m for r, m in lag) / sum(m for _, m in lag) if lag and sum(m for _, m in lag) else None
+    return {"nfe_per_sample": sum(p["evaluations"] for p in parts) / per,
+            "nfe_split": {k: sum(p["split"].get(k, 0.0) for p in parts) / per for k in st["nfe_split"]},
+            "model_evaluations": sum(p["evaluations"] for p in parts), "samples": samples,
+            "chains": sum(p["chains"] for p in parts), "lag1_autocorr": lag1,
+            "ess_fraction": None if lag1 is None else ess_fraction(lag1)}
+
+
+def _settings_line(sampler: DLGSampler, integrator: str, summary: dict, world: int) -> str:
+    """What ran: the kernel and its level, the denoiser, samples, chains and outputs per chain."""
+    steps = f"{integrator} {sampler.denoise_steps} steps" + (" + Tweedie" if integrator in INTEGRATORS else "")
+    if sampler.kernel == "restart":
+        pilot = sampler.tuning["pilot"]
+        source = ("given" if pilot is None else
+                  f"{RESTART_SCALE:g} x the warm-up's data scale; n too small for a pilot" if not pilot["chains"] else
+                  f"raised by the pilot to lag-1 {pilot['lag1']:.2f} on {pilot['chains']} chains"
+                  if pilot["restart_sigma"] > pilot["rule_of_thumb"] else
+                  f"{RESTART_SCALE:g} x the warm-up's data scale, checked by the pilot: lag-1 {pilot['lag1']:.2f} on "
+                  f"{pilot['chains']} chains")
+        kernel = f"restart kernel, S {sampler.restart_sigma:.3g} ({source})"
+    else:
+        kernel = (f"gibbs kernel, step size {sampler.step_size:g}, {sampler.gibbs_steps} Gibbs steps, selected sigma "
+                  f"median {sampler.stats['selected_sigma_median']:.3g}")
+    chains = summary["chains"]
+    return (f"DLG {kernel}, {steps}: {summary['samples']} samples from {chains} chains, "
+            f"{summary['samples'] / chains:.1f} outputs per chain ({world} process{'es' if world > 1 else ''})")
+
+
+def _cost_line(summary: dict, wall: float, resumed: bool = False) -> str:
+    """The whole cost per sample with its split, how much consecutive outputs share, and the wall time (of this run:
+    a resumed one's pilot and warm-up were paid before)."""
+    split = " + ".join(f"{k} {v:.2f}" for k, v in summary["nfe_split"].items() if v > 0)
+    r = summary["lag1_autocorr"]
+    mixing = ("lag-1 autocorrelation n/a (one output per chain)" if r is None else
+              f"lag-1 autocorrelation {r:.2f} (worth {summary['ess_fraction']:.0%} as many independent samples)")
+    return (f"DLG: NFE/sample {summary['nfe_per_sample']:.2f} in total, warm-up and pilot included ({split}; "
+            f"{summary['model_evaluations']} model evaluations / {summary['samples']} samples), {mixing}, "
+            f"wall {wall:.1f}s {'since resuming' if resumed else 'with warm-up'}")
+
+
+def _class_repeats(labels: torch.Tensor, chains: int) -> str:
+    """How often consecutive outputs of one chain show the same digit, against independent draws with the same
+    class proportions (``sum p_k^2``): the pixel lag-1 autocorrelation misses a chain that keeps its digit.
+    ``labels [N]`` in batch order (sample ``j`` from chain ``j % chains``)."""
+    if len(labels) <= chains:
+        return "digit repeats n/a (one output per chain)"
+    same = (labels[chains:] == labels[:-chains]).double().mean()
+    p = torch.bincount(labels).double() / len(labels)
+    return (f"consecutive outputs of a chain show the same digit in {float(same):.0%} of pairs (independent "
+            f"samples: {float((p * p).sum()):.0%})")
+
+
+def _quality(q: dict) -> str:
+    model = f"FD vs the model's own samples {q['fd_model']:.2f}, " if "fd_model" in q else ""
+    return (f"{model}FD vs held-out digits {q['fd']:.2f}, precision {q['precision']:.2f}, recall {q['recall']:.2f}, "
+            f"classes {round(q['coverage'] * 10)}/10 (entropy {q['entropy']:.3f})")
+
+
+def _compare(model, integrator, args: argparse.Namespace, dlg_nfe: float, evaluator, device) -> None:
+    """Vanilla runs from pure noise at sigma_max at the most steps whose NFE per sample does not exceed DLG's total:
+    the integrator DLG denoised with, then the diffusers peers; same noise, same post-processing as DLG's samples."""
+    import diffusers
+
+    budget = math.floor(dlg_nfe + 1e-9)
+    if not isinstance(integrator, str):  # its own schedule must start at the top level, where the noise is
+        integrator = type(integrator).from_config({**integrator.config, "timestep_spacing": "trailing"})
+    runs = [(f"vanilla {args.integrator} from sigma_max", integrator)]
+    base = getattr(model.pipeline, "scheduler", None)
+    for label, (name, extra) in PEERS.items():
+        if name == args.integrator:  # the vanilla run is that peer already
+            continue
+        if base is None:
+            print(f"peer {label}: skipped, no diffusers pipeline scheduler to configure it from")
+            continue
+        runs.append((f"peer {label} (diffusers, trailing spacing)",
+                     getattr(diffusers, name).from_config({**base.config, "timestep_spacing": "trailing", **extra})))
+    print(f"at DLG's total NFE ({budget} per sample, the most steps that fit {dlg_nfe:.2f}):")
+    for label, sampler in runs:
+        steps = steps_for_nfe(sampler, budget, dlg=False)
+        if steps is None:
+            print(f"{label}: cannot run within {budget} NFE per sample")
+            continue
+        g = torch.Generator(device).manual_seed(args.seed)
+        x = model.sigma_max * torch.randn(args.n, *model.shape, generator=g, device=device)
+        start = time.perf_counter()
+        x0, used = integrate(sampler, model.score, x, model.sigma_max, steps, generator=g)
+        line = f"{label}, {steps} steps: NFE/sample {used}, wall {time.perf_counter() - start:.1f}s"
+        if evaluator is not None:
+            line += "; " + _quality(evaluator.evaluate(_images(model, x0, device).cpu()))
+        print(line)
+
+
+main = sample_main
