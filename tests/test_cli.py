@@ -34,7 +34,8 @@ def error_of(main, argv, capsys) -> str:
 
 @pytest.fixture
 def no_loading(monkeypatch):
-    monkeypatch.setattr(cli, "load_model", not_before_checks)
+    for module in (cli.common, cli.train_classifier):
+        monkeypatch.setattr(module, "load_model", not_before_checks)
     monkeypatch.setattr(models, "load_classifier", not_before_checks)
 
 
@@ -92,7 +93,8 @@ def test_train_classifier_refuses_an_unwritable_out_before_loading(capsys, no_lo
 def test_classifier_reference_errors_say_what_was_expected_and_found(classifier, message, tmp_path, monkeypatch,
                                                                      capsys):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(cli, "load_model", not_before_checks)
+    for module in (cli.common, cli.train_classifier):
+        monkeypatch.setattr(module, "load_model", not_before_checks)
     (tmp_path / "EMPTY").mkdir()
     err = error_of(cli.sample_main, ["--model", str(PIPELINE_DIR), "--classifier", classifier], capsys)
     assert message in err and "NoiseClassifier folder (config.json + model.safetensors" in err
