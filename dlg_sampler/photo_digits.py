@@ -1,0 +1,136 @@
+"""The photo-digits data set: colour 3x16x16 images built from scikit-learn's bundled data (no download).
+
+Each image is one of scikit-learn's 8x8 handwritten digits, upsampled to a random size, placed at a random
+position and painted in a random bright colour, composited over a random, dimmed crop of one of scikit-learn's two
+bundled sample photographs (``load_sample_images``: a temple and a flower). The digit is the class: the ten
+classes are drawn with equal probability (known proportions, 1/10 each).
+
+Held-out split: the held-out images are built only from the digits' own held-out split
+(:func:`dlg_sampler.digits.load_digits_data` ``"test"``) and from the right-most :data:`HELD_OUT_PHOTO_FRACTION`
+of each photograph; the training images only from the digits' training split and the rest of each photograph,
+so no held-out digit or photo pixel reaches training.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .digits import load_digits_data
+
+#: Shape of one image: 3 colour channels of 16x16 pixels, in ``[-1, 1]``.
+SHAPE = (3, 16, 16)
+NUM_CLASSES = 10
+#: Fixed size of each split (:func:`load_photo_digits_data`).
+SPLIT_SIZES = {"train": 20000, "test": 4000}
+#: Seed of each split's composition (which digit, crop, colour, size and position each image gets).
+SPLIT_SEEDS = {"train": 0, "test": 1}
+#: Fraction of each photograph's width (its right-most columns) that only held-out images use.
+HELD_OUT_PHOTO_FRACTION = 0.2
+#: The photographs are average-pooled by this factor (427x640 -> 106x160) before cropping.
+PHOTO_POOL = 4
+#: Side of a background crop in pooled photo pixels (resized to 16): a zoom of 0.75x to 1.5x.
+CROP_SIDES = (12, 24)
+#: Side of the upsampled digit on the 16x16 canvas, in pixels.
+DIGIT_SIDES = (9, 15)
+#: The photo background is scaled into ``[0, BACKGROUND_CONTRAST]`` (on a 0..1 scale) so the digit stays readable.
+BACKGROUND_CONTRAST = 0.6
+
+
+@lru_cache(maxsize=1)
+def _photos() -> torch.Tensor:
+    """scikit-learn's two sample photographs, average-pooled: ``[2, 3, 106, 160]`` in ``[0, 1]``."""
+    from sklearn.datasets import load_sample_images
+
+    photos = torch.from_numpy(np.stack(load_sample_images().images)).float().permute(0, 3, 1, 2) / 255.0
+    return F.avg_pool2d(photos, PHOTO_POOL)
+
+
+def _hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Hue, saturation, value ``[N]`` in ``[0, 1]`` -> RGB ``[N, 3]`` in ``[0, 1]``."""
+    k = (torch.tensor([5.0, 3.0, 1.0]) + 6.0 * h[:, None]) % 6.0
+    return v[:, None] * (1 - s[:, None] * torch.minimum(k, 4 - k).clamp(0, 1))
+
+
+def _place(images: torch.Tensor, side: torch.Tensor, corner: torch.Tensor, canvas: int) -> torch.Tensor:
+    """Resample ``images [N, C, h, w]`` so that each fills a ``side [N]`` pixel square at ``corner [N, 2]`` (x, y,
+    pixels) of a ``canvas`` x ``canvas`` output ``[N, C, canvas, canvas]`` (zero outside), bilinearly."""
+    n = len(images)
+    scale = canvas / side  # output canvas size in units of the image size
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = scale
+    centre = corner + side[:, None] / 2  # in canvas pixels
+    theta[:, :, 2] = (canvas / 2 - centre) * 2 / side[:, None]
+    grid = F.affine_grid(theta, [n, images.shape[1], canvas, canvas], align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def _crop(photos: torch.Tensor, which: torch.Tensor, side: torch.Tensor, corner: torch.Tensor, out: int) -> torch.Tensor:
+    """Square crops of ``photos [P, 3, H, W]``: photo ``which [N]``, ``side [N]`` pixels at ``corner [N, 2]`` (x, y),
+    resized to ``[N, 3, out, out]``."""
+    _, _, h, w = photos.shape
+    theta = torch.zeros(len(which), 2, 3)
+    theta[:, 0, 0], theta[:, 1, 1] = side / w, side / h
+    theta[:, 0, 2] = (corner[:, 0] + side / 2) * 2 / w - 1
+    theta[:, 1, 2] = (corner[:, 1] + side / 2) * 2 / h - 1
+    grid = F.affine_grid(theta, [len(which), 3, out, out], align_corners=False)
+    return F.grid_sample(photos[which], grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def make_photo_digits(n: int, split: str = "train", seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` photo-digit images ``[n, 3, 16, 16]`` in ``[-1, 1]`` and their digit labels ``[n]`` (long).
+
+    Deterministic under ``seed``; ``split`` (``"train"`` or ``"test"``) picks which digits and which photo columns
+    the images are made of (see the module docstring).
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}.")
+    g = torch.Generator().manual_seed(seed)
+    digits, labels = load_digits_data(split, return_labels=True)  # [M, 1, 8, 8] in [-1, 1]
+    photos = _photos()
+    _, _, ph, pw = photos.shape
+    split_x = int(round((1 - HELD_OUT_PHOTO_FRACTION) * pw))
+    x_lo, x_hi = (0, split_x) if split == "train" else (split_x, pw)
+
+    # Classes with equal probability, then a digit image of that class from this split.
+    y = torch.randint(0, NUM_CLASSES, (n,), generator=g)
+    by_class = [torch.nonzero(labels == c).flatten() for c in range(NUM_CLASSES)]
+    counts = torch.tensor([len(idx) for idx in by_class])
+    pick = (torch.rand(n, generator=g) * counts[y]).long()
+    digit_idx = torch.stack([by_class[c][i] for c, i in zip(y.tolist(), pick.tolist())])
+
+    # Background: a crop lying wholly inside this split's columns of one photo, dimmed.
+    which = torch.randint(0, len(photos), (n,), generator=g)
+    crop_side = torch.randint(CROP_SIDES[0], CROP_SIDES[1] + 1, (n,), generator=g).float()
+    cx = x_lo + torch.rand(n, generator=g) * (x_hi - x_lo - crop_side)
+    cy = torch.rand(n, generator=g) * (ph - crop_side)
+    background = _crop(photos, which, crop_side, torch.stack([cx, cy], 1), SHAPE[-1]) * BACKGROUND_CONTRAST
+
+    # Digit: its ink (0..1) as alpha, upsampled to a random size at a random position, in a bright colour.
+    size = torch.randint(DIGIT_SIDES[0], DIGIT_SIDES[1] + 1, (n,), generator=g).float()
+    corner = torch.rand(n, 2, generator=g) * (SHAPE[-1] - size[:, None])
+    alpha = _place((digits[digit_idx] + 1) / 2, size, corner, SHAPE[-1])  # [n, 1, 16, 16]
+    colour = _hsv_to_rgb(torch.rand(n, generator=g), 0.5 + 0.5 * torch.rand(n, generator=g),
+                         0.85 + 0.15 * torch.rand(n, generator=g))
+    image = background * (1 - alpha) + colour[:, :, None, None] * alpha
+    return (image * 2 - 1).clamp(-1, 1), y
+
+
+@lru_cache(maxsize=2)
+def _split(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return make_photo_digits(SPLIT_SIZES[split], split, SPLIT_SEEDS[split])
+
+
+def load_photo_digits_data(split: str = "train", return_labels: bool = False):
+    """The fixed photo-digits split as images ``[N, 3, 16, 16]`` in ``[-1, 1]`` (and labels ``[N]`` long).
+
+    Args:
+        split: ``"train"`` (:data:`SPLIT_SIZES` images) or ``"test"`` (held out: never seen by the shipped models).
+    """
+    if split not in SPLIT_SIZES:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}.")
+    x, y = _split(split)
+    return (x.clone(), y.clone()) if return_labels else x.clone()
