@@ -6,9 +6,10 @@ bundled sample photographs (``load_sample_images``: a temple and a flower). The 
 classes are drawn with equal probability (known proportions, 1/10 each).
 
 Held-out split: the held-out images are built only from the digits' own held-out split
-(:func:`dlg_sampler.digits.load_digits_data` ``"test"``) and from the right-most :data:`HELD_OUT_PHOTO_FRACTION`
-of each photograph; the training images only from the digits' training split and the rest of each photograph,
-so no held-out digit or photo pixel reaches training.
+(:func:`dlg_sampler.digits.load_digits_data` ``"test"``) and from :data:`HELD_OUT_BLOCKS` of the
+:data:`PHOTO_BLOCK`-pixel blocks of each photograph (a fixed, seeded choice, spread over the whole picture so
+both splits see the same kinds of background); the training images only from the digits' training split and the
+other blocks, so no held-out digit or photo pixel reaches training (every background crop lies inside one block).
 """
 
 from __future__ import annotations
@@ -28,11 +29,15 @@ NUM_CLASSES = 10
 SPLIT_SIZES = {"train": 20000, "test": 4000}
 #: Seed of each split's composition (which digit, crop, colour, size and position each image gets).
 SPLIT_SEEDS = {"train": 0, "test": 1}
-#: Fraction of each photograph's width (its right-most columns) that only held-out images use.
-HELD_OUT_PHOTO_FRACTION = 0.2
-#: The photographs are average-pooled by this factor (427x640 -> 106x160) before cropping.
-PHOTO_POOL = 4
-#: Side of a background crop in pooled photo pixels (resized to 16): a zoom of 0.75x to 1.5x.
+#: The photographs are average-pooled by this factor (427x640 -> 142x213) before cropping.
+PHOTO_POOL = 3
+#: Each pooled photograph is cut into square blocks of this side (4 x 6 of them); a crop never crosses a block edge.
+PHOTO_BLOCK = 32
+#: Number of blocks of each photograph (of 24) that only held-out images use (about 20%).
+HELD_OUT_BLOCKS = 5
+#: Seed of the choice of held-out blocks.
+BLOCK_SEED = 0
+#: Side of a background crop in pooled photo pixels (resized to 16): a zoom of 0.67x to 1.33x.
 CROP_SIDES = (12, 24)
 #: Side of the upsampled digit on the 16x16 canvas, in pixels.
 DIGIT_SIDES = (9, 15)
@@ -42,11 +47,24 @@ BACKGROUND_CONTRAST = 0.6
 
 @lru_cache(maxsize=1)
 def _photos() -> torch.Tensor:
-    """scikit-learn's two sample photographs, average-pooled: ``[2, 3, 106, 160]`` in ``[0, 1]``."""
+    """scikit-learn's two sample photographs, average-pooled: ``[2, 3, 142, 213]`` in ``[0, 1]``."""
     from sklearn.datasets import load_sample_images
 
     photos = torch.from_numpy(np.stack(load_sample_images().images)).float().permute(0, 3, 1, 2) / 255.0
     return F.avg_pool2d(photos, PHOTO_POOL)
+
+
+def photo_blocks(split: str) -> torch.Tensor:
+    """The photo blocks a split's backgrounds come from: ``[B, 3]`` rows of (photo, top, left) in pooled pixels."""
+    _, _, h, w = _photos().shape
+    rows, cols = h // PHOTO_BLOCK, w // PHOTO_BLOCK
+    g = torch.Generator().manual_seed(BLOCK_SEED)
+    blocks = []
+    for photo in range(len(_photos())):
+        order = torch.randperm(rows * cols, generator=g)
+        chosen = order[:HELD_OUT_BLOCKS] if split == "test" else order[HELD_OUT_BLOCKS:]
+        blocks += [(photo, int(b) // cols * PHOTO_BLOCK, int(b) % cols * PHOTO_BLOCK) for b in chosen.sort().values]
+    return torch.tensor(blocks)
 
 
 def _hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -83,17 +101,14 @@ def _crop(photos: torch.Tensor, which: torch.Tensor, side: torch.Tensor, corner:
 def make_photo_digits(n: int, split: str = "train", seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` photo-digit images ``[n, 3, 16, 16]`` in ``[-1, 1]`` and their digit labels ``[n]`` (long).
 
-    Deterministic under ``seed``; ``split`` (``"train"`` or ``"test"``) picks which digits and which photo columns
+    Deterministic under ``seed``; ``split`` (``"train"`` or ``"test"``) picks which digits and which photo blocks
     the images are made of (see the module docstring).
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}.")
     g = torch.Generator().manual_seed(seed)
     digits, labels = load_digits_data(split, return_labels=True)  # [M, 1, 8, 8] in [-1, 1]
-    photos = _photos()
-    _, _, ph, pw = photos.shape
-    split_x = int(round((1 - HELD_OUT_PHOTO_FRACTION) * pw))
-    x_lo, x_hi = (0, split_x) if split == "train" else (split_x, pw)
+    blocks = photo_blocks(split)
 
     # Classes with equal probability, then a digit image of that class from this split.
     y = torch.randint(0, NUM_CLASSES, (n,), generator=g)
@@ -102,12 +117,13 @@ def make_photo_digits(n: int, split: str = "train", seed: int = 0) -> tuple[torc
     pick = (torch.rand(n, generator=g) * counts[y]).long()
     digit_idx = torch.stack([by_class[c][i] for c, i in zip(y.tolist(), pick.tolist())])
 
-    # Background: a crop lying wholly inside this split's columns of one photo, dimmed.
-    which = torch.randint(0, len(photos), (n,), generator=g)
+    # Background: a crop lying wholly inside one of this split's photo blocks, dimmed.
+    photo, top, left = blocks[torch.randint(0, len(blocks), (n,), generator=g)].T
     crop_side = torch.randint(CROP_SIDES[0], CROP_SIDES[1] + 1, (n,), generator=g).float()
-    cx = x_lo + torch.rand(n, generator=g) * (x_hi - x_lo - crop_side)
-    cy = torch.rand(n, generator=g) * (ph - crop_side)
-    background = _crop(photos, which, crop_side, torch.stack([cx, cy], 1), SHAPE[-1]) * BACKGROUND_CONTRAST
+    # (x, y) inside the block, half a pixel clear of its edges so bilinear taps never read a neighbouring block
+    offset = 0.5 + torch.rand(n, 2, generator=g) * (PHOTO_BLOCK - 1 - crop_side[:, None])
+    corner = torch.stack([left, top], 1) + offset
+    background = _crop(_photos(), photo, crop_side, corner, SHAPE[-1]) * BACKGROUND_CONTRAST
 
     # Digit: its ink (0..1) as alpha, upsampled to a random size at a random position, in a bright colour.
     size = torch.randint(DIGIT_SIDES[0], DIGIT_SIDES[1] + 1, (n,), generator=g).float()
