@@ -15,12 +15,15 @@ other blocks, so no held-out digit or photo pixel reaches training (every backgr
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from .digits import load_digits_data
+from .digits import DigitsEvaluator, load_digits_data
+from .hub import QuietHubMixin
 
 #: Shape of one image: 3 colour channels of 16x16 pixels, in ``[-1, 1]``.
 SHAPE = (3, 16, 16)
@@ -150,3 +153,66 @@ def load_photo_digits_data(split: str = "train", return_labels: bool = False):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}.")
     x, y = _split(split)
     return (x.clone(), y.clone()) if return_labels else x.clone()
+
+
+#: The shipped photo-digits weights, inside the package.
+PHOTO_DIGITS_DIR = Path(__file__).parent / "weights" / "photo-digits"
+#: The photo-digits diffusion model: a diffusers ``DDPMPipeline`` folder (``UNet2DModel`` + linear-beta scheduler),
+#: made by ``examples/train_photo_digits_model.py``.
+PIPELINE_DIR = PHOTO_DIGITS_DIR / "pipeline"
+#: The feature network of the photo-digits Frechet distance and digit reader (``examples/train_photo_digits_features.py``).
+FEATURES_DIR = PHOTO_DIGITS_DIR / "features"
+#: Feature mean and covariance of the photo-digits model's own distribution, where made (as the digits'
+#: :data:`dlg_sampler.digits.REFERENCE_STATS`).
+REFERENCE_STATS = PHOTO_DIGITS_DIR / "reference_stats.safetensors"
+
+
+class PhotoDigitFeatureNet(nn.Module, QuietHubMixin, tags=["photo-digits", "feature-extractor"]):
+    """Small CNN for ``[N, 3, 16, 16]`` photo-digit images in ``[-1, 1]``: reads the digit, and (trained with a second
+    head that redraws the image at 4x4) keeps its colours and background in the features too.
+
+    ``features(x) -> [N, feature_dim]`` (the penultimate layer, used for the Frechet distance);
+    ``forward(x) -> logits [N, num_classes]``; ``thumb(features) -> [N, 48]``: the training-only second head, the
+    image's 4x4 average pool ``[N, 3, 4, 4]`` flattened.
+    """
+
+    def __init__(self, channels: int = 16, feature_dim: int = 64, num_classes: int = NUM_CLASSES):
+        super().__init__()
+        c = channels
+        self.body = nn.Sequential(
+            nn.Conv2d(3, c, 3, padding=1), nn.GELU(), nn.Conv2d(c, c, 3, padding=1), nn.GELU(),
+            nn.MaxPool2d(2),  # 8x8
+            nn.Conv2d(c, 2 * c, 3, padding=1), nn.GELU(), nn.Conv2d(2 * c, 2 * c, 3, padding=1), nn.GELU(),
+            nn.MaxPool2d(2),  # 4x4
+            nn.Conv2d(2 * c, 2 * c, 3, padding=1), nn.GELU(), nn.MaxPool2d(2),  # 2x2
+            nn.Flatten(), nn.Linear(8 * c, feature_dim), nn.GELU(),
+        )
+        self.head = nn.Linear(feature_dim, num_classes)
+        self.thumb = nn.Linear(feature_dim, 3 * 4 * 4)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [N, 3, 16, 16]`` in ``[-1, 1]`` -> penultimate features ``[N, feature_dim]``."""
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [N, 3, 16, 16]`` -> class logits ``[N, num_classes]``."""
+        return self.head(self.body(x))
+
+
+def load_photo_digit_features(path: str | Path = FEATURES_DIR, **kwargs) -> PhotoDigitFeatureNet:
+    """The shipped photo-digit feature network (``PhotoDigitFeatureNet.from_pretrained``), in eval mode."""
+    return PhotoDigitFeatureNet.from_pretrained(path, **kwargs).eval()
+
+
+class PhotoDigitsEvaluator(DigitsEvaluator):
+    """Sample quality on the photo-digits preset, against its held-out split (as :class:`DigitsEvaluator`)."""
+
+    shape = SHAPE
+    reference_stats_path = REFERENCE_STATS
+
+    def __init__(self, net: PhotoDigitFeatureNet | None = None, batch_size: int = 1000):
+        super().__init__(net or load_photo_digit_features(), batch_size)
+
+    @staticmethod
+    def load_data(split: str) -> torch.Tensor:
+        return load_photo_digits_data(split)

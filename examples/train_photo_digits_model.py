@@ -61,13 +61,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint-dir", default=None, help="folder of checkpoint.pt (resumed from if present)")
     parser.add_argument("--checkpoint-every", type=int, default=250, help="steps between checkpoints")
     parser.add_argument("--log-every", type=int, default=50, help="steps between progress lines")
+    parser.add_argument("--stop-after", type=int, default=None,
+                        help="stop after this many steps of this run, at a checkpoint (run again to go on)")
     parser.add_argument("--out", default="photo-digits-model", help="output folder (a new one, or --overwrite)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     args = parser.parse_args(argv)
     if Path(args.out).exists() and any(Path(args.out).iterdir()) and not args.overwrite:
         parser.error(f"--out {args.out} already holds files; pass another --out, or --overwrite to replace them")
-    if args.steps < 1 or args.checkpoint_every < 1 or args.log_every < 1:
-        parser.error("--steps, --checkpoint-every and --log-every must be positive")
+    if min(args.steps, args.checkpoint_every, args.log_every, args.stop_after or 1) < 1:
+        parser.error("--steps, --checkpoint-every, --log-every and --stop-after must be positive")
+    if args.stop_after is not None and args.checkpoint_dir is None:
+        parser.error("--stop-after needs --checkpoint-dir (where the run goes on from)")
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -98,7 +102,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"parameters: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M, train images: {len(data)}", flush=True)
 
     start = time.time()
-    for step in range(start_step, args.steps):
+    end = args.steps if args.stop_after is None else min(args.steps, start_step + args.stop_after)
+    for step in range(start_step, end):
         x0 = data[torch.randint(0, len(data), (args.batch_size,), generator=g)]
         t = torch.randint(0, scheduler.config.num_train_timesteps, (args.batch_size,), generator=g)
         noise = torch.randn(x0.shape, generator=g)
@@ -117,12 +122,15 @@ def main(argv: list[str] | None = None) -> None:
             rate = (done - start_step) / (time.time() - start)
             print(f"step {done}/{args.steps} loss {loss.item():.4f} {rate:.3f} steps/s "
                   f"eta {(args.steps - done) / rate / 60:.0f} min", flush=True)
-        if ckpt is not None and (done % args.checkpoint_every == 0 or done == args.steps):
+        if ckpt is not None and (done % args.checkpoint_every == 0 or done == end):
             save_checkpoint(ckpt, {"unet": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                                    "sched": sched.state_dict(), "generator": g.get_state(),
                                    "torch_rng": torch.get_rng_state(), "step": done,
                                    "args": {k: getattr(args, k) for k in RESUME_KEYS}})
-    print(f"trained to step {args.steps} ({args.steps - start_step} steps in {time.time() - start:.0f}s)", flush=True)
+    print(f"trained to step {end} ({end - start_step} steps in {time.time() - start:.0f}s)", flush=True)
+    if end < args.steps:
+        print(f"stopped at step {end} of {args.steps}; the same command goes on from {ckpt}", flush=True)
+        return
     DDPMPipeline(unet=ema, scheduler=scheduler).save_pretrained(args.out, safe_serialization=True)
     print(f"saved the EMA pipeline to {args.out}", flush=True)
 
