@@ -11,8 +11,8 @@ from diffusers import DDPMPipeline
 
 from dlg_sampler import photo_digits
 from dlg_sampler.metrics import frechet_distance
-from dlg_sampler.photo_digits import (HELD_OUT_BLOCKS, NUM_CLASSES, SHAPE, PhotoDigitsEvaluator, load_photo_digits_data,
-                                      make_photo_digits, photo_blocks)
+from dlg_sampler.photo_digits import (HELD_OUT_BLOCKS, NUM_CLASSES, SHAPE, PhotoDigitsEvaluator, make_photo_digits,
+                                      photo_blocks)
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -113,8 +113,8 @@ def test_evaluator_reads_held_out_digits(evaluator, one_thread):
 
 def test_evaluator_fd_sees_blur(evaluator, one_thread):
     """Held-out images are closer (FD) to the training images than a blurred copy of the same held-out images."""
-    test = load_photo_digits_data("test")[:2000]
-    train = load_photo_digits_data("train")[:4000]
+    test, _ = make_photo_digits(1500, "test", seed=1)
+    train, _ = make_photo_digits(3000, "train", seed=0)
     kernel = torch.tensor([1.0, 2.0, 1.0])
     kernel = (kernel[:, None] * kernel[None, :] / 16).expand(3, 1, 3, 3)
     blurred = F.conv2d(F.pad(test, (1, 1, 1, 1), mode="replicate"), kernel, groups=3)
