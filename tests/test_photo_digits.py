@@ -1,20 +1,14 @@
-"""The photo-digits data set (deterministic, known class proportions, a held-out split that never reaches training),
-its training script (a few steps, resumed bit for bit) and its evaluator (the FD sees blur)."""
-
-import importlib.util
-from pathlib import Path
+"""The photo-digits data set (deterministic, known class proportions, a held-out split that never reaches training)
+and its evaluator (reads the digits; the FD sees blur). Its training scripts: tests/test_examples.py."""
 
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMPipeline
 
 from dlg_sampler import photo_digits
 from dlg_sampler.metrics import frechet_distance
 from dlg_sampler.photo_digits import (HELD_OUT_BLOCKS, NUM_CLASSES, SHAPE, PhotoDigitsEvaluator, make_photo_digits,
                                       photo_blocks)
-
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 @pytest.fixture
@@ -68,34 +62,6 @@ def test_held_out_digits_and_photo_blocks_never_reach_training(monkeypatch):
     test, _ = make_photo_digits(200, "test", seed=0)
     assert (train == -1).all()
     assert (test > -1).float().mean() > 0.5  # the marks do show where they are used
-
-
-def _train_script():
-    spec = importlib.util.spec_from_file_location("train_photo_digits_model", EXAMPLES / "train_photo_digits_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_training_script_smoke_and_resume(tmp_path, one_thread, capsys):
-    """A few steps make a plain DDPM folder; stopped half way and run again, the result is bit for bit the same."""
-    script = _train_script()
-    script.load_photo_digits_data = lambda split: make_photo_digits(256, split, seed=0)[0]  # small: seconds
-    common = ["--steps", "4", "--batch-size", "4", "--log-every", "1"]
-    script.main([*common, "--out", str(tmp_path / "straight")])
-    script.main([*common, "--checkpoint-dir", str(tmp_path / "ckpt"), "--stop-after", "2", "--out", str(tmp_path / "r")])
-    assert not (tmp_path / "r").exists() and "stopped at step 2 of 4" in capsys.readouterr().out
-    script.main([*common, "--checkpoint-dir", str(tmp_path / "ckpt"), "--out", str(tmp_path / "r")])
-    assert "resumed from" in capsys.readouterr().out
-    a, b = DDPMPipeline.from_pretrained(tmp_path / "straight"), DDPMPipeline.from_pretrained(tmp_path / "r")
-    assert a.scheduler.config.beta_schedule == "linear" and a.scheduler.config.prediction_type == "epsilon"
-    assert a.unet.config.in_channels == SHAPE[0] and a.unet.config.sample_size == SHAPE[-1]
-    sa, sb = a.unet.state_dict(), b.unet.state_dict()
-    assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    with pytest.raises(SystemExit):  # other settings than the checkpoint's: refused, nothing overwritten
-        script.main(["--steps", "6", "--batch-size", "4", "--checkpoint-dir", str(tmp_path / "ckpt"),
-                     "--out", str(tmp_path / "other")])
-    assert "made with other settings" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
