@@ -73,6 +73,7 @@ def test_missing_unknown_or_mismatched_models_are_clear_errors(tiny_model, monke
         presets.load("nope")
 
 
+@pytest.mark.filterwarnings("ignore:Matrix is singular")  # the FD of 8 samples in 64 feature dimensions
 def test_dlg_sample_preset_photo_digits(tiny_photo_model, tmp_path, monkeypatch, capsys):
     """In-process, as the digits preset's CLI tests: the samples are scored by the photo-digits evaluator."""
     scored = []
