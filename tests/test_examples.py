@@ -145,6 +145,52 @@ def test_train_digit_features(tmp_path, monkeypatch, capsys):
         refused("train_digit_features.py", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
 
 
+def photo_digits_script(script: str, images: int = 256):
+    """A photo-digits reproducer loaded in-process, on ``images`` images per split instead of the fixed 20,000 / 4,000
+    (seconds, not minutes)."""
+    from dlg_sampler.photo_digits import make_photo_digits
+
+    spec = importlib.util.spec_from_file_location(script.removesuffix(".py"), EXAMPLES / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.load_photo_digits_data = lambda split, return_labels=False: (
+        make_photo_digits(images, split, seed=0) if return_labels else make_photo_digits(images, split, seed=0)[0])
+    return module
+
+
+def test_train_photo_digits_model(tmp_path, capsys):
+    """A few steps make a plain DDPM folder (linear betas, epsilon); stopped half way and run again, the result is
+    bit for bit the same; other settings than the checkpoint's are refused."""
+    script, threads = photo_digits_script("train_photo_digits_model.py"), torch.get_num_threads()
+    common = ["--steps", "4", "--batch-size", "4", "--log-every", "1"]
+    script.main([*common, "--out", str(tmp_path / "straight")])
+    script.main([*common, "--checkpoint-dir", str(tmp_path / "ckpt"), "--stop-after", "2", "--out", str(tmp_path / "r")])
+    assert not (tmp_path / "r").exists() and "stopped at step 2 of 4" in capsys.readouterr().out
+    script.main([*common, "--checkpoint-dir", str(tmp_path / "ckpt"), "--out", str(tmp_path / "r")])
+    assert "resumed from" in capsys.readouterr().out
+    a, b = DDPMPipeline.from_pretrained(tmp_path / "straight"), DDPMPipeline.from_pretrained(tmp_path / "r")
+    assert a.scheduler.config.beta_schedule == "linear" and a.scheduler.config.prediction_type == "epsilon"
+    assert a.unet.config.in_channels == 3 and a.unet.config.sample_size == 16
+    sa, sb = a.unet.state_dict(), b.unet.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    with pytest.raises(SystemExit):
+        script.main(["--steps", "6", "--batch-size", "4", "--checkpoint-dir", str(tmp_path / "ckpt"),
+                     "--out", str(tmp_path / "other")])
+    assert "made with other settings" in capsys.readouterr().err and not (tmp_path / "other").exists()
+    torch.set_num_threads(threads)
+
+
+def test_train_photo_digits_features(tmp_path, monkeypatch, capsys):
+    script, threads = photo_digits_script("train_photo_digits_features.py"), torch.get_num_threads()
+    monkeypatch.chdir(tmp_path)
+    script.main(["--steps", "2", "--batch-size", "4"])
+    assert "held-out" in capsys.readouterr().out and (tmp_path / "photo-digit-features" / "model.safetensors").exists()
+    with pytest.raises(SystemExit):
+        script.main(["--steps", "2"])
+    assert "--out photo-digit-features already holds files" in capsys.readouterr().err
+    torch.set_num_threads(threads)
+
+
 def test_every_example_is_tested():
     tested = {name.removeprefix("test_") + ".py" for name in globals() if name.startswith("test_")}
     assert {p.name for p in EXAMPLES.glob("*.py")} <= tested

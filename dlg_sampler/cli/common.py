@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .. import digits
+from .. import presets
 from ..models import load_model
 
 DIGITS = "digits"
@@ -79,6 +79,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """``--model``, ``--classifier`` and the score_sde options, shared by ``dlg-sample`` and ``dlg-tune``."""
     p.add_argument("--model", default=None, help="diffusers pipeline folder, Hub repo id or score_sde checkpoint "
                                                  "(default: the shipped digits model)")
+    p.add_argument("--preset", default=None, choices=list(presets.PRESETS),
+                   help="a model trained in-project, scored by its own evaluator (default: digits when no --model "
+                        "is given); photo-digits: its trained folder, named by DLG_PHOTO_DIGITS_PIPELINE, until "
+                        "its weights ship")
     p.add_argument("--classifier", default=None, help="NoiseClassifier folder or Hub repo id, needed by the Gibbs "
                                                       "kernel (default: the shipped digits classifier with the digits "
                                                       "model; none with --model: the restart kernel needs none)")
@@ -105,8 +109,14 @@ def add_device_argument(p: argparse.ArgumentParser) -> None:
 
 def check_model_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> bool:
     """Whether the run is the shipped preset; refuses a classifier without its model, and the Gibbs kernel
-    without a classifier (the restart kernel needs none)."""
+    without a classifier (the restart kernel needs none). On the preset, sets ``args.preset`` (default digits)."""
+    if args.preset is not None and args.model is not None:
+        parser.error(f"--preset {args.preset} and --model {args.model} name two models; pass one of them")
     preset = args.model is None
+    args.preset = (args.preset or "digits") if preset else None
+    if preset and presets.PRESETS[args.preset].classifier_dir is None and getattr(args, "kernel", None) == "gibbs":
+        parser.error(f"--kernel gibbs needs a noise classifier and the {args.preset} preset has none; use the "
+                     "restart kernel, which needs none")
     if preset and args.classifier is not None:
         parser.error("--classifier needs --model (the shipped classifier belongs to the shipped model)")
     if not preset and args.classifier is None and getattr(args, "kernel", "restart") == "gibbs":
@@ -124,9 +134,10 @@ def load(args: argparse.Namespace, device, preset: bool):
     score_sde_kwargs = {"beta_min": args.beta_min, "beta_max": args.beta_max, "sigma_min": args.sde_sigma_min,
                         "sigma_max": args.sde_sigma_max, "continuous": args.continuous}
     try:
-        spec = digits.CLASSIFIER_DIR if preset else args.classifier
+        spec = presets.PRESETS[args.preset].classifier_dir if preset else args.classifier
         classifier = None if spec is None else load_classifier(spec, device)
-        model = load_model(str(digits.PIPELINE_DIR if preset else args.model), score_sde_net=args.score_sde_net,
+        model = load_model(str(presets.pipeline_path(args.preset) if preset else args.model),
+                           score_sde_net=args.score_sde_net,
                            sde=args.sde, shape=tuple(args.shape) if args.shape else None,
                            score_sde_kwargs=score_sde_kwargs, device=device)
     except ValueError as err:

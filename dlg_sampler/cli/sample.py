@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .. import digits
+from .. import presets
 from ..diagnostics import ess_fraction
 from ..integrators import INTEGRATORS, count_nfe, integrate, steps_for_nfe
 from ..models import make_integrator
@@ -180,7 +180,7 @@ def sample_main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     writer = state = None
     if args.out_dir is not None:
-        config = {"model": str(args.model or "digits"), "classifier": str(args.classifier or "digits"),
+        config = {"model": str(args.model or args.preset), "classifier": str(args.classifier or args.preset),
                   "nfe": None if args.denoise_steps is not None else nfe, "kernel": args.kernel,
                   "restart_sigma": args.restart_sigma, "step_size": args.step_size, "gibbs_steps": args.gibbs_steps,
                   "denoise_steps": args.denoise_steps, "integrator": args.integrator, "chains": args.chains,
@@ -249,7 +249,7 @@ def sample_main(argv: list[str] | None = None) -> None:
                   str(out.with_suffix(".safetensors")))
     except OSError as err:
         sys.exit(f"error: cannot write {out} ({err.strerror}): pass a writable --out path.")
-    evaluator = digits.DigitsEvaluator() if preset else None
+    evaluator = presets.PRESETS[args.preset].evaluator() if preset else None
     if evaluator is not None:
         line += "; " + _quality(evaluator.evaluate(images.cpu()))
         if world == 1 and sampler.stats["reinitialised"] == 0:
