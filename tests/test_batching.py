@@ -233,11 +233,21 @@ def test_cli_bfloat16_evaluates_the_model_in_bfloat16_and_keeps_float32_samples(
     assert (low - ref).abs().mean() < 0.05 * ref.abs().mean()
 
 
+def test_a_resume_in_another_precision_is_refused(tiny_model, tmp_path, capsys):
+    argv = ["--model", str(tiny_model / "pipe"), "--n", "8", "--chains", "4", "--shard-size", "4",
+            "--out-dir", str(tmp_path / "run")]
+    sample_main([*argv, "--dtype", "bfloat16"])
+    assert "dtype: 'bfloat16' -> None" in error_of(argv, capsys)
+    sample_main([*argv, "--dtype", "bfloat16", "--batch-size", "3"])  # the batch size is no part of the samples
+    assert "already written" in capsys.readouterr().out
+
+
 def error_of(argv, capsys) -> str:
     with pytest.raises(SystemExit) as exc:
         sample_main(argv)
-    assert exc.value.code not in (0, None)
-    return capsys.readouterr().err
+    code = exc.value.code
+    assert code not in (0, None)
+    return capsys.readouterr().err + (code if isinstance(code, str) else "")
 
 
 @pytest.fixture
