@@ -175,6 +175,29 @@ def test_a_bfloat16_model_keeps_the_chains_float32():
     assert (low - ref).abs().mean() < 0.05 * ref.abs().mean()
 
 
+class LabelEmbeddingNet(torch.nn.Module):
+    """A score_sde-style network: its float labels go through a Linear embedding, as NCSN++ / DDPM++'s do."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.conv = torch.nn.Linear(1, 2), torch.nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, x, labels):
+        return self.conv(x) + self.embed(labels[:, None])[..., None, None]
+
+
+@pytest.mark.parametrize("sde", ["vp", "ve"])
+def test_a_half_precision_score_sde_network_gets_its_labels_in_its_dtype(sde):
+    from dlg_sampler.adapters import ScoreSdeScore
+
+    x, sigma = torch.randn(3, 2, 4, 4), torch.tensor([0.05, 1.0, 20.0])
+    torch.manual_seed(0)
+    net = LabelEmbeddingNet()
+    reference = ScoreSdeScore(net, sde=sde)(x, sigma)
+    low = ScoreSdeScore(net.to(torch.bfloat16), sde=sde)(x, sigma)
+    assert low.dtype == torch.float32 and torch.allclose(low, reference, rtol=0.05, atol=0.05 * float(reference.abs().max()))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the command line
 
