@@ -102,9 +102,11 @@ class ScoreSdeScore(ScoreAdapter):
 
     def model_score(self, x: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dtype = model_dtype(self.model, x.dtype)
+        # float labels in a half-precision network's own dtype (its embedding layers take no float32), else float32
+        label_dtype = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
         if self.sde == "ve":
             if self.continuous:
-                labels, sigma_m = sigma.float(), sigma
+                labels, sigma_m = sigma.to(label_dtype), sigma
             else:  # nearest of N levels, label 0 = sigma_max
                 idx = ((self.N - 1) * (1 - self.t_of_sigma(sigma))).round()
                 labels, sigma_m = idx.long(), self.sigma_of_t(1 - idx / (self.N - 1))
@@ -116,7 +118,7 @@ class ScoreSdeScore(ScoreAdapter):
         # sqrt(abar) of the level: 1 / sqrt(1 + sigma^2) (VP); the root of abar + sigma sqrt(abar) - 1 = 0 (sub-VP)
         sqrt_abar = (1 + sigma**2).rsqrt() if self.sde == "vp" else 2 / (sigma + (sigma**2 + 4).sqrt())
         x_t = x * append_dims(sqrt_abar.to(x.device, x.dtype), x.ndim)
-        out = self.model(x_t.to(dtype), labels.to(x.device, torch.float32)).to(x.dtype)
+        out = self.model(x_t.to(dtype), labels.to(x.device, label_dtype)).to(x.dtype)
         return -out / append_dims(sigma.to(x.device, x.dtype), x.ndim), sigma
 
 

@@ -45,6 +45,56 @@ def _check_positive_float(value, name: str) -> float:
     return float(value)
 
 
+def check_batch_size(max_batch_size: int | None) -> int | None:
+    """``None`` (every chain in one model call) or a positive int; anything else is refused."""
+    if max_batch_size is not None and (isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int)
+                                       or max_batch_size <= 0):
+        raise ValueError(f"max_batch_size must be a positive int (samples per model call) or None, got "
+                         f"{max_batch_size!r}: pass e.g. max_batch_size=256, less if the model runs out of memory.")
+    return max_batch_size
+
+
+class MicroBatched:
+    """A model call ``fn(x [N, *shape], *per_sample) -> [N, ...]`` (a score ``fn(x, sigma [N])``, a noise posterior
+    ``fn(x)``) made in consecutive slices, so that the network never sees more than ``max_batch_size`` samples in
+    one call; the outputs are concatenated in order.
+
+    A score with classifier-free guidance evaluates each sample twice in one doubled call
+    (``fn.samples_per_evaluation == 2``): its slices hold ``max_batch_size // 2`` samples. Arguments with the batch
+    dimension of ``x`` are sliced with it, others (a scalar ``sigma``) passed whole. Nothing random happens inside,
+    so a sampler's draws do not depend on the slicing; the outputs are those of one call wherever the model computes
+    each sample independently of its batch (exact scores; a network on a CPU may differ in the last bits). Every
+    other attribute is ``fn``'s (``sigma_min``, ``sigma_max`` ...).
+    """
+
+    def __init__(self, fn, max_batch_size: int):
+        self.fn, self.max_batch_size = fn, check_batch_size(max_batch_size)
+        per = getattr(fn, "samples_per_evaluation", 1)
+        self.slice = max_batch_size // per
+        if self.slice < 1:
+            raise ValueError(f"max_batch_size={max_batch_size} cannot hold one evaluation of this score: each makes "
+                             f"a model call on {per} samples (classifier-free guidance: conditional and "
+                             f"unconditional); pass max_batch_size >= {per}.")
+
+    def __call__(self, x: torch.Tensor, *args: Any) -> torch.Tensor:
+        n, b = x.shape[0], self.slice
+        if n <= b:
+            return self.fn(x, *args)
+        sliced = [isinstance(a, torch.Tensor) and a.ndim > 0 and a.shape[0] == n for a in args]
+        return torch.cat([self.fn(x[i:i + b], *(a[i:i + b] if s else a for a, s in zip(args, sliced)))
+                          for i in range(0, n, b)])
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "fn":  # not set yet (e.g. while unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.fn, name)
+
+
+def micro_batched(fn, max_batch_size: int | None):
+    """``fn`` evaluated in slices of at most ``max_batch_size`` samples (:class:`MicroBatched`); ``None``: ``fn``."""
+    return fn if check_batch_size(max_batch_size) is None else MicroBatched(fn, max_batch_size)
+
+
 class _PhaseCounter:
     """The sampler's one view of the score: every evaluation (``x.shape[0]`` per call) is counted under the current
     phase (``warmup``, ``gibbs``, ``denoise``, ``tweedie``), so no model call can be left out of the reported NFE."""
@@ -113,7 +163,14 @@ class DLGSampler:
         warmup_sweeps: ``(k1, k2)`` burn-in sweeps: ``k1`` at ``warmup_step_size`` then ``k2`` at ``step_size``.
         warmup_step_size: step size of the first burn-in sweeps (paper: 0.5; default: ``step_size``).
         seed: seed of the sampler's own generator (used when ``sample`` gets none; saved in ``state_dict``).
-        device, dtype: where and in which precision the chains live.
+        device, dtype: where and in which precision the chains live (the model computes in its own dtype: load it in
+            half precision, e.g. ``from_pretrained(..., torch_dtype=torch.bfloat16)``, and the adapters hand its
+            outputs back in the chains' dtype).
+        max_batch_size: the most samples the model sees in one call (``None``, the default: all the chains at once).
+            Every model call (warm-up, a ``for_budget`` pilot, Gibbs, denoising, Tweedie, the noise posterior) is
+            made in slices of at most this many samples (:class:`MicroBatched`; a score with classifier-free
+            guidance counts its doubled batch); the chains stay in memory whole, and the random draws, hence the
+            samples, do not depend on it.
         progress: show one tqdm bar (model evaluations, warm-up included) while sampling.
     """
 
@@ -126,7 +183,7 @@ class DLGSampler:
                  warmup_steps: int | None = None, burn_in: int = 0, warmup_noise: float = 0.5,
                  warmup_sweeps: tuple[int, int] = (10, 10), warmup_step_size: float | None = None,
                  seed: int | None = None, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
-                 progress: bool = False):
+                 max_batch_size: int | None = None, progress: bool = False):
         if not callable(score):
             raise TypeError(f"score must be callable as score(x, sigma), got {type(score).__name__}.")
         if noise_posterior is None and kernel == "gibbs":
@@ -186,7 +243,9 @@ class DLGSampler:
         self._batch_chains: torch.Tensor | None = None  # chains whose states the last selection handed out
         self.correlation = OutputCorrelation(self.num_chains, math.prod(shape), self.device)
         self._warned: set[str] = set()
-        self.score = _PhaseCounter(score, self._counts)
+        self.max_batch_size = check_batch_size(max_batch_size)
+        self.score = _PhaseCounter(micro_batched(score, max_batch_size), self._counts)
+        self._posterior = None if noise_posterior is None else micro_batched(noise_posterior, max_batch_size)
 
     @staticmethod
     def _check_model_match(score, noise_posterior, levels: NoiseLevels, shape: tuple[int, ...]) -> None:
@@ -208,7 +267,8 @@ class DLGSampler:
                    n: int,
                    num_chains: int | None = None, seed: int | None = None, **overrides: Any) -> "DLGSampler":
         """Settings from a budget of ``nfe`` model evaluations per sample (everything counted) for ``n`` samples,
-        chosen by a short pilot on the model itself: see :func:`dlg_sampler.tuning.for_budget`."""
+        chosen by a short pilot on the model itself: see :func:`dlg_sampler.tuning.for_budget`. ``overrides`` are
+        sampler settings (e.g. ``max_batch_size``, which the pilot's model calls respect too)."""
         from .tuning import for_budget
 
         return for_budget(score, noise_posterior, shape=shape, nfe=nfe, n=n, num_chains=num_chains, seed=seed,
@@ -254,12 +314,12 @@ class DLGSampler:
             return
         # Perturb and classify.
         x = x + self.warmup_noise * torch.randn(x.shape, generator=g, device=self.device, dtype=self.dtype)
-        s = sample_sigma_index(self.noise_posterior, x, self.levels, self.sigma_mode, g)
+        s = sample_sigma_index(self._posterior, x, self.levels, self.sigma_mode, g)
         # Burn in: Gibbs sweeps, first at warmup_step_size, then at step_size.
         for k, eta in zip(self.warmup_sweeps, (self.warmup_step_size, self.step_size)):
             for _ in range(k):
                 x = langevin_step(self.score, x, self.levels.sigma(s).to(self.dtype), eta, g)
-                s = sample_sigma_index(self.noise_posterior, x, self.levels, self.sigma_mode, g)
+                s = sample_sigma_index(self._posterior, x, self.levels, self.sigma_mode, g)
         self.x[idx], self.sigma[idx] = x, self.levels.sigma(s).to(self.dtype)
 
     @torch.no_grad()
@@ -307,7 +367,7 @@ class DLGSampler:
             x = langevin_step(self.score, x, levels.sigma(s).to(self.dtype), self.step_size, g)
             lost |= diverged(x, levels)
             x = torch.where(append_dims(lost, x.ndim), torch.zeros_like(x), x)  # re-initialised below
-            s = sample_sigma_index(self.noise_posterior, x, levels, self.sigma_mode, g)
+            s = sample_sigma_index(self._posterior, x, levels, self.sigma_mode, g)
             # Selection: per chain, keep the state with the smallest sigma.
             better = s < best_s
             best_x = torch.where(append_dims(better, x.ndim), x, best_x)

@@ -18,6 +18,11 @@ from ..models import load_model
 DIGITS = "digits"
 #: The budget when ``--nfe`` is not given: model evaluations per sample, everything counted.
 DEFAULT_NFE = 10
+#: ``--batch-size`` when not given: the most samples one model call sees. A UNet of google/ddpm-cifar10-32's
+#: configuration (35.7M parameters) takes about 10 MB per sample in float32, 2.5 GB at 256 (docs/usage.md).
+DEFAULT_BATCH_SIZE = 256
+#: ``--dtype`` names: the precision the model is evaluated in (the chains and solvers stay float32).
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -50,6 +55,38 @@ def check_device(device: str | None, parser: argparse.ArgumentParser) -> None:
                          f"cuda:{torch.cuda.device_count() - 1})")
     if dev.type == "mps" and not torch.backends.mps.is_available():
         parser.error(f"--device {device}: MPS is not available in this torch build or machine; use --device cpu")
+
+
+def add_batching_arguments(p: argparse.ArgumentParser) -> None:
+    """``--batch-size`` and ``--dtype``: how the model is evaluated (the samples do not depend on the first)."""
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                   help="the most samples one model call sees (the chains stay in memory; the same seed gives the "
+                        "same samples, up to the network's rounding): lower it when the model runs out of memory, "
+                        "raise it for a large GPU")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES),
+                   help="precision the model is evaluated in; the chains, lifts and solvers stay float32")
+
+
+def check_batching(args: argparse.Namespace, device, parser: argparse.ArgumentParser) -> None:
+    """Refuse a ``--batch-size`` below 1, and a ``--dtype`` the device cannot compute in (a few of a UNet's ops are
+    tried on it), before anything loads."""
+    if args.batch_size <= 0:
+        parser.error(f"--batch-size must be at least 1 (samples per model call), got {args.batch_size}: pass e.g. "
+                     f"--batch-size {DEFAULT_BATCH_SIZE}, less if the model runs out of memory")
+    dtype = DTYPES[args.dtype]
+    if dtype == torch.float32:
+        return
+    try:
+        x = torch.ones(1, 4, 4, 4, device=device, dtype=dtype)
+        x = torch.nn.functional.conv2d(x, torch.ones(4, 4, 3, 3, device=device, dtype=dtype), padding=1)
+        x = torch.nn.functional.silu(torch.nn.functional.group_norm(x, 2))
+        q = torch.nn.functional.linear(x.flatten(2).transpose(1, 2), torch.ones(4, 4, device=device, dtype=dtype))
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)
+        torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest")
+    except (RuntimeError, TypeError) as err:
+        parser.error(f"--dtype {args.dtype}: torch {torch.__version__} cannot compute in {args.dtype} on "
+                     f"{torch.device(device)} ({str(err).splitlines()[0]}); use --dtype float32"
+                     f"{' or bfloat16' if dtype == torch.float16 else ''} there, or a GPU (--device cuda)")
 
 
 def check_writable(path: str | Path, flag: str, parser: argparse.ArgumentParser, *, folder: bool) -> None:
@@ -131,6 +168,7 @@ def load(args: argparse.Namespace, device, preset: bool):
     restart kernel runs on the model's trained range); exits with the loader's message."""
     from ..models import load_classifier
 
+    dtype = getattr(args, "dtype", "float32")  # dlg-sample --dtype: the model's precision
     score_sde_kwargs = {"beta_min": args.beta_min, "beta_max": args.beta_max, "sigma_min": args.sde_sigma_min,
                         "sigma_max": args.sde_sigma_max, "continuous": args.continuous}
     try:
@@ -139,7 +177,8 @@ def load(args: argparse.Namespace, device, preset: bool):
         model = load_model(str(presets.pipeline_path(args.preset) if preset else args.model),
                            score_sde_net=args.score_sde_net,
                            sde=args.sde, shape=tuple(args.shape) if args.shape else None,
-                           score_sde_kwargs=score_sde_kwargs, device=device)
+                           score_sde_kwargs=score_sde_kwargs, device=device,
+                           dtype=None if dtype == "float32" else DTYPES[dtype])
     except ValueError as err:
         sys.exit(f"error: {err}")
     if model.prompts:
