@@ -419,7 +419,7 @@ def train_noise_classifier(classifier: NoiseClassifier, data: Any, *, steps: int
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         train_loss = loss.item() if train_loss is None else 0.99 * train_loss + 0.01 * loss.item()
-        if step % 50 == 0:
+        if step % 50 == 0 or step + 1 == steps:  # the bar ends on the final loss
             bar.set_postfix(loss=f"{train_loss:.3f}")
         if ckpt_dir is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
             generators = [generator.get_state()]

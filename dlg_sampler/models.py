@@ -64,8 +64,17 @@ def _sample_shape(config) -> tuple[int, ...]:
     return (int(config.in_channels), *size)
 
 
+#: File suffixes of score_sde checkpoints.
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt")
+
+
 def _is_score_sde_checkpoint(spec: str) -> bool:
-    return Path(spec).is_file() and Path(spec).suffix in (".pth", ".pt", ".ckpt")
+    """Whether ``spec`` names a score_sde checkpoint file; ``ValueError`` if it names one that does not exist."""
+    path = Path(spec)
+    if path.suffix in CHECKPOINT_SUFFIXES and not path.exists():
+        raise ValueError(f"the score_sde checkpoint {spec!r} does not exist (looked in {Path.cwd()}): pass the path "
+                         f"of the checkpoint file ({', '.join(CHECKPOINT_SUFFIXES)}).")
+    return path.is_file() and path.suffix in CHECKPOINT_SUFFIXES
 
 
 def load_model(spec: str, *, score_sde_net: str | None = None, sde: str = "vp", shape: tuple[int, ...] | None = None,
@@ -195,28 +204,50 @@ def make_integrator(name: str, model: LoadedModel):
 CLASSIFIER_FILES = ["config.json", "model.safetensors"]
 _CLASSIFIER_EXPECTED = ("a NoiseClassifier folder (config.json + model.safetensors, written by dlg-train-classifier "
                         "or NoiseClassifier.save_pretrained)")
+#: What a classifier's config.json must hold: the noise grid and the sample shape.
+_CLASSIFIER_CONFIG_KEYS = ("sigma_min", "sigma_max", "num_levels", "sample_shape")
+
+
+def _classifier_folder_problem(folder: Path) -> str | None:
+    """What keeps ``folder`` from being a NoiseClassifier folder, in a few words; ``None`` when nothing does."""
+    config = read_config(folder)
+    if (folder / "model_index.json").is_file() or (config is not None and "_class_name" in config):
+        return f"it holds {describe_folder(folder)}"
+    if not (folder / "config.json").is_file():
+        return f"it has no config.json; it holds {describe_folder(folder)}"
+    if config is None:
+        return "its config.json is not a JSON object (the file is damaged)"
+    missing = [k for k in _CLASSIFIER_CONFIG_KEYS if k not in config]
+    if missing:
+        return f"its config.json lacks {', '.join(missing)}"
+    unknown = sorted(set(config) - set(inspect.signature(NoiseClassifier.__init__).parameters) - {"self"})
+    if unknown:
+        return f"its config.json has keys NoiseClassifier does not take: {', '.join(unknown)}"
+    if not (folder / "model.safetensors").is_file():
+        return f"it has no model.safetensors; it holds {describe_folder(folder)}"
+    return None
 
 
 def load_classifier(spec: str | Path, device: torch.device | str | None = None) -> NoiseClassifier:
     """A ``NoiseClassifier`` from a local folder or a Hub repo id, in eval mode on ``device``.
 
-    Raises ``ValueError`` naming what was expected and what was found: no such folder, a folder of another model,
-    a repo that is not cached while the Hub is unavailable (see :mod:`dlg_sampler.hub`).
+    Raises ``ValueError`` naming what was expected, what is wrong and the fix: no such folder, a folder of another
+    model, a config.json or model.safetensors that is missing, damaged or does not fit the other, a repo that is not
+    cached while the Hub is unavailable (see :mod:`dlg_sampler.hub`).
     """
     what = "the noise classifier"
     ref = local_or_repo_id(spec, what, _CLASSIFIER_EXPECTED)
     folder = ref if isinstance(ref, Path) else download_folder(ref, what, CLASSIFIER_FILES)
-    config = read_config(folder)
-    params = set(inspect.signature(NoiseClassifier.__init__).parameters) - {"self"}
-    if (config is None or not (folder / "model.safetensors").is_file() or not set(config) <= params
-            or not {"sigma_min", "sigma_max", "num_levels", "sample_shape"} <= set(config)):
-        raise ValueError(f"{what} {str(spec)!r} is not {_CLASSIFIER_EXPECTED}: it holds {describe_folder(folder)}.")
+    problem = _classifier_folder_problem(folder)
+    if problem is not None:
+        raise ValueError(f"{what} {str(spec)!r} is not {_CLASSIFIER_EXPECTED}: {problem}.")
     try:
         classifier = NoiseClassifier.from_pretrained(folder)
-    except (ValueError, TypeError, RuntimeError, OSError) as err:  # a damaged or mismatched weights file
-        raise ValueError(f"{what} {str(spec)!r} could not be loaded ({type(err).__name__}: {err}): its "
-                         "model.safetensors does not match its config.json; save it again with "
-                         "NoiseClassifier.save_pretrained.") from err
+    except ValueError as err:  # unreadable or mismatched weights (hub.QuietHubMixin), values NoiseClassifier refuses
+        raise ValueError(f"{what} {str(spec)!r} could not be loaded: {err}") from err
+    except (TypeError, RuntimeError, OSError) as err:
+        raise ValueError(f"{what} {str(spec)!r} could not be loaded ({type(err).__name__}: {err}): save it again "
+                         "with NoiseClassifier.save_pretrained.") from err
     return classifier.to(device or "cpu").eval()
 
 
