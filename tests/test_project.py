@@ -53,3 +53,16 @@ def test_readme_says_how_to_install_torch_off_this_machine():
     setup = readme[readme.index("## Two commands"):readme.index("## The algorithm")]
     assert "--index-url https://download.pytorch.org/whl/cpu" in setup and "pytorch.org/get-started" in setup
     assert "docs/usage.md" in setup  # --device, threads
+
+
+def test_every_markdown_table_row_has_its_header_columns():
+    """An unescaped ``|`` inside a cell (``--sde vp|subvp|ve``) splits it: GitHub's renderer cuts the row there."""
+    broken = []
+    for doc in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
+        columns = None
+        for number, line in enumerate(doc.read_text().splitlines(), 1):
+            cells = len(re.findall(r"(?<!\\)\|", line)) if line.startswith("|") else None
+            if cells is not None and columns is not None and cells != columns:
+                broken.append(f"{doc.relative_to(ROOT)}:{number}: {line[:60]}")
+            columns = cells if columns is None or cells is None else columns
+    assert broken == []
