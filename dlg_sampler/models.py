@@ -4,7 +4,6 @@ score with its sample shape and trained sigma range, a noise classifier, and fol
 from __future__ import annotations
 
 import importlib
-import inspect
 import os
 import sys
 from dataclasses import dataclass
@@ -14,9 +13,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .classifier import NoiseClassifier
-from .hub import describe_folder, download_folder, local_or_repo_id, pipeline_access, pipeline_error, read_config
-from .integrators import Score
+from .classifier import CLASSIFIER_FILES, NoiseClassifier, load_classifier  # noqa: F401  (loaded from here before)
+from .hub import describe_folder, local_or_repo_id, pipeline_access, pipeline_error
+from .integrators import INTEGRATORS, Score
+from .schedulers import supported_schedulers
 
 #: Image files ``load_images`` reads.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -185,9 +185,6 @@ def make_integrator(name: str, model: LoadedModel):
     """A core integrator name (returned as is), or a diffusers scheduler class name: that scheduler configured from
     the model's pipeline scheduler (``cls.from_config(pipe.scheduler.config)``; default config without a pipeline).
     Either can be passed to :func:`dlg_sampler.integrators.integrate`."""
-    from .integrators import INTEGRATORS
-    from .schedulers import supported_schedulers
-
     if name in INTEGRATORS:
         return name
     import diffusers
@@ -198,57 +195,6 @@ def make_integrator(name: str, model: LoadedModel):
                          f"class name from {supported_schedulers()}.")
     base = getattr(model.pipeline, "scheduler", None)
     return cls.from_config(base.config) if base is not None else cls()
-
-
-#: What a noise classifier folder holds.
-CLASSIFIER_FILES = ["config.json", "model.safetensors"]
-_CLASSIFIER_EXPECTED = ("a NoiseClassifier folder (config.json + model.safetensors, written by dlg-train-classifier "
-                        "or NoiseClassifier.save_pretrained)")
-#: What a classifier's config.json must hold: the noise grid and the sample shape.
-_CLASSIFIER_CONFIG_KEYS = ("sigma_min", "sigma_max", "num_levels", "sample_shape")
-
-
-def _classifier_folder_problem(folder: Path) -> str | None:
-    """What keeps ``folder`` from being a NoiseClassifier folder, in a few words; ``None`` when nothing does."""
-    config = read_config(folder)
-    if (folder / "model_index.json").is_file() or (config is not None and "_class_name" in config):
-        return f"it holds {describe_folder(folder)}"
-    if not (folder / "config.json").is_file():
-        return f"it has no config.json; it holds {describe_folder(folder)}"
-    if config is None:
-        return "its config.json is not a JSON object (the file is damaged)"
-    missing = [k for k in _CLASSIFIER_CONFIG_KEYS if k not in config]
-    if missing:
-        return f"its config.json lacks {', '.join(missing)}"
-    unknown = sorted(set(config) - set(inspect.signature(NoiseClassifier.__init__).parameters) - {"self"})
-    if unknown:
-        return f"its config.json has keys NoiseClassifier does not take: {', '.join(unknown)}"
-    if not (folder / "model.safetensors").is_file():
-        return f"it has no model.safetensors; it holds {describe_folder(folder)}"
-    return None
-
-
-def load_classifier(spec: str | Path, device: torch.device | str | None = None) -> NoiseClassifier:
-    """A ``NoiseClassifier`` from a local folder or a Hub repo id, in eval mode on ``device``.
-
-    Raises ``ValueError`` naming what was expected, what is wrong and the fix: no such folder, a folder of another
-    model, a config.json or model.safetensors that is missing, damaged or does not fit the other, a repo that is not
-    cached while the Hub is unavailable (see :mod:`dlg_sampler.hub`).
-    """
-    what = "the noise classifier"
-    ref = local_or_repo_id(spec, what, _CLASSIFIER_EXPECTED)
-    folder = ref if isinstance(ref, Path) else download_folder(ref, what, CLASSIFIER_FILES)
-    problem = _classifier_folder_problem(folder)
-    if problem is not None:
-        raise ValueError(f"{what} {str(spec)!r} is not {_CLASSIFIER_EXPECTED}: {problem}.")
-    try:
-        classifier = NoiseClassifier.from_pretrained(folder)
-    except ValueError as err:  # unreadable or mismatched weights (hub.QuietHubMixin), values NoiseClassifier refuses
-        raise ValueError(f"{what} {str(spec)!r} could not be loaded: {err}") from err
-    except (TypeError, RuntimeError, OSError) as err:
-        raise ValueError(f"{what} {str(spec)!r} could not be loaded ({type(err).__name__}: {err}): save it again "
-                         "with NoiseClassifier.save_pretrained.") from err
-    return classifier.to(device or "cpu").eval()
 
 
 def image_files(folder: str | Path) -> list[Path]:
