@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .classifier import CLASSIFIER_FILES, NoiseClassifier, load_classifier  # noqa: F401  (loaded from here before)
+from .classifier import CLASSIFIER_FILES, NoiseClassifier, load_classifier  # noqa: F401  (the CLI loads from here)
 from .hub import describe_folder, local_or_repo_id, pipeline_access, pipeline_error
 from .integrators import INTEGRATORS, Score
 from .schedulers import supported_schedulers
