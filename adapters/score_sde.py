@@ -174,6 +174,8 @@ def _read_checkpoint(path: Path) -> Any:
     Raises ``ValueError`` with the fix for a file that cannot be read (damaged, truncated, another format) and for
     one that needs pickle to run code.
     """
+    if not path.is_file():
+        raise ValueError(f"{path}: there is no such file; pass the checkpoint file.")
     if path.suffix == ".safetensors":
         try:
             return load_file(path)

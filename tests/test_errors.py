@@ -103,6 +103,8 @@ class _Net(torch.nn.Module):
 
 
 def _write(path: Path, content) -> Path:
+    if content is None:  # no file
+        return path
     if isinstance(content, bytes):
         path.write_bytes(content)
     else:
@@ -131,6 +133,7 @@ def _zip_cut(path: Path) -> bytes:
                                                    "[2, 1, 3, 3], not [1, 1, 3, 3], conv.bias is [2], not [1])"),
     ("numbers.pth", {"model": 5}, "is not a score_sde checkpoint: its model entry is not a state dict"),
     ("ema.pth", {"model": _Net().state_dict(), "ema": {"decay": 0.9}}, "'s ema entry is not score_sde's EMA state"),
+    ("missing.pth", None, "missing.pth: there is no such file; pass the checkpoint file."),
 ])
 def test_an_unreadable_or_mismatched_checkpoint_says_what_is_wrong(name, content, message, tmp_path):
     """A text file raised KeyError: 101 from the unpickler; random bytes were reported as needing pickle code;
