@@ -120,7 +120,8 @@ def _zip_cut(path: Path) -> bytes:
 
 @pytest.mark.parametrize("name, content, message", [
     ("text.pth", b"hello\n", "is not a checkpoint torch.load can read (KeyError: 101): the file is corrupt, "
-                             "truncated or not a PyTorch checkpoint; re-download it, or save it again with torch.save."),
+                             "truncated or not a PyTorch checkpoint; re-download it, or save it again with "
+                             "torch.save."),
     ("empty.pth", b"", "is not a checkpoint torch.load can read (EOFError)"),
     ("random.pth", bytes([0x80, 0x02, 0x7c]) + b"\x00" * 50, "is not a checkpoint torch.load can read (Unsupported "
                                                              "operand 124)"),
