@@ -25,7 +25,7 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
 from diffusers.schedulers.scheduling_sde_ve import SdeVeOutput
 
-from .classifier import NoiseClassifier
+from .classifier import NoiseClassifier, load_classifier
 from .levels import NoiseLevels
 from .integrators import INTEGRATORS, check_steps, steps_for_nfe
 from .sampler import KERNELS, DLGSampler, check_batch_size
@@ -39,8 +39,6 @@ CLASSIFIER_SUBFOLDER = "classifier"
 def _resolve_classifier(classifier: NoiseClassifier | str | Path | None) -> tuple[NoiseClassifier | None, str | None]:
     """A classifier instance and the reference stored in a config (its absolute path / repo id, if it came as one);
     ``(None, None)`` without one (the restart kernel needs none; the Gibbs kernel says so)."""
-    from .models import load_classifier
-
     if isinstance(classifier, NoiseClassifier):
         return classifier, None
     if classifier is None:
@@ -251,8 +249,6 @@ class DLGScheduler(SchedulerMixin, ConfigMixin):
     def save_pretrained(self, save_directory: str | Path, push_to_hub: bool = False, **kwargs: Any) -> None:
         """Save the config into ``save_directory``; a local classifier goes into ``save_directory/classifier`` and is
         referenced relative to the folder (a Hub repo id is stored as is). ``kwargs`` as ``SchedulerMixin``'s."""
-        from .models import load_classifier
-
         ref = self.config.classifier
         local = ref is None or Path(ref).expanduser().is_absolute() or Path(ref).expanduser().exists()
         if local and (ref is not None or self.classifier is not None):  # an instance or a folder (from_pipe and from_pretrained store absolute paths): saved inside

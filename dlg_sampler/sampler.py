@@ -11,21 +11,17 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from . import tuning
 from .diagnostics import CORRELATION_WARNING, OutputCorrelation, ess_fraction
 from .gibbs import SIGMA_MODES, NoisePosterior, diverged, langevin_step, sample_sigma_index
 from .integrators import (INTEGRATORS, CountedScore, Score, append_dims, check_integrator, check_steps, count_nfe,
                           get_schedule, integrate, randn_like)
 from .levels import NoiseLevels
+from .restart import RESTART_SCALE, _data_scale
 
 #: Chain kernels: ``"restart"`` (exact lift to ``restart_sigma``, then the denoising solve back; the default, measured
 #: to mix in one output on the digits model and the mixtures) and ``"gibbs"`` (the paper's Langevin-Gibbs sweeps).
 KERNELS = ("restart", "gibbs")
-
-#: ``restart_sigma`` left to the sampler: this many times the data scale the warm-up measures (the per-coordinate
-#: spread of the warmed-up chains). On the digits model (scale 0.53) the lag-1 autocorrelation of consecutive outputs
-#: is 0.24 at S = 3, 0.14 at S = 5, 0.10 at S = 7 and 0.07 at S = 10, and FD is lowest for S in 5-7 at 10-12 NFE
-#: (docs/mixing.md); on a separated 12-d mixture (scale 3) S = 36 gives lag-1 0.11.
-RESTART_SCALE = 12.0
 
 #: Warm-started schedulers denoise the batch in this many groups of similar sigma (measured on the exact mixture,
 #: levels 0.2-5, 4 steps: sliced W1 0.48 -> 0.14 for DPM-Solver++ 2M, 0.32 -> 0.09 for Euler; same NFE per sample).
@@ -269,10 +265,8 @@ class DLGSampler:
         """Settings from a budget of ``nfe`` model evaluations per sample (everything counted) for ``n`` samples,
         chosen by a short pilot on the model itself: see :func:`dlg_sampler.tuning.for_budget`. ``overrides`` are
         sampler settings (e.g. ``max_batch_size``, which the pilot's model calls respect too)."""
-        from .tuning import for_budget
-
-        return for_budget(score, noise_posterior, shape=shape, nfe=nfe, n=n, num_chains=num_chains, seed=seed,
-                          **overrides)
+        return tuning.for_budget(cls, score, noise_posterior, shape=shape, nfe=nfe, n=n, num_chains=num_chains,
+                                 seed=seed, **overrides)
 
     # ------------------------------------------------------------------ the algorithm
     @torch.no_grad()
@@ -568,11 +562,3 @@ class DLGSampler:
         self.correlation.load_state_dict(state["correlation"])
         self.restart_sigma, self.tuning = state["restart_sigma"], state.get("tuning")
         self.generator.set_state(state["generator"])
-
-
-def _data_scale(x: torch.Tensor) -> float:
-    """The spread of samples ``x [C, *shape]``: RMS over coordinates of their std across samples (one sample: its
-    std over coordinates). Consecutive restart outputs decorrelate once the lift level is large against it."""
-    flat = x.detach().flatten(1).double()
-    spread = flat.var(0).mean().sqrt() if len(flat) > 1 else flat.std()
-    return float(spread) if math.isfinite(float(spread)) and spread > 0 else 1.0
