@@ -22,12 +22,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import trange
 
-from dlg_sampler.cli.common import HelpFormatter
+from dlg_sampler.cli.common import RawHelpFormatter
 from dlg_sampler.digits import DigitFeatureNet, load_digits_data
-
-
-class RawHelpFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
-    """``--help``: this docstring as written, and every option's default."""
 
 
 def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:

@@ -24,12 +24,8 @@ import torch.nn.functional as F
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from tqdm.auto import trange
 
-from dlg_sampler.cli.common import HelpFormatter
+from dlg_sampler.cli.common import RawHelpFormatter
 from dlg_sampler.digits import load_digits_data
-
-
-class RawHelpFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
-    """``--help``: this docstring as written, and every option's default."""
 
 
 def build_unet() -> UNet2DModel:

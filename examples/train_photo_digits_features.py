@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import trange
 
+from dlg_sampler.cli.common import RawHelpFormatter
 from dlg_sampler.photo_digits import PhotoDigitFeatureNet, load_photo_digits_data
 
 
@@ -33,14 +34,14 @@ def accuracy(net: PhotoDigitFeatureNet, x: torch.Tensor, y: torch.Tensor) -> flo
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=1200)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--max-noise", type=float, default=0.2)
-    parser.add_argument("--thumb-weight", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=RawHelpFormatter)
+    parser.add_argument("--steps", type=int, default=1200, help="optimiser steps")
+    parser.add_argument("--batch-size", type=int, default=128, help="training images per step")
+    parser.add_argument("--lr", type=float, default=3e-3, help="AdamW peak learning rate (one-cycle)")
+    parser.add_argument("--max-noise", type=float, default=0.2, help="largest noise std added to training images")
+    parser.add_argument("--thumb-weight", type=float, default=1.0, help="weight of the 4x4 redraw head in the loss")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the weights, batches and noise")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--out", default="photo-digit-features", help="output folder (a new one, or --overwrite)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (e.g. the shipped weights)")
     args = parser.parse_args(argv)

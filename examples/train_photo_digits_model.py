@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
+from dlg_sampler.cli.common import RawHelpFormatter
 from dlg_sampler.photo_digits import SHAPE, load_photo_digits_data
 
 #: Arguments a checkpoint must match to be resumed (they shape the schedule and the random stream).
@@ -51,13 +52,13 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=12000)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--ema-decay", type=float, default=0.999)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=RawHelpFormatter)
+    parser.add_argument("--steps", type=int, default=12000, help="optimiser steps")
+    parser.add_argument("--batch-size", type=int, default=64, help="training images per step")
+    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate (one-cycle)")
+    parser.add_argument("--ema-decay", type=float, default=0.999, help="decay of the EMA weights that are saved")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the weights, batches, time steps and noise")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--checkpoint-dir", default=None, help="folder of checkpoint.pt (resumed from if present)")
     parser.add_argument("--checkpoint-every", type=int, default=250, help="steps between checkpoints")
     parser.add_argument("--log-every", type=int, default=50, help="steps between progress lines")

@@ -34,6 +34,10 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class RawHelpFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
+    """``--help`` for the training examples: the script's docstring as written, and every option's default."""
+
+
 def check_device(device: str | None, parser: argparse.ArgumentParser) -> None:
     """Refuse a ``--device`` this torch build or machine cannot use, before anything loads."""
     if device is None:
