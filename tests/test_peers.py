@@ -147,3 +147,18 @@ def test_the_best_peer_is_the_best_of_every_peer_that_ran():
                                                           {0: {"nfe": 7.5, "sw": 0.4}})])
     assert "best peer (DPM++2M/UniPC/iPNDM/Restart)" in lines[0]
     assert any("iPNDM 0.3" in line and "loses (0/1 seeds)" in line for line in lines)
+
+
+@pytest.mark.parametrize("final_step", ["tweedie", "solver"])
+def test_dlg_sample_budgets_6_and_8_fit_on_the_preset_arithmetic(final_step):
+    """What ``dlg-sample --nfe 6`` / ``--nfe 8`` (256 samples) will spend, warm-up included, stays within the budget,
+    and the solver ending buys one more denoising step for the same evaluations."""
+    from dlg_sampler.tuning import plan_budget
+
+    for nfe in (6, 8):
+        plan = plan_budget(nfe, 256, final_step=final_step)
+        steps = plan["settings"]["denoise_steps"]
+        per_output = count_nfe("unipc", steps, dlg=True, final_step=final_step)
+        assert plan["predicted_nfe_per_sample"] <= nfe and per_output <= nfe
+        assert nfe - plan["predicted_nfe_per_sample"] < 1  # no whole step left unspent
+        assert steps == nfe - 2 + (final_step == "solver")
