@@ -415,8 +415,7 @@ def sample_restart(score: Score, x: torch.Tensor, sigmas: torch.Tensor, *, resta
     persists between calls. NFE: the main Heun steps (``2 n - 1``) plus ``restarts * 2 restart_steps``.
     """
     score = CountedScore(score)
-    positive = sigmas[:-1] if bool((sigmas[-1] == 0).all()) else sigmas
-    j = int((positive.log().mean(1) - math.log(restart_min)).abs().argmin())
+    j = int((sigmas[:-1].log().mean(1) - math.log(restart_min)).abs().argmin())  # among the levels steps start from
     for i in trange(len(sigmas) - 1, disable=disable):
         t_cur, t_next = sigmas[i], sigmas[i + 1]
         if i == j:

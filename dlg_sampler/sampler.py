@@ -430,8 +430,9 @@ class DLGSampler:
         """Model evaluations (all samples together) the next ``n`` samples will cost, warm-up included if due
         (samples already made and kept for the next call cost nothing)."""
         batches = math.ceil(max(n - len(self._buffer), 0) / self.num_chains)
-        per_batch = count_nfe(self.integrator, self.denoise_steps, dlg=isinstance(self.integrator, str),
-                              final_step=self.final_step, **self.integrator_kwargs)
+        core = isinstance(self.integrator, str)  # a core integrator's knobs can change its count (restarts)
+        per_batch = count_nfe(self.integrator, self.denoise_steps, dlg=core, final_step=self.final_step,
+                              **(self.integrator_kwargs if core else {}))
         if self.kernel == "gibbs":
             per_batch += self.gibbs_steps
         total = batches * per_batch * self.num_chains

@@ -162,3 +162,20 @@ def test_dlg_sample_budgets_6_and_8_fit_on_the_preset_arithmetic(final_step):
         assert plan["predicted_nfe_per_sample"] <= nfe and per_output <= nfe
         assert nfe - plan["predicted_nfe_per_sample"] < 1  # no whole step left unspent
         assert steps == nfe - 2 + (final_step == "solver")
+
+
+def test_the_plan_and_the_sampler_count_a_restart_denoiser_with_its_knobs(mixture, levels):
+    """Restart sampling as DLG's denoiser: its restarts are in the plan (plan_budget, planned_nfe) and in the count."""
+    score = CountingScore(mixture.score)
+    knobs = {"restarts": 2, "restart_steps": 2}  # 8 evaluations against the default 4
+    sampler = DLGSampler(score, None, levels, shape=(8,), num_chains=10, denoise_steps=3, integrator="restart",
+                         integrator_kwargs=knobs, seed=0)
+    planned = sampler.planned_nfe(30)
+    sampler.sample(30)
+    assert score.evaluations == planned == sampler.stats["model_evaluations"]
+    assert sampler.stats["nfe_split"]["denoise"] == 2 * 3 + 2 * 2 * 2  # Heun to the Tweedie level + restarts
+    from dlg_sampler.tuning import plan_budget
+
+    plain, with_knobs = (plan_budget(12, 200, integrator="restart", **extra)["settings"]["denoise_steps"]
+                         for extra in ({}, {"integrator_kwargs": knobs}))
+    assert with_knobs < plain
