@@ -6,9 +6,11 @@ Every integrator is one plain function with one signature (as in k-diffusion):
 
 ``x [B, *shape]`` sits at noise level ``sigmas[0] [B]``; ``sigmas [N+1, B]`` is a per-sample,
 decreasing schedule. The functions walk it and return the state at ``sigmas[-1]`` and the number of
-score evaluations per sample. When a schedule ends at 0, the last step (``sigma -> 0``) is the
-Tweedie step ``D(x, sigma) = x + sigma^2 s(x, sigma)`` (for the Karras samplers it coincides with
-their Euler step to 0). Schedules are data, built by the small ``get_sigmas_*`` functions.
+score evaluations per sample. When a schedule ends at 0, the last step (``sigma -> 0``) is each solver's own
+step to 0: for the one-step solvers the Tweedie step ``D(x, sigma) = x + sigma^2 s(x, sigma)`` (for the Karras
+samplers it coincides with their Euler step to 0), for iPNDM and DEIS a multistep step. Schedules are data, built
+by the small ``get_sigmas_*`` functions and :func:`get_schedule` (which level the step to 0 starts from:
+``FINAL_STEPS``).
 
 ``integrate(name, ...)`` builds the schedule, dispatches by name (or to a diffusers scheduler,
 see :mod:`dlg_sampler.schedulers`) and is what "vanilla" sampling and DLG's denoising both call.
@@ -523,7 +525,8 @@ def integrate(name, score: Score, x: torch.Tensor, sigma_start, steps: int, *, g
         score: ``score(x [B, *shape], sigma [B]) -> [B, *shape]``, the VE score.
         x: ``[B, *shape]`` noisy samples; ``sigma_start``: ``[B]`` (or scalar) their noise levels.
         steps: solver steps: ``steps - 1`` steps down to ``sigma_end`` plus the final Tweedie step to 0
-            (a diffusers scheduler: its ``num_inference_steps`` over the stretch it integrates).
+            (``final_step="solver"``: down to the level above ``sigma_end``, then the solver's own step to 0; a
+            diffusers scheduler: its ``num_inference_steps`` over the stretch it integrates).
         generator: randomness for the stochastic integrators.
         sigma_end: last positive level of the schedule (ignored by schedulers).
         schedule, final_step: the time schedule and how the solve ends (core integrators; see
