@@ -6,9 +6,11 @@ Every integrator is one plain function with one signature (as in k-diffusion):
 
 ``x [B, *shape]`` sits at noise level ``sigmas[0] [B]``; ``sigmas [N+1, B]`` is a per-sample,
 decreasing schedule. The functions walk it and return the state at ``sigmas[-1]`` and the number of
-score evaluations per sample. When a schedule ends at 0, the last step (``sigma -> 0``) is the
-Tweedie step ``D(x, sigma) = x + sigma^2 s(x, sigma)`` (for the Karras samplers it coincides with
-their Euler step to 0). Schedules are data, built by the small ``get_sigmas_*`` functions.
+score evaluations per sample. When a schedule ends at 0, the last step (``sigma -> 0``) is each solver's own
+step to 0: for the one-step solvers the Tweedie step ``D(x, sigma) = x + sigma^2 s(x, sigma)`` (for the Karras
+samplers it coincides with their Euler step to 0), for iPNDM and DEIS a multistep step. Schedules are data, built
+by the small ``get_sigmas_*`` functions and :func:`get_schedule` (which level the step to 0 starts from:
+``FINAL_STEPS``).
 
 ``integrate(name, ...)`` builds the schedule, dispatches by name (or to a diffusers scheduler,
 see :mod:`dlg_sampler.schedulers`) and is what "vanilla" sampling and DLG's denoising both call.
@@ -29,6 +31,19 @@ from .scores import CountedScore, Score, append_dims, check_sigma_start, check_s
 
 #: Default end of the integrated stretch before the final Tweedie step (the paper's Tweedie level).
 SIGMA_END = 0.01
+
+#: Time schedules: Karras et al.'s ramp (``rho``) or uniform in log-SNR (``-2 log sigma``: geometric in sigma).
+SCHEDULES = ("karras", "logsnr")
+
+#: How a solve to 0 ends: ``"tweedie"``: the schedule's last positive level is ``sigma_end`` (the paper's Tweedie
+#: level), evaluated once more for the step to 0; ``"solver"``: the same ramp with one more level, whose last one
+#: (``sigma_end``) is replaced by 0, so the solver steps to 0 from the level above with its own data prediction (as
+#: diffusers' multistep solvers do) and no evaluation is spent at ``sigma_end``. Same NFE for the same steps.
+FINAL_STEPS = ("tweedie", "solver")
+#: How the sampler's solves end by default: ``"tweedie"`` (denoise to ``tweedie_sigma``, then one more evaluation there
+#: for the Tweedie step); ``"solver"`` spends the same NFE on one more solver level and steps to 0 with the solver's own
+#: data prediction. Measured by paired seeds in docs/mixing.md.
+FINAL_STEP = "tweedie"
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -298,6 +313,98 @@ def _unic_coefficients(h: torch.Tensor, r_k: torch.Tensor | None) -> tuple[torch
     return c0, b0 - c0
 
 
+#: Adams-Bashforth coefficients for equal steps, newest derivative first (iPNDM's fixed multistep weights).
+_AB_COEFFICIENTS = ((1.0,), (3 / 2, -1 / 2), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -59 / 24, 37 / 24, -9 / 24))
+
+
+@torch.no_grad()
+def sample_ipndm(score: Score, x: torch.Tensor, sigmas: torch.Tensor, *, max_order: int = 4, generator=None,
+                 callback=None, disable: bool = True) -> tuple[torch.Tensor, int]:
+    """iPNDM (Zhang & Chen 2023, the DEIS paper's improved PNDM): Adams-Bashforth on the PF-ODE in sigma.
+
+    ``d_i = (x - D(x, sigma_i)) / sigma_i`` (= ``dx/dsigma``) at each level; ``x_{i+1} = x_i + (sigma_{i+1} -
+    sigma_i) sum_j a_j d_{i-j}`` with the equal-step AB weights of order ``min(i + 1, max_order)`` (lower-order warm
+    start, no pseudo Runge-Kutta steps). One model evaluation per step; the step to 0 is a multistep step too.
+    """
+    if max_order not in (1, 2, 3, 4):
+        raise ValueError(f"max_order must be 1, 2, 3 or 4 (iPNDM's Adams-Bashforth orders), got {max_order!r}.")
+    score = CountedScore(score)
+    history: list[torch.Tensor] = []  # newest first
+    for i in trange(len(sigmas) - 1, disable=disable):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = score.denoise(x, sigma)
+        history = [to_d(x, sigma, denoised)] + history[:max_order - 1]
+        d = sum(a * h for a, h in zip(_AB_COEFFICIENTS[len(history) - 1], history))
+        x = x + append_dims(sigma_next - sigma, x.ndim) * d
+        _report(callback, x, i, sigma, denoised)
+    return x, score.nfe
+
+
+@torch.no_grad()
+def sample_deis(score: Score, x: torch.Tensor, sigmas: torch.Tensor, *, order: int = 3, generator=None,
+                callback=None, disable: bool = True) -> tuple[torch.Tensor, int]:
+    """DEIS tAB (Zhang & Chen 2023) on the VE PF-ODE ``dx/dsigma = eps(x, sigma)``, ``eps = (x - D) / sigma``.
+
+    Each step integrates the Lagrange polynomial through the last ``order`` evaluations ``(sigma_j, eps_j)`` exactly
+    over ``[sigma_i, sigma_{i+1}]`` (per sample, any spacing): ``x_{i+1} = x_i + sum_j c_j eps_j``, ``c_j`` the
+    integral of the j-th Lagrange basis polynomial (:func:`_lagrange_integrals`). Lower order while the history
+    fills; one model evaluation per step.
+    """
+    if order not in (1, 2, 3):
+        raise ValueError(f"order must be 1, 2 or 3 (DEIS tAB orders), got {order!r}.")
+    score = CountedScore(score)
+    eps: list[torch.Tensor] = []  # newest first
+    knots: list[torch.Tensor] = []  # their levels [B]
+    for i in trange(len(sigmas) - 1, disable=disable):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = score.denoise(x, sigma)
+        eps, knots = ([to_d(x, sigma, denoised)] + eps)[:order], ([sigma] + knots)[:order]
+        coefficients = _lagrange_integrals(knots, sigma, sigma_next)
+        x = x + sum(append_dims(c, x.ndim) * e for c, e in zip(coefficients, eps))
+        _report(callback, x, i, sigma, denoised)
+    return x, score.nfe
+
+
+def _lagrange_integrals(knots: list[torch.Tensor], a: torch.Tensor, b: torch.Tensor) -> list[torch.Tensor]:
+    """``int_a^b l_j(s) ds`` for the Lagrange basis ``l_j`` on ``knots`` (up to 3 levels ``[B]`` each), by Simpson's
+    rule, which is exact for these polynomials of degree <= 2: ``(b - a) / 6 (l_j(a) + 4 l_j(m) + l_j(b))``."""
+    def basis(j: int, s: torch.Tensor) -> torch.Tensor:
+        out = torch.ones_like(s)
+        for k, knot in enumerate(knots):
+            if k != j:
+                out = out * (s - knot) / (knots[j] - knot)
+        return out
+
+    m = (a + b) / 2
+    return [(b - a) / 6 * (basis(j, a) + 4 * basis(j, m) + basis(j, b)) for j in range(len(knots))]
+
+
+@torch.no_grad()
+def sample_restart(score: Score, x: torch.Tensor, sigmas: torch.Tensor, *, restart_min: float = 0.06,
+                   restart_max: float = 0.3, restart_steps: int = 2, restarts: int = 1, rho: float = 7.0,
+                   generator=None, callback=None, disable: bool = True) -> tuple[torch.Tensor, int]:
+    """Restart sampling (Xu et al. 2023): Karras Heun steps along ``sigmas``, and ``restarts`` times, on reaching the
+    level nearest ``restart_min`` (``sigma_j``, in log), a restart inside the one trajectory: lift exactly to
+    ``t_max = max(restart_max, sigma_j)`` (``x + sqrt(t_max^2 - sigma_j^2) z``), then ``restart_steps`` Heun steps
+    back to ``sigma_j`` on a Karras ramp. Defaults: the paper's interval [0.06, 0.30] (EDM sigma units); no chain
+    persists between calls. NFE: the main Heun steps (``2 n - 1``) plus ``restarts * 2 restart_steps``.
+    """
+    score = CountedScore(score)
+    j = int((sigmas[:-1].log().mean(1) - math.log(restart_min)).abs().argmin())  # among the levels steps start from
+    for i in trange(len(sigmas) - 1, disable=disable):
+        t_cur, t_next = sigmas[i], sigmas[i + 1]
+        if i == j:
+            for _ in range(restarts):
+                t_max = t_cur.clamp_min(restart_max)
+                x = x + append_dims((t_max**2 - t_cur**2).sqrt(), x.ndim) * randn_like(x, generator)
+                ramp = get_sigmas_karras(restart_steps + 1, t_max, t_cur, rho, append_zero=False)
+                for k in range(restart_steps):
+                    x, _ = _heun_step(score, x, ramp[k], ramp[k + 1])
+        x, denoised = _heun_step(score, x, t_cur, t_next)
+        _report(callback, x, i, t_cur, denoised)
+    return x, score.nfe
+
+
 def _report(callback, x, i, sigma, denoised) -> None:
     if callback is not None:
         callback({"x": x, "i": i, "sigma": sigma, "denoised": denoised})
@@ -313,6 +420,9 @@ INTEGRATORS: dict[str, Callable[..., tuple[torch.Tensor, int]]] = {
     "karras_stochastic": sample_karras_stochastic,
     "dpmpp_2m": sample_dpmpp_2m,
     "unipc": sample_unipc,
+    "ipndm": sample_ipndm,
+    "deis": sample_deis,
+    "restart": sample_restart,
 }
 
 #: The score_sde integrators walk the VE SDE's geometric grid; the Karras samplers (and RK45's clock) use rho=7.
@@ -320,16 +430,29 @@ _GEOMETRIC = {"reverse_diffusion", "pc", "euler_maruyama"}
 
 
 def get_schedule(name: str, steps: int, sigma_start: torch.Tensor, sigma_end: float = SIGMA_END,
-                 append_zero: bool = True, rho: float = 7.0) -> torch.Tensor:
+                 append_zero: bool = True, rho: float = 7.0, *, schedule: str | None = None,
+                 final_step: str = "tweedie") -> torch.Tensor:
     """The per-sample schedule ``[steps + 1, B]`` integrator ``name`` walks: ``steps`` intervals from ``sigma_start``.
 
-    With ``append_zero`` the last interval is the Tweedie step from ``sigma_end`` to 0, otherwise the
-    schedule ends at ``min(sigma_start, sigma_end)``.
+    ``schedule``: ``"karras"`` (rho ramp) or ``"logsnr"`` (geometric); default: the integrator's own (the score_sde
+    integrators walk the VE SDE's geometric grid, the others Karras'). With ``append_zero`` the last interval steps
+    to 0: from ``sigma_end`` (``final_step="tweedie"``, the Tweedie step) or from the level above it on a ramp one
+    level longer (``final_step="solver"``, see ``FINAL_STEPS``); otherwise the schedule ends at
+    ``min(sigma_start, sigma_end)``.
     """
-    n = steps if append_zero else steps + 1
-    if name in _GEOMETRIC:
-        return get_sigmas_geometric(n, sigma_start, sigma_end, append_zero)
-    return get_sigmas_karras(n, sigma_start, sigma_end, rho, append_zero)
+    if schedule not in (None, *SCHEDULES):
+        raise ValueError(f"schedule must be one of {SCHEDULES} (or None: the integrator's own), got {schedule!r}.")
+    if final_step not in FINAL_STEPS:
+        raise ValueError(f"final_step must be one of {FINAL_STEPS}, got {final_step!r}.")
+    solver_end = append_zero and final_step == "solver"
+    n = steps + 1 if solver_end or not append_zero else steps
+    if schedule == "logsnr" or (schedule is None and name in _GEOMETRIC):
+        sigmas = get_sigmas_geometric(n, sigma_start, sigma_end, append_zero and not solver_end)
+    else:
+        sigmas = get_sigmas_karras(n, sigma_start, sigma_end, rho, append_zero and not solver_end)
+    if solver_end:  # the last level (sigma_end) becomes 0: the solver's own step to 0, no evaluation there
+        sigmas = torch.cat([sigmas[:-1], torch.zeros_like(sigmas[:1])])
+    return sigmas
 
 
 def check_integrator(name) -> None:
@@ -346,7 +469,8 @@ def check_integrator(name) -> None:
 
 
 def integrate(name, score: Score, x: torch.Tensor, sigma_start, steps: int, *, generator: torch.Generator | None = None,
-              sigma_end: float = SIGMA_END, rho: float = 7.0, callback=None, disable: bool = True,
+              sigma_end: float = SIGMA_END, rho: float = 7.0, schedule: str | None = None,
+              final_step: str = "tweedie", callback=None, disable: bool = True,
               **kwargs) -> tuple[torch.Tensor, int]:
     """Integrate the reverse S/ODE from ``x [B, *shape]`` at levels ``sigma_start [B]`` to clean samples.
 
@@ -356,9 +480,12 @@ def integrate(name, score: Score, x: torch.Tensor, sigma_start, steps: int, *, g
         score: ``score(x [B, *shape], sigma [B]) -> [B, *shape]``, the VE score.
         x: ``[B, *shape]`` noisy samples; ``sigma_start``: ``[B]`` (or scalar) their noise levels.
         steps: solver steps: ``steps - 1`` steps down to ``sigma_end`` plus the final Tweedie step to 0
-            (a diffusers scheduler: its ``num_inference_steps`` over the stretch it integrates).
+            (``final_step="solver"``: down to the level above ``sigma_end``, then the solver's own step to 0; a
+            diffusers scheduler: its ``num_inference_steps`` over the stretch it integrates).
         generator: randomness for the stochastic integrators.
         sigma_end: last positive level of the schedule (ignored by schedulers).
+        schedule, final_step: the time schedule and how the solve ends (core integrators; see
+            :func:`get_schedule`, ``SCHEDULES`` and ``FINAL_STEPS``).
         kwargs: integrator knobs (``snr``, ``S_churn``, ``rtol`` ...).
 
     Returns:
@@ -371,30 +498,35 @@ def integrate(name, score: Score, x: torch.Tensor, sigma_start, steps: int, *, g
         raise ValueError("x contains NaN or Inf: pass finite initial samples (check the upstream sampler or data).")
     if not isinstance(name, str):
         return warm_start(name, score, x, sigma_start, steps, generator=generator, **kwargs)
-    sigmas = get_schedule(name, steps, sigma_start, sigma_end, append_zero=True, rho=rho)
+    sigmas = get_schedule(name, steps, sigma_start, sigma_end, append_zero=True, rho=rho, schedule=schedule,
+                          final_step=final_step)
     return INTEGRATORS[name](score, x, sigmas, generator=generator, callback=callback, disable=disable, **kwargs)
 
 
-def count_nfe(integrator, steps: int, *, dlg: bool) -> int:
+def count_nfe(integrator, steps: int, *, dlg: bool, final_step: str = "tweedie", **knobs) -> int:
     """Score evaluations per sample of ``steps`` denoising steps, counted by running ``integrator`` on a zero score.
 
-    ``dlg=True``: as ``DLGSampler.denoise`` runs it (down to the Tweedie level, plus the Tweedie step);
-    ``dlg=False``: as :func:`integrate` runs it (with its own last step to 0). Adaptive ``ode_rk45`` counts the
-    minimum.
+    ``dlg=True``: as ``DLGSampler.denoise`` runs it (down to the Tweedie level, plus the Tweedie step; with
+    ``final_step="solver"`` the solver's own step to 0, as :func:`integrate`); ``dlg=False``: as :func:`integrate`
+    runs it (with its own last step to 0). ``knobs``: the integrator's (e.g. ``restarts``). Adaptive ``ode_rk45``
+    counts the minimum.
     """
     x, sigma = torch.zeros(1, 1), torch.ones(1)
     score = CountedScore(lambda x, sigma: torch.zeros_like(x))
-    if isinstance(integrator, str) and dlg:
-        INTEGRATORS[integrator](score, x, get_schedule(integrator, steps, sigma, SIGMA_END, append_zero=False))
+    if isinstance(integrator, str) and dlg and final_step == "tweedie":
+        sigmas = get_schedule(integrator, steps, sigma, SIGMA_END, append_zero=False, schedule=knobs.pop("schedule", None))
+        INTEGRATORS[integrator](score, x, sigmas, **knobs)
         return score.nfe + 1
-    return integrate(integrator, score, x, sigma, steps)[1]
+    if isinstance(integrator, str):
+        knobs["final_step"] = final_step
+    return integrate(integrator, score, x, sigma, steps, **knobs)[1]
 
 
-def steps_for_nfe(integrator, budget: int, *, dlg: bool) -> int | None:
+def steps_for_nfe(integrator, budget: int, *, dlg: bool, final_step: str = "tweedie", **knobs) -> int | None:
     """The most solver steps whose NFE per sample (:func:`count_nfe`) fits ``budget``; ``None`` if one step does not."""
     best = None
     for steps in range(1, budget + 1):
-        if count_nfe(integrator, steps, dlg=dlg) > budget:
+        if count_nfe(integrator, steps, dlg=dlg, final_step=final_step, **knobs) > budget:
             break
         best = steps
     return best

@@ -14,8 +14,8 @@ from tqdm.auto import tqdm
 from . import tuning
 from .diagnostics import CORRELATION_WARNING, OutputCorrelation, ess_fraction
 from .gibbs import SIGMA_MODES, NoisePosterior, diverged, langevin_step, sample_sigma_index
-from .integrators import (INTEGRATORS, CountedScore, Score, append_dims, check_integrator, check_steps, count_nfe,
-                          get_schedule, integrate, randn_like)
+from .integrators import (FINAL_STEP, FINAL_STEPS, INTEGRATORS, CountedScore, Score, append_dims, check_integrator,
+                          check_steps, count_nfe, get_schedule, integrate, randn_like)
 from .levels import NoiseLevels
 from .restart import RESTART_SCALE, _data_scale
 
@@ -151,6 +151,9 @@ class DLGSampler:
         step_size: Langevin step ``eta`` (Gibbs kernel; paper, CIFAR-10 in [0, 1]: 0.8); it sets the working level.
         sigma_mode: ``"argmax"`` (paper) or ``"sample"`` (Gibbs kernel).
         tweedie_sigma: level of the final Tweedie step (default: the grid's ``sigma_min``, the paper's 0.01).
+        final_step: how each solve ends (core integrators): ``"tweedie"`` (the paper's: to ``tweedie_sigma``, then
+            the Tweedie step there) or ``"solver"`` (the Tweedie evaluation spent on one more solver level, whose
+            last step to 0 uses the solver's own data prediction; same NFE). Default ``FINAL_STEP``.
         warmup_integrator, warmup_steps: the warm-up solve from ``sigma_max`` (default: ``unipc`` with 10 steps for
             the restart kernel; the paper's Karras Alg. 2 with 20 steps for the Gibbs kernel).
         burn_in: restart moves per chain after the warm-up whose outputs are discarded (restart kernel; on the
@@ -174,7 +177,7 @@ class DLGSampler:
                  shape: tuple[int, ...],
                  num_chains: int = 128, kernel: str = "restart", restart_sigma: float | None = None,
                  integrator="unipc", denoise_steps: int = 9, gibbs_steps: int = 10, step_size: float = 0.8,
-                 sigma_mode: str = "argmax", tweedie_sigma: float | None = None,
+                 sigma_mode: str = "argmax", tweedie_sigma: float | None = None, final_step: str = FINAL_STEP,
                  integrator_kwargs: dict[str, Any] | None = None, warmup_integrator: str | None = None,
                  warmup_steps: int | None = None, burn_in: int = 0, warmup_noise: float = 0.5,
                  warmup_sweeps: tuple[int, int] = (10, 10), warmup_step_size: float | None = None,
@@ -215,6 +218,9 @@ class DLGSampler:
         self.sigma_mode = sigma_mode
         self.tweedie_sigma = _check_positive_float(levels.sigma_min if tweedie_sigma is None else tweedie_sigma,
                                                    "tweedie_sigma")
+        if final_step not in FINAL_STEPS:
+            raise ValueError(f"final_step must be one of {FINAL_STEPS}, got {final_step!r}.")
+        self.final_step = final_step
         self.warmup_integrator = warmup_integrator
         self.warmup_steps = check_steps(warmup_steps or (20 if gibbs else 10), "warmup_steps")
         if isinstance(burn_in, bool) or not isinstance(burn_in, int) or burn_in < 0:
@@ -293,7 +299,7 @@ class DLGSampler:
             sigma_max = torch.full((m,), self.levels.sigma_max, device=self.device, dtype=self.dtype)
             x = self.levels.sigma_max * torch.randn(m, *self.shape, generator=g, device=self.device, dtype=self.dtype)
             x, _ = integrate(self.warmup_integrator, self.score, x, sigma_max, self.warmup_steps, generator=g,
-                             sigma_end=self.tweedie_sigma)
+                             sigma_end=self.tweedie_sigma, final_step=self.final_step)
         if self.x is None:
             self.x = torch.zeros(self.num_chains, *self.shape, device=self.device, dtype=self.dtype)
             self.sigma = torch.zeros(self.num_chains, device=self.device, dtype=self.dtype)
@@ -405,7 +411,11 @@ class DLGSampler:
         ``denoise_steps``), counted under ``phases``."""
         steps = steps or self.denoise_steps
         self.score.phase = phases[0]
-        if isinstance(self.integrator, str):
+        if isinstance(self.integrator, str) and tweedie and self.final_step == "solver":
+            # Denoising to 0: the solver's last step from the level above tweedie_sigma uses its own data prediction.
+            sigmas = get_schedule(self.integrator, steps, sigma, self.tweedie_sigma, final_step="solver")
+            x, _ = INTEGRATORS[self.integrator](self.score, x, sigmas, generator=g, **self.integrator_kwargs)
+        elif isinstance(self.integrator, str):
             # Denoising: integrate from each chain's own sigma down to the Tweedie level.
             sigmas = get_schedule(self.integrator, steps, sigma, self.tweedie_sigma, append_zero=False)
             x, _ = INTEGRATORS[self.integrator](self.score, x, sigmas, generator=g, **self.integrator_kwargs)
@@ -469,12 +479,14 @@ class DLGSampler:
         """Model evaluations (all samples together) the next ``n`` samples will cost, warm-up included if due
         (samples already made and kept for the next call cost nothing)."""
         batches = math.ceil(max(n - len(self._buffer), 0) / self.num_chains)
-        per_batch = count_nfe(self.integrator, self.denoise_steps, dlg=isinstance(self.integrator, str))
+        core = isinstance(self.integrator, str)  # a core integrator's knobs can change its count (restarts)
+        per_batch = count_nfe(self.integrator, self.denoise_steps, dlg=core, final_step=self.final_step,
+                              **(self.integrator_kwargs if core else {}))
         if self.kernel == "gibbs":
             per_batch += self.gibbs_steps
         total = batches * per_batch * self.num_chains
         if self.x is None:
-            warm = count_nfe(self.warmup_integrator, self.warmup_steps, dlg=False)
+            warm = count_nfe(self.warmup_integrator, self.warmup_steps, dlg=False, final_step=self.final_step)
             warm += per_batch * self.burn_in if self.kernel == "restart" else sum(self.warmup_sweeps)
             total += warm * self.num_chains
         return total

@@ -33,7 +33,7 @@ import torch
 
 from .diagnostics import OutputCorrelation
 from .gibbs import diverged
-from .integrators import check_steps, count_nfe
+from .integrators import FINAL_STEP, check_steps, count_nfe
 from .levels import NoiseLevels
 from .restart import RESTART_SCALE, _data_scale
 
@@ -81,6 +81,8 @@ def plan_budget(nfe: float, n: int, *, num_chains: int | None = None, outputs_pe
     warmup_steps = overrides.get("warmup_steps") or (20 if kernel == "gibbs" else 10)
     search = kernel == "restart" and overrides.get("restart_sigma") is None
     dlg = isinstance(integrator, str)
+    final_step = overrides.get("final_step", FINAL_STEP)
+    knobs = dict(overrides.get("integrator_kwargs") or {}) if dlg else {}  # e.g. restarts: they change the count
 
     warm = count_nfe(warmup_integrator, warmup_steps, dlg=False)
     if kernel == "gibbs":
@@ -88,14 +90,15 @@ def plan_budget(nfe: float, n: int, *, num_chains: int | None = None, outputs_pe
 
     def per_output(steps: int) -> int:
         """Model evaluations of one output with ``steps`` denoising steps."""
-        return count_nfe(integrator, steps, dlg=dlg) + gibbs_steps
+        return count_nfe(integrator, steps, dlg=dlg, final_step=final_step, **knobs) + gibbs_steps
 
     def fit(steps: int, strict: bool = True) -> tuple[float, int, int] | None:
         """(predicted NFE per sample, chains, pilot chains) with ``steps`` denoising steps; ``None``: over budget.
         A pilot runs where its smallest size fits its share of the run; ``strict=False`` (steps given): the default
         chains and a pilot of its share, whatever they cost."""
         per_chain = warm + (overrides.get("burn_in", 0) * per_output(steps) if kernel == "restart" else 0)
-        per_pilot_chain = (len(RESTART_LADDER) + 2) * per_output(steps) + count_nfe(integrator, 2 * steps, dlg=dlg)
+        per_pilot_chain = ((len(RESTART_LADDER) + 2) * per_output(steps)
+                           + count_nfe(integrator, 2 * steps, dlg=dlg, final_step=final_step, **knobs))
 
         def cost(chains: int, pilot: int) -> float:
             """NFE per sample: every batch of outputs (the last one whole), the warm-up and the pilot, over ``n``."""

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from dlg_sampler import DLGSampler, NoiseClassifier, integrate
 from dlg_sampler import cli as dlg_cli
 from dlg_sampler.cli import common as cli_common
+from dlg_sampler.cli import sample as sample_cli
 from dlg_sampler.adapters import from_pipeline
 from dlg_sampler.classifier import evaluate_noise_classifier
 from dlg_sampler.digits import (CLASSIFIER_DIR, FEATURES_DIR, PIPELINE_DIR, DigitsEvaluator, load_digit_features,
@@ -167,7 +168,8 @@ def counted(monkeypatch, tmp_path, one_thread):
 
 def test_preset_summary_counts_every_evaluation_and_compares_at_the_same_total_nfe(counted, capsys):
     """No arguments but a small n: the printed total is every model evaluation DLG made (warm-up included) over the
-    samples; vanilla and both peers run at the most steps that fit it, scored on identically clamped images."""
+    samples; vanilla and every peer run at the most steps that fit it, scored on identically clamped images, and the
+    last line names the strongest peer."""
     scores, scored = counted
     n = 64
     dlg_cli.sample_main(["--n", str(n)])
@@ -175,16 +177,20 @@ def test_preset_summary_counts_every_evaluation_and_compares_at_the_same_total_n
     total, split, evaluations, samples = re.search(
         r"^DLG: NFE/sample ([\d.]+) in total, warm-up and pilot included \((.*); (\d+) model evaluations / (\d+) "
         r"samples\)", out, re.M).groups()
-    runs = re.findall(r"^(vanilla unipc from sigma_max|peer DPM-Solver\+\+ 2M \(diffusers, trailing spacing\)|"
-                      r"peer UniPC \(diffusers, trailing spacing\)), (\d+) steps: NFE/sample (\d+), wall [\d.]+s; FD",
-                      out, re.M)
-    assert len(runs) == 3 and int(samples) == n
-    vanilla = sum(int(used) * n for _, _, used in runs)
+    runs = re.findall(r"^(vanilla unipc from sigma_max|peer ([^(]+) \([^)]+\)), (\d+) steps: NFE/sample (\d+), "
+                      r"wall [\d.]+s; FD vs the model's own samples ([\d.]+)", out, re.M)
+    assert [peer for _, peer, *_ in runs[1:]] == list(sample_cli.PEERS) and int(samples) == n
+    fds = {peer: float(fd) for _, peer, _, _, fd in runs[1:]}
+    strongest = re.search(r"^strongest peer at (\d+) NFE by FD vs the model's own samples: (.+) ([\d.]+); DLG", out, re.M)
+    assert strongest.group(2) == min(fds, key=fds.get) and float(strongest.group(3)) == min(fds.values())
+    vanilla = sum(int(used) * n for _, _, _, used, _ in runs)
     assert int(evaluations) == scores[0].evaluations - vanilla  # DLG's printed count is every evaluation it made
     assert total == f"{int(evaluations) / n:.2f}"
     assert re.search(r"warmup (\d+\.\d+)", split) and float(re.search(r"warmup ([\d.]+)", split).group(1)) > 0
-    assert all(int(used) <= float(total) < int(used) + 1 for _, _, used in runs)  # the most that fit DLG's total
-    assert len(scored) == 4 and all(-1 <= float(x.min()) and float(x.max()) <= 1 for x in scored)
+    # the most steps that fit DLG's total (Restart sampling's NFE moves in steps of 2)
+    assert all(int(used) <= float(total) < int(used) + (2 if peer == "Restart sampling" else 1)
+               for _, peer, _, used, _ in runs)
+    assert len(scored) == 1 + len(runs) and all(-1 <= float(x.min()) and float(x.max()) <= 1 for x in scored)
 
 
 def test_restart_outputs_are_not_near_copies_and_a_sticky_gibbs_run_says_so(counted, capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections import Counter
@@ -115,8 +116,15 @@ def is_dlg(g: Group) -> bool:
 
 
 def best_peer(groups: list[Group], budget: int, metric: str) -> Group | None:
+    """The best of every ``PEERS`` sampler that ran at ``budget`` (mean over its seeds)."""
     peers = [g for g in groups if g.kind == "vanilla" and g.spec["sampler"] in PEERS and g.budget == budget]
     return min(peers, key=lambda g: g.mean(metric), default=None)
+
+
+def peers_run(groups: list[Group]) -> list[str]:
+    """The ``PEERS`` labels with rows in ``groups``, in ``PEERS`` order."""
+    ran = {g.spec["sampler"] for g in groups if g.kind == "vanilla"}
+    return [p for p in PEERS if p in ran]
 
 
 def best_dlg(groups: list[Group], max_nfe: float, metric: str) -> Group | None:
@@ -233,7 +241,7 @@ def wins_and_losses(groups: list[Group]) -> list[str]:
     ``PEERS`` at that budget, paired by seed; then one plain sentence per metric."""
     metrics = verdict_metrics(groups)
     budgets = sorted({g.budget for g in groups if g.kind == "vanilla" and g.spec["sampler"] in PEERS})
-    lines = ["### DLG against the best peer (" + "/".join(PEERS) + ") at equal total NFE", ""]
+    lines = ["### DLG against the best peer (" + "/".join(peers_run(groups)) + ") at equal total NFE", ""]
     table, summary = [], {m: {} for m in metrics}
     for b in budgets:
         chosen = next((g for g in groups if "chosen" in g.tags and g.budget == b), None)
@@ -277,8 +285,8 @@ def targets(by_workload: dict[str, list[Group]]) -> list[list[str]]:
 
     digits = by_workload.get("digits", [])
     for b, word in ((12, ""), (20, " (stretch)")):
-        compare(f"digits: best DLG at <= 12 total NFE vs best of {'/'.join(PEERS)} at {b} NFE{word}, FD vs "
-                "model reference", best_dlg(digits, 12, "fd_ref"), best_peer(digits, b, "fd_ref"), "fd_ref")
+        compare(f"digits: best DLG at <= 12 total NFE vs best of {'/'.join(peers_run(digits))} at {b} NFE{word}, "
+                "FD vs model reference", best_dlg(digits, 12, "fd_ref"), best_peer(digits, b, "fd_ref"), "fd_ref")
     sep = by_workload.get("separated", [])
     heun = next((g for g in sep if g.kind == "vanilla" and g.spec["sampler"] == "karras_heun" and g.budget == 40), None)
     for m in ("mode_tv", "sw"):
@@ -435,7 +443,7 @@ def plot_frontier(groups: list[Group], metric: str, floor: float | None, title: 
     chosen = sorted((g.nfe, g.mean(metric)) for g in groups if "chosen" in g.tags and g.stat(metric))
     if chosen:
         ax.plot(*zip(*chosen), color="black", marker="*", ms=10, ls=":", label="DLG chosen point")
-    for ls, peer in zip(("-", "-.", ":"), PEERS):
+    for ls, peer in zip(itertools.cycle(("-", "-.", ":")), peers_run(groups)):
         _errorbar(ax, [g for g in groups if g.kind == "vanilla" and g.spec["sampler"] == peer], metric, color="gray",
                   ls=ls, marker=".", label=f"{peer} (vanilla)")
     if floor is not None:

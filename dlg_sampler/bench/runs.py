@@ -25,9 +25,9 @@ from tqdm.auto import tqdm
 from ..diagnostics import OutputCorrelation
 from ..diagnostics import ess_fraction as _ess_fraction
 from ..integrators import integrate, steps_for_nfe
-from ..sampler import DLGSampler
+from ..sampler import FINAL_STEP, DLGSampler
 from .common import make_scheduler, write_json
-from .registry import BUDGETS_BY_WORKLOAD, DEFAULT_DLG, DLG_CONFIGS, LEVERS, SCHEDULERS, DLGConfig, Lever
+from .registry import BUDGETS_BY_WORKLOAD, CORE_PEERS, DEFAULT_DLG, DLG_CONFIGS, LEVERS, SCHEDULERS, DLGConfig, Lever
 from .workloads import Workload
 
 #: Bench-level keys of a DLG config, removed before the sampler is built.
@@ -53,8 +53,9 @@ class Counter:
 
 
 def resolve_integrator(name: str, w: Workload):
-    """A core integrator name as is; a ``SCHEDULERS`` label as that scheduler on the workload's config."""
-    return make_scheduler(name, w.scheduler_config) if name in SCHEDULERS else name
+    """A core integrator name as is; a ``SCHEDULERS`` label as that scheduler on the workload's config; a
+    ``CORE_PEERS`` label as its core integrator's name."""
+    return make_scheduler(name, w.scheduler_config) if name in SCHEDULERS else CORE_PEERS.get(name, (name,))[0]
 
 
 # ----------------------------------------------------------------------------- diagnostics
@@ -95,8 +96,8 @@ def run_exact(w: Workload, seed: int, n: int) -> tuple[torch.Tensor, dict[str, A
 
 def run_vanilla(w: Workload, label: str, budget: int, seed: int, n: int) -> tuple[torch.Tensor | None, dict]:
     """``label`` from pure noise at the grid's sigma_max with the most steps whose NFE fits ``budget``."""
-    integrator = resolve_integrator(label, w)
-    steps = steps_for_nfe(integrator, budget, dlg=False)
+    integrator, knobs = resolve_integrator(label, w), CORE_PEERS.get(label, (None, {}))[1]
+    steps = steps_for_nfe(integrator, budget, dlg=False, **knobs)
     if steps is None:
         return None, {"skipped": f"one step of {label} needs more than {budget} NFE"}
     g = torch.Generator().manual_seed(seed)
@@ -104,13 +105,14 @@ def run_vanilla(w: Workload, label: str, budget: int, seed: int, n: int) -> tupl
     x = w.levels.sigma_max * torch.randn(n, *w.shape, generator=g)
     start = time.perf_counter()
     try:
-        x0, _ = integrate(integrator, score, x, w.levels.sigma_max, steps, generator=g)
+        x0, _ = integrate(integrator, score, x, w.levels.sigma_max, steps, generator=g, **knobs)
     except ValueError as err:  # a scheduler that cannot start at this level with this many steps
         return None, {"skipped": str(err)}
     return x0, {"nfe": score.evals / n, "steps": steps, "wall_s": time.perf_counter() - start}
 
 
-def fit_denoise_steps(budget: float, n: int, warmup_evals: int, gibbs_steps: int, integrator) -> int | None:
+def fit_denoise_steps(budget: float, n: int, warmup_evals: int, gibbs_steps: int, integrator,
+                      final_step: str = FINAL_STEP) -> int | None:
     """The most denoising steps with ``warmup_evals / n + gibbs_steps + denoise NFE (+ Tweedie) <= budget``.
 
     ``warmup_evals``: every model evaluation of the warm-up of all chains (known after ``warm_up()``), so with
@@ -118,7 +120,7 @@ def fit_denoise_steps(budget: float, n: int, warmup_evals: int, gibbs_steps: int
     if not even one step fits. An estimate: the run's row is placed at its measured total.
     """
     left = math.floor(budget - warmup_evals / n - gibbs_steps + 1e-9)
-    return steps_for_nfe(integrator, left, dlg=True) if left >= 1 else None
+    return steps_for_nfe(integrator, left, dlg=True, final_step=final_step) if left >= 1 else None
 
 
 def _gibbs_steps(kwargs: dict[str, Any]) -> int:
@@ -159,7 +161,8 @@ def run_dlg(w: Workload, config: dict[str, Any], budget: int | None, seed: int, 
         sampler.warm_up()
         warm[key] = (sampler.state_dict(), score.evals, posterior.evals, time.perf_counter() - start)
     state, warm_evals, warm_clf, warm_wall = warm[key]
-    steps = fixed or fit_denoise_steps(budget, n, warm_evals, _gibbs_steps(kwargs), kwargs["integrator"])
+    steps = fixed or fit_denoise_steps(budget, n, warm_evals, _gibbs_steps(kwargs), kwargs["integrator"],
+                                       kwargs.get("final_step", FINAL_STEP))
     if steps is None:
         return None, {"skipped": f"warm-up ({warm_evals / n:.2f} per sample) + Gibbs steps + one denoising step "
                                  f"exceed {budget} NFE"}

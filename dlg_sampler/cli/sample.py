@@ -23,11 +23,18 @@ from ..sampler import KERNELS, RESTART_SCALE, DLGSampler, micro_batched
 from .common import (DEFAULT_NFE, HelpFormatter, add_batching_arguments, add_device_argument, add_model_arguments,
                      budget_error, check_batching, check_device, check_model_flags, check_writable, load, positive)
 
-#: The few-step peers the summary measures at DLG's total NFE: label -> (diffusers scheduler, config overrides), each
-#: configured from the pipeline's scheduler with trailing spacing (its schedule starts at sigma_max, where the noise is).
-PEERS = {"DPM-Solver++ 2M": ("DPMSolverMultistepScheduler", {"solver_order": 2}),
-         "UniPC": ("UniPCMultistepScheduler", {})}
-
+#: The few-step peers the summary measures at DLG's total NFE: printed name -> (``dlg-bench`` label: its
+#: ``SCHEDULERS`` / ``CORE_PEERS`` entry, with the schedule each one's authors use at few steps; what the line says).
+#: diffusers schedulers are configured from the pipeline's scheduler with trailing spacing (their schedule starts at
+#: sigma_max, where the noise is). The last line names the strongest of them.
+PEERS = {"DPM-Solver++ 2M": ("DPM++2M", "diffusers, trailing spacing"),
+         "UniPC": ("UniPC", "diffusers, trailing spacing"),
+         "UniPC order 3": ("UniPC-3", "diffusers, trailing spacing"),
+         "DPM-Solver++ 3M": ("DPM++3M-logSNR", "diffusers, uniform in log-SNR"),
+         "DEIS order 3": ("DEIS-3", "diffusers, Karras sigmas"),
+         "iPNDM": ("iPNDM", "core, Karras rho=7, solver's own step to 0"),
+         "DEIS tAB3": ("DEIS-tAB3", "core, Karras rho=7, solver's own step to 0"),
+         "Restart sampling": ("Restart", "core, Heun with one restart in [0.06, 0.3]")}
 
 
 #: The sampler's setting names in its advice, and the flags that set them.
@@ -50,7 +57,7 @@ def sample_parser() -> argparse.ArgumentParser:
                     "output lifted by the restart kernel (or the paper's Langevin-Gibbs kernel) and denoised. The "
                     "settings follow from the budget --nfe (dlg-tune shows them). With no arguments: the shipped "
                     "digits model and classifier, compared at the same total NFE with the vanilla integrator and "
-                    "diffusers' DPM-Solver++ 2M and UniPC.",
+                    "the few-step peers (diffusers' DPM-Solver++, UniPC and DEIS; iPNDM, DEIS tAB, Restart sampling).",
         formatter_class=HelpFormatter,
     )
     add_model_arguments(p)
@@ -86,7 +93,7 @@ def sample_parser() -> argparse.ArgumentParser:
     p.add_argument("--png", action="store_true", help="with --out-dir, also write one PNG grid per shard")
     p.add_argument("--overwrite", action="store_true", help="with --out-dir, discard a previous run there")
     p.add_argument("--compare", action=argparse.BooleanOptionalAction, default=None,
-                   help="also run the vanilla integrator and the diffusers peers at DLG's total NFE and compare "
+                   help="also run the vanilla integrator and the few-step peers at DLG's total NFE and compare "
                         "(default: on for digits)")
     add_device_argument(p)
     add_batching_arguments(p)
@@ -255,13 +262,15 @@ def sample_main(argv: list[str] | None = None) -> None:
     except OSError as err:
         sys.exit(f"error: cannot write {out} ({err.strerror}): pass a writable --out path.")
     evaluator = presets.PRESETS[args.preset].evaluator() if preset else None
+    quality = None
     if evaluator is not None:
-        line += "; " + _quality(evaluator.evaluate(images.cpu()))
+        quality = evaluator.evaluate(images.cpu())
+        line += "; " + _quality(quality)
         if world == 1 and sampler.stats["reinitialised"] == 0:
             line += "; " + _class_repeats(evaluator.predict(images.cpu()), sampler.num_chains)
     print(line)
     if preset if args.compare is None else args.compare:
-        _compare(model, integrator, args, summary["nfe_per_sample"], evaluator, device)
+        _compare(model, integrator, args, summary["nfe_per_sample"], evaluator, device, quality)
     print(f"wrote {out} and {out.with_suffix('.safetensors')}")
 
 
@@ -285,7 +294,9 @@ def _gather_stats(sampler: DLGSampler, gather_object) -> dict:
 
 def _settings_line(sampler: DLGSampler, integrator: str, summary: dict, world: int) -> str:
     """What ran: the kernel and its level, the denoiser, samples, chains and outputs per chain."""
-    steps = f"{integrator} {sampler.denoise_steps} steps" + (" + Tweedie" if integrator in INTEGRATORS else "")
+    tweedie = integrator in INTEGRATORS and sampler.final_step == "tweedie"
+    steps = f"{integrator} {sampler.denoise_steps} steps" + (" + Tweedie" if tweedie else
+                                                          " to 0" if integrator in INTEGRATORS else "")
     if sampler.kernel == "restart":
         pilot = sampler.tuning["pilot"]
         source = ("given" if pilot is None else
@@ -333,39 +344,54 @@ def _quality(q: dict) -> str:
             f"classes {round(q['coverage'] * 10)}/10 (entropy {q['entropy']:.3f})")
 
 
-def _compare(model, integrator, args: argparse.Namespace, dlg_nfe: float, evaluator, device) -> None:
+def _compare(model, integrator, args: argparse.Namespace, dlg_nfe: float, evaluator, device,
+             dlg_quality: dict | None = None) -> None:
     """Vanilla runs from pure noise at sigma_max at the most steps whose NFE per sample does not exceed DLG's total:
-    the integrator DLG denoised with, then the diffusers peers; same noise, same post-processing as DLG's samples."""
-    import diffusers
+    the integrator DLG denoised with, then the peers (``PEERS``); same noise, same post-processing as DLG's samples.
+    With an evaluator, a last line names the strongest peer and sets DLG's score (``dlg_quality``) beside it."""
+    from ..bench.registry import CORE_PEERS
+    from ..bench.runs import make_scheduler
 
     budget = math.floor(dlg_nfe + 1e-9)
     if not isinstance(integrator, str):  # its own schedule must start at the top level, where the noise is
         integrator = type(integrator).from_config({**integrator.config, "timestep_spacing": "trailing"})
-    runs = [(f"vanilla {args.integrator} from sigma_max", integrator)]
+    runs = [(f"vanilla {args.integrator} from sigma_max", None, integrator, {})]
     base = getattr(model.pipeline, "scheduler", None)
-    for label, (name, extra) in PEERS.items():
-        if name == args.integrator:  # the vanilla run is that peer already
-            continue
-        if base is None:
+    for label, (name, how) in PEERS.items():
+        if name in CORE_PEERS:
+            runs.append((f"peer {label} ({how})", label, *CORE_PEERS[name]))
+        elif base is None:
             print(f"peer {label}: skipped, no diffusers pipeline scheduler to configure it from")
-            continue
-        runs.append((f"peer {label} (diffusers, trailing spacing)",
-                     getattr(diffusers, name).from_config({**base.config, "timestep_spacing": "trailing", **extra})))
+        else:
+            sampler = make_scheduler(name, base.config)
+            if not isinstance(integrator, str) and dict(sampler.config) == dict(integrator.config):
+                continue  # the vanilla run is that peer already
+            runs.append((f"peer {label} ({how})", label, sampler, {}))
     print(f"at DLG's total NFE ({budget} per sample, the most steps that fit {dlg_nfe:.2f}):")
-    for label, sampler in runs:
-        steps = steps_for_nfe(sampler, budget, dlg=False)
+    scored = []  # (FD, peer name) of the peers
+    for line_label, peer, sampler, knobs in runs:
+        steps = steps_for_nfe(sampler, budget, dlg=False, **knobs)
         if steps is None:
-            print(f"{label}: cannot run within {budget} NFE per sample")
+            print(f"{line_label}: cannot run within {budget} NFE per sample")
             continue
         g = torch.Generator(device).manual_seed(args.seed)
         x = model.sigma_max * torch.randn(args.n, *model.shape, generator=g, device=device)
         start = time.perf_counter()
         x0, used = integrate(sampler, micro_batched(model.score, args.batch_size), x, model.sigma_max, steps,
-                             generator=g)
-        line = f"{label}, {steps} steps: NFE/sample {used}, wall {time.perf_counter() - start:.1f}s"
+                             generator=g, **knobs)
+        line = f"{line_label}, {steps} steps: NFE/sample {used}, wall {time.perf_counter() - start:.1f}s"
         if evaluator is not None:
-            line += "; " + _quality(evaluator.evaluate(_images(model, x0, device, args.batch_size).cpu()))
+            q = evaluator.evaluate(_images(model, x0, device, args.batch_size).cpu())
+            line += "; " + _quality(q)
+            if peer is not None:
+                scored.append((q.get("fd_model", q["fd"]), peer))
         print(line)
+    if scored and dlg_quality is not None:
+        what = "FD vs the model's own samples" if "fd_model" in dlg_quality else "FD vs held-out digits"
+        fd, peer = min(scored)
+        mine = dlg_quality.get("fd_model", dlg_quality["fd"])
+        print(f"strongest peer at {budget} NFE by {what}: {peer} {fd:.2f}; DLG {mine:.2f} at {dlg_nfe:.2f} NFE "
+              f"({'lower' if mine < fd else 'not lower'}; one seed, n={args.n})")
 
 
 main = sample_main
