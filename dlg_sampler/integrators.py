@@ -222,6 +222,13 @@ def sample_karras_stochastic(score: Score, x: torch.Tensor, sigmas: torch.Tensor
     return x, score.nfe
 
 
+def _hold(x_new: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+    """``x_new [B, *shape]`` where the step moves (``sigma_next < sigma [B]``), else ``x``: a sample that starts at
+    its end level (a chain selected at the Tweedie level) takes zero-length steps, whose multistep coefficients
+    are 0 / 0; it stays where it is."""
+    return torch.where(append_dims(sigma_next < sigma, x.ndim), x_new, x)
+
+
 @torch.no_grad()
 def sample_dpmpp_2m(score: Score, x: torch.Tensor, sigmas: torch.Tensor, *, generator=None, callback=None,
                     disable: bool = True) -> tuple[torch.Tensor, int]:
@@ -245,7 +252,7 @@ def sample_dpmpp_2m(score: Score, x: torch.Tensor, sigmas: torch.Tensor, *, gene
                 r = append_dims(h_prev / h, x.ndim)
                 d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * denoised_prev
             ratio = append_dims(sigma_next / sigma, x.ndim)
-            x = ratio * x + (1 - ratio) * d
+            x = _hold(ratio * x + (1 - ratio) * d, x, sigma, sigma_next)
             h_prev = h
         denoised_prev = denoised
         _report(callback, x, i, sigma, denoised)
@@ -281,7 +288,7 @@ def sample_unipc(score: Score, x: torch.Tensor, sigmas: torch.Tensor, *, generat
             if d1 is not None:
                 correction = correction + append_dims(c0, x.ndim) * d1[0]
             ratio = append_dims(sigma / sigma_s, x.ndim)
-            x = ratio * x_s + (1 - ratio) * (d_s + correction)
+            x = _hold(ratio * x_s + (1 - ratio) * (d_s + correction), x, sigma_s, sigma)
         if (sigma_next == 0).all():  # the Tweedie step
             x_next, prev = denoised, None
         else:  # UniP
@@ -291,7 +298,8 @@ def sample_unipc(score: Score, x: torch.Tensor, sigmas: torch.Tensor, *, generat
                 r_k = (prev[2] - lam) / h
                 d1 = ((prev[3] - denoised) / append_dims(r_k, x.ndim), r_k)
             ratio = append_dims(sigma_next / sigma, x.ndim)
-            x_next = ratio * x + (1 - ratio) * (denoised + (0.5 * d1[0] if d1 is not None else 0))
+            x_next = _hold(ratio * x + (1 - ratio) * (denoised + (0.5 * d1[0] if d1 is not None else 0)), x, sigma,
+                           sigma_next)
             prev = (x, sigma, lam, denoised, d1)
         _report(callback, x_next, i, sigma, denoised)
         x = x_next
@@ -360,7 +368,11 @@ def sample_deis(score: Score, x: torch.Tensor, sigmas: torch.Tensor, *, order: i
         denoised = score.denoise(x, sigma)
         eps, knots = ([to_d(x, sigma, denoised)] + eps)[:order], ([sigma] + knots)[:order]
         coefficients = _lagrange_integrals(knots, sigma, sigma_next)
-        x = x + sum(append_dims(c, x.ndim) * e for c, e in zip(coefficients, eps))
+        if len(knots) > 1:  # a sample whose history sits at one level (it started at its end level): an Euler step
+            distinct = torch.stack([a != b for k, a in enumerate(knots) for b in knots[k + 1:]]).all(0)
+            coefficients = [torch.where(distinct, c, sigma_next - sigma if j == 0 else torch.zeros_like(c))
+                            for j, c in enumerate(coefficients)]
+        x = _hold(x + sum(append_dims(c, x.ndim) * e for c, e in zip(coefficients, eps)), x, sigma, sigma_next)
         _report(callback, x, i, sigma, denoised)
     return x, score.nfe
 
