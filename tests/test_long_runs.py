@@ -120,7 +120,7 @@ def mixture_run(monkeypatch, tmp_path):
         return mixture.score(x, sigma)
 
     model = LoadedModel(score, (8,), 0.01, 80.0, lambda x: x)
-    monkeypatch.setattr(cli, "load_model", lambda *args, **kwargs: model)
+    monkeypatch.setattr(cli.common, "load_model", lambda *args, **kwargs: model)
     monkeypatch.setattr(models, "load_classifier", lambda *args, **kwargs: mixture.noise_posterior(levels))
     bars = counter["bars"] = []
 
@@ -129,7 +129,7 @@ def mixture_run(monkeypatch, tmp_path):
             super().__init__(*args, **kwargs)
             bars.append(self)
 
-    monkeypatch.setattr(cli, "tqdm", KeptBar)
+    monkeypatch.setattr(cli.sample, "tqdm", KeptBar)
 
     def sample(name: str) -> Path:
         cli.sample_main(["--model", "mixture", "--classifier", "exact", "--out-dir", str(tmp_path / name),
