@@ -37,7 +37,7 @@ FORMATS = ("safetensors", "png", "npz")
 #: The ``.npz`` of a ``--format npz`` run, in its folder.
 NPZ = "samples.npz"
 #: Files FID tools read from a folder as images: none but the run's own PNGs may sit beside them.
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".npy")
 #: Written first into the folder of a PNG export: which run the PNGs there are (:func:`write_pngs`).
 EXPORT_MARKER = "dlg-export.json"
 #: A run's PNG, complete (``000042.png``) or a temporary file of one being written (``.000042.png.tmp-PID``).
@@ -377,6 +377,8 @@ def write_npz(out_dir: str | Path, path: str | Path | None = None) -> tuple[int,
         raise ValueError(f"{out_dir} holds no samples yet: nothing to write.")
 
     shape = (total, *first.shape[1:])
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # of a killed write
+        stale.unlink()
 
     def write(tmp: Path) -> None:
         header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False, "shape": shape}
