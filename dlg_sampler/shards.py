@@ -219,10 +219,10 @@ class ShardWriter:
                                      "before it")
                 break
             self.shards.append(entry)
-        listed = {e["file"] for e in self.shards}
+        listed = {name for e in self.shards for name in (e["file"], Path(e["file"]).with_suffix(".png").name)}
         leftovers = [*self.out_dir.glob(f"{self.prefix}shard-*"), *self.out_dir.glob(f".{self.prefix}shard-*.tmp-*"),
                      *self.out_dir.glob(f".{self.prefix}{MANIFEST}.tmp-*")]
-        for p in leftovers:  # unlisted shards and temporary files of a killed write
+        for p in leftovers:  # unlisted shards (and their --png grids) and temporary files of a killed write
             if p.name not in listed:
                 p.unlink()
         for p in self._pngs(range(self.images.start + self.count, self.images.stop)):  # PNGs of an unlisted shard

@@ -128,6 +128,23 @@ def test_processes_number_their_pngs_in_one_sequence_and_merge_into_one_npz(tmp_
     assert torch.equal(torch.from_numpy(np.load(tmp_path / "samples.npz")["arr_0"]), pixels)
 
 
+def test_two_accelerate_processes_write_one_png_numbering_and_one_npz(tiny_model, tmp_path):
+    bin_dir = Path(sys.executable).parent
+    for fmt in ("png", "npz"):
+        done = subprocess.run(
+            [str(bin_dir / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+             "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29518",
+             str(bin_dir / "dlg-sample"), *argv(tiny_model, tmp_path / fmt, "--format", fmt, n=30)],
+            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    names, pixels = png_folder(tmp_path / "png")
+    assert names == numbered(30) and len(torch.unique(pixels.flatten(1), dim=0)) == 30  # no name or image twice
+    ranges = [json.loads((tmp_path / "png" / f"p{k}-manifest.json").read_text())["images"] for k in (0, 1)]
+    assert ranges == [[0, 15], [15, 30]]
+    assert sorted(p.name for p in (tmp_path / "npz").glob("*.npz")) == ["samples.npz"]  # one file for the run
+    assert torch.equal(torch.from_numpy(np.load(tmp_path / "npz" / "samples.npz")["arr_0"]), pixels)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # killed and rerun
 
@@ -206,12 +223,13 @@ def test_an_npz_run_killed_while_it_writes_the_npz_resumes_exactly(tiny_model, t
 
     monkeypatch.setattr(shards, "iter_images", killed_after_one_shard)
     with pytest.raises(KeyboardInterrupt):
-        cli.sample_main(argv(tiny_model, out, "--format", "npz"))
+        cli.sample_main(argv(tiny_model, out, "--format", "npz", "--png"))
     monkeypatch.undo()
     assert listed(out) == N // SHARD and not (out / "samples.npz").exists()
     (out / ".samples.npz.tmp-999").write_bytes(b"PK partial")  # what a kill -9 in the write leaves
-    cli.sample_main(argv(tiny_model, out, "--format", "npz"))
+    cli.sample_main(argv(tiny_model, out, "--format", "npz", "--png"))
     assert np.array_equal(np.load(out / "samples.npz")["arr_0"], expected) and hidden(out) == []
+    assert sorted(p.name for p in out.glob("*.png")) == [f"shard-0000{k}.png" for k in range(3)]  # grids kept
 
 
 # ---------------------------------------------------------------------------------------------------------------
