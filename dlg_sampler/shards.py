@@ -15,6 +15,7 @@ the same seed.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -328,7 +329,7 @@ def iter_images(out_dir: str | Path) -> Iterator[torch.Tensor]:
     out_dir = Path(out_dir)
     for m in manifests(out_dir):
         fmt = m["config"].get("format", "safetensors")
-        if m["config"].get("latents"):
+        if fmt == "safetensors" and m["config"].get("latents"):
             raise ValueError(f"{out_dir} holds latents of a latent model, which need the model's VAE to become "
                              "images: draw them with dlg-sample --format png or npz, which decodes as it goes.")
         for entry in m["shards"]:
@@ -375,7 +376,6 @@ def write_npz(out_dir: str | Path, path: str | Path | None = None) -> tuple[int,
     first = next(chunks, None)
     if first is None:
         raise ValueError(f"{out_dir} holds no samples yet: nothing to write.")
-
     shape = (total, *first.shape[1:])
     for stale in path.parent.glob(f".{path.name}.tmp-*"):  # of a killed write
         stale.unlink()
@@ -385,7 +385,7 @@ def write_npz(out_dir: str | Path, path: str | Path | None = None) -> tuple[int,
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf, \
                 zf.open("arr_0.npy", "w", force_zip64=True) as f:
             np.lib.format.write_array_header_1_0(f, header)
-            for chunk in [first, *chunks]:
+            for chunk in itertools.chain([first], chunks):  # one shard in memory at a time
                 if chunk.shape[1:] != first.shape[1:]:
                     raise ValueError(f"{out_dir} holds images of two sizes ({list(first.shape[1:])}, "
                                      f"{list(chunk.shape[1:])}): is it one run?")

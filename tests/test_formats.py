@@ -331,6 +331,12 @@ def test_export_mistakes_are_refused_and_nothing_is_lost(tmp_path, capsys):
     cli.export_main([a, "--format", "png"])  # into the run's own folder, beside its shards
     names, pixels = png_folder(tmp_path / "a")
     assert names == numbered(6) and torch.equal(pixels, expected)
+    # a latent model's png run holds decoded images: those export
+    writer = ShardWriter(tmp_path / "decoded", {"n": 6, "processes": 1, "latents": True}, format="png",
+                         images=range(6))
+    writer.write(torch.zeros(6, 4, 2, 2), {"step": 0}, expected)
+    cli.export_main([str(tmp_path / "decoded"), "--format", "npz"])
+    assert torch.equal(torch.from_numpy(np.load(tmp_path / "decoded" / "samples.npz")["arr_0"]), expected)
 
 
 def test_export_help_and_usage_guide_explain_every_option():

@@ -43,7 +43,7 @@ def export_main(argv: list[str] | None = None) -> None:
                      "it, then export")
     if config.get("format") == "png" == args.format:
         parser.error(f"{src} is a --format png run: its PNGs are there already")
-    if config.get("latents"):
+    if config.get("format", "safetensors") == "safetensors" and config.get("latents"):
         parser.error(f"{src} holds latents of a latent model, which need the model's VAE to become images: draw them "
                      "with dlg-sample --format png or npz, which decodes as it goes")
     out = Path(args.out) if args.out else src / NPZ if args.format == "npz" else src
