@@ -109,6 +109,9 @@ class ScoreAdapter:
 
     sigma_min: float
     sigma_max: float
+    #: Samples the network evaluates per score evaluation (2 with classifier-free guidance: one doubled call);
+    #: :class:`~dlg_sampler.sampler.MicroBatched` counts them within its ``max_batch_size``.
+    samples_per_evaluation: int = 1
 
     def __init__(self) -> None:
         self._warned = False

@@ -132,6 +132,11 @@ class DiffusersVPScore(ScoreAdapter):
         self._timesteps = torch.arange(len(sigmas), dtype=torch.float64)
         self.sigma_min, self.sigma_max = float(sigmas[0]), float(sigmas[-1])
 
+    @property
+    def samples_per_evaluation(self) -> int:
+        """2 with classifier-free guidance (the conditional and unconditional branch in one doubled call), else 1."""
+        return 1 if self.guidance_scale == 1.0 else 2
+
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         """Fractional training timesteps ``[B]`` (float64) of VE levels ``sigma [B]`` (log-sigma interpolation)."""
         return interp(torch.as_tensor(sigma, dtype=torch.float64).log(), self._log_sigmas, self._timesteps)

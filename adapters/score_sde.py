@@ -8,12 +8,14 @@ the SDE, exactly as score_sde's ``get_score_fn`` and ``marginal_prob`` define th
 from __future__ import annotations
 
 import math
-import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
+from ..hub import unreadable_safetensors, weights_mismatch
 from .common import ScoreAdapter, append_dims, interp, model_dtype
 
 #: SDE families of score_sde.
@@ -102,9 +104,11 @@ class ScoreSdeScore(ScoreAdapter):
 
     def model_score(self, x: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dtype = model_dtype(self.model, x.dtype)
+        # float labels in a half-precision network's own dtype (its embedding layers take no float32), else float32
+        label_dtype = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
         if self.sde == "ve":
             if self.continuous:
-                labels, sigma_m = sigma.float(), sigma
+                labels, sigma_m = sigma.to(label_dtype), sigma
             else:  # nearest of N levels, label 0 = sigma_max
                 idx = ((self.N - 1) * (1 - self.t_of_sigma(sigma))).round()
                 labels, sigma_m = idx.long(), self.sigma_of_t(1 - idx / (self.N - 1))
@@ -116,7 +120,7 @@ class ScoreSdeScore(ScoreAdapter):
         # sqrt(abar) of the level: 1 / sqrt(1 + sigma^2) (VP); the root of abar + sigma sqrt(abar) - 1 = 0 (sub-VP)
         sqrt_abar = (1 + sigma**2).rsqrt() if self.sde == "vp" else 2 / (sigma + (sigma**2 + 4).sqrt())
         x_t = x * append_dims(sqrt_abar.to(x.device, x.dtype), x.ndim)
-        out = self.model(x_t.to(dtype), labels.to(x.device, torch.float32)).to(x.dtype)
+        out = self.model(x_t.to(dtype), labels.to(x.device, label_dtype)).to(x.dtype)
         return -out / append_dims(sigma.to(x.device, x.dtype), x.ndim), sigma
 
 
@@ -136,30 +140,26 @@ def load_score_sde_checkpoint(path: str | Path, model: torch.nn.Module, *, prefe
             samples with EMA weights).
     """
     path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state: Any = load_file(path)
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            reason = next((line.strip().split(" was not")[0] for line in str(err).splitlines()
-                           if "Unsupported global" in line), "objects only pickle can rebuild")
-            raise ValueError(
-                f"{path} needs pickle to run code to load ({reason}), and was refused: checkpoints "
-                "are read with torch.load(weights_only=True), so nothing from the file executes. If you trust the "
-                "file, convert it once in a trusted environment: ckpt = torch.load(path, weights_only=False); "
-                "torch.save({'model': ckpt['model'], 'ema': ckpt['ema'].state_dict() if hasattr(ckpt['ema'], "
-                "'state_dict') else ckpt['ema'], 'step': int(ckpt['step'])}, 'converted.pth'), then load that."
-            ) from None
+    state = _read_checkpoint(path)
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a score_sde checkpoint dict or a state dict.")
     weights = state["model"] if "model" in state else state
-    model.load_state_dict({k.removeprefix("module."): v for k, v in weights.items()})
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise ValueError(f"{path} is not a score_sde checkpoint: its {'model entry' if 'model' in state else 'dict'} "
+                         "is not a state dict (names to tensors); pass the checkpoint_*.pth score_sde wrote.")
+    weights = {k.removeprefix("module."): v for k, v in weights.items()}
+    expected = model.state_dict()
+    if weights.keys() != expected.keys() or any(weights[k].shape != v.shape for k, v in expected.items()):
+        raise ValueError(f"{path} does not fit the network: {weights_mismatch(expected, weights)}; build the network "
+                         "with the checkpoint's config (--score-sde-net).")
+    model.load_state_dict(weights)
     ema = state.get("ema") if "model" in state else None
     if prefer_ema and ema is not None:
-        shadow, params = ema["shadow_params"], [p for p in model.parameters() if p.requires_grad]
+        shadow = ema.get("shadow_params") if isinstance(ema, dict) else None
+        if not isinstance(shadow, (list, tuple)) or not all(isinstance(s, torch.Tensor) for s in shadow):
+            raise ValueError(f"{path}'s ema entry is not score_sde's EMA state (a dict with shadow_params, a list of "
+                             "tensors): pass prefer_ema=False to load the raw weights.")
+        params = [p for p in model.parameters() if p.requires_grad]
         if len(shadow) != len(params) or any(s.shape != p.shape for s, p in zip(shadow, params)):
             raise ValueError(f"{path}'s EMA has {len(shadow)} shadow parameters that do not match the model's "
                              f"{len(params)} trainable parameters: build the model with the checkpoint's config, "
@@ -168,3 +168,37 @@ def load_score_sde_checkpoint(path: str | Path, model: torch.nn.Module, *, prefe
             for p, s in zip(params, shadow):
                 p.copy_(s)
     return model
+
+
+def _read_checkpoint(path: Path) -> Any:
+    """What ``path`` holds: a ``.safetensors`` state dict, or a ``.pth`` read with ``torch.load(weights_only=True)``.
+
+    Raises ``ValueError`` with the fix for a file that cannot be read (damaged, truncated, another format) and for
+    one that needs pickle to run code.
+    """
+    if not path.is_file():
+        raise ValueError(f"{path}: there is no such file; pass the checkpoint file.")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(path)
+        except SafetensorError as err:
+            raise ValueError(unreadable_safetensors(path, err)) from err
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # the bytes of a damaged or foreign file make the unpickler fail in any way
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        needs_code = next((line.split(" was not")[0] for line in lines if "Unsupported global" in line), None)
+        if needs_code is None:
+            after = [line for prev, line in zip(lines, lines[1:]) if prev.endswith("WeightsUnpickler error:")]
+            first = lines[0].split(". ")[0] if lines else ""  # torch's messages run on for several sentences
+            reason = after[0] if after else f"{type(err).__name__}: {first}".rstrip(": ")
+            raise ValueError(f"{path} is not a checkpoint torch.load can read ({reason}): the file is corrupt, "
+                             "truncated or not a PyTorch checkpoint; re-download it, or save it again with "
+                             "torch.save.") from err
+        raise ValueError(
+            f"{path} needs pickle to run code to load ({needs_code}), and was refused: checkpoints "
+            "are read with torch.load(weights_only=True), so nothing from the file executes. If you trust the "
+            "file, convert it once in a trusted environment: ckpt = torch.load(path, weights_only=False); "
+            "torch.save({'model': ckpt['model'], 'ema': ckpt['ema'].state_dict() if hasattr(ckpt['ema'], "
+            "'state_dict') else ckpt['ema'], 'step': int(ckpt['step'])}, 'converted.pth'), then load that."
+        ) from None

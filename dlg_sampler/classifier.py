@@ -1,4 +1,5 @@
-"""The noise classifier ``c(x) -> logits [B, L]`` over a ``NoiseLevels`` grid: model, training loop, evaluation.
+"""The noise classifier ``c(x) -> logits [B, L]`` over a ``NoiseLevels`` grid: model, training loop, evaluation,
+loading (:func:`load_classifier`: a folder or Hub id, with errors that name what is wrong).
 
 ``softmax(c(x))`` approximates ``p(sigma_i | x)`` for ``x = x_0 + sigma_i z`` with ``i`` uniform on the grid;
 DLG draws sigma | x from it. ``evaluate_noise_classifier`` scores any posterior callable the same way, so a
@@ -8,6 +9,7 @@ trained classifier can be compared with the exact (Bayes-optimal) posterior of a
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import shutil
@@ -20,7 +22,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from tqdm.auto import trange
 
-from .hub import QuietHubMixin
+from .hub import QuietHubMixin, describe_folder, download_folder, local_or_repo_id, read_config
 from .levels import NoiseLevels
 from .parallel import process_seed
 from .shards import save_tensors
@@ -420,7 +422,7 @@ def train_noise_classifier(classifier: NoiseClassifier, data: Any, *, steps: int
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         train_loss = loss.item() if train_loss is None else 0.99 * train_loss + 0.01 * loss.item()
-        if step % 50 == 0:
+        if step % 50 == 0 or step + 1 == steps:  # the bar ends on the final loss
             bar.set_postfix(loss=f"{train_loss:.3f}")
         if ckpt_dir is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
             generators = [generator.get_state()]
@@ -442,3 +444,54 @@ def train_noise_classifier(classifier: NoiseClassifier, data: Any, *, steps: int
                                            torch.Generator().manual_seed(seed + 1))
         metrics.update({f"eval_{k}": v for k, v in result.items()})
     return metrics
+
+
+#: What a noise classifier folder holds.
+CLASSIFIER_FILES = ["config.json", "model.safetensors"]
+_CLASSIFIER_EXPECTED = ("a NoiseClassifier folder (config.json + model.safetensors, written by dlg-train-classifier "
+                        "or NoiseClassifier.save_pretrained)")
+#: What a classifier's config.json must hold: the noise grid and the sample shape.
+_CLASSIFIER_CONFIG_KEYS = ("sigma_min", "sigma_max", "num_levels", "sample_shape")
+
+
+def _classifier_folder_problem(folder: Path) -> str | None:
+    """What keeps ``folder`` from being a NoiseClassifier folder, in a few words; ``None`` when nothing does."""
+    config = read_config(folder)
+    if (folder / "model_index.json").is_file() or (config is not None and "_class_name" in config):
+        return f"it holds {describe_folder(folder)}"
+    if not (folder / "config.json").is_file():
+        return f"it has no config.json; it holds {describe_folder(folder)}"
+    if config is None:
+        return "its config.json is not a JSON object (the file is damaged)"
+    missing = [k for k in _CLASSIFIER_CONFIG_KEYS if k not in config]
+    if missing:
+        return f"its config.json lacks {', '.join(missing)}"
+    unknown = sorted(set(config) - set(inspect.signature(NoiseClassifier.__init__).parameters) - {"self"})
+    if unknown:
+        return f"its config.json has keys NoiseClassifier does not take: {', '.join(unknown)}"
+    if not (folder / "model.safetensors").is_file():
+        return f"it has no model.safetensors; it holds {describe_folder(folder)}"
+    return None
+
+
+def load_classifier(spec: str | Path, device: torch.device | str | None = None) -> NoiseClassifier:
+    """A ``NoiseClassifier`` from a local folder or a Hub repo id, in eval mode on ``device``.
+
+    Raises ``ValueError`` naming what was expected, what is wrong and the fix: no such folder, a folder of another
+    model, a config.json or model.safetensors that is missing, damaged or does not fit the other, a repo that is not
+    cached while the Hub is unavailable (see :mod:`dlg_sampler.hub`).
+    """
+    what = "the noise classifier"
+    ref = local_or_repo_id(spec, what, _CLASSIFIER_EXPECTED)
+    folder = ref if isinstance(ref, Path) else download_folder(ref, what, CLASSIFIER_FILES)
+    problem = _classifier_folder_problem(folder)
+    if problem is not None:
+        raise ValueError(f"{what} {str(spec)!r} is not {_CLASSIFIER_EXPECTED}: {problem}.")
+    try:
+        classifier = NoiseClassifier.from_pretrained(folder)
+    except ValueError as err:  # unreadable or mismatched weights (hub.QuietHubMixin), values NoiseClassifier refuses
+        raise ValueError(f"{what} {str(spec)!r} could not be loaded: {err}") from err
+    except (TypeError, RuntimeError, OSError) as err:
+        raise ValueError(f"{what} {str(spec)!r} could not be loaded ({type(err).__name__}: {err}): save it again "
+                         "with NoiseClassifier.save_pretrained.") from err
+    return classifier.to(device or "cpu").eval()

@@ -93,7 +93,19 @@ class DigitsEvaluator:
     Args:
         net: the feature network; the shipped one if omitted.
         batch_size: images per forward pass.
+
+    Other presets subclass it with their own :attr:`shape`, :meth:`load_data` and :attr:`reference_stats_path`.
     """
+
+    #: One image's shape.
+    shape = (1, 8, 8)
+    #: Where the model reference statistics are (:meth:`model_reference_stats`).
+    reference_stats_path = REFERENCE_STATS
+
+    @staticmethod
+    def load_data(split: str) -> torch.Tensor:
+        """The real images of ``split`` (``"train"`` or ``"test"``), ``[N, *shape]`` in ``[-1, 1]``."""
+        return load_digits_data(split)
 
     def __init__(self, net: DigitFeatureNet | None = None, batch_size: int = 1000):
         self.net = (net or load_digit_features()).eval()
@@ -103,8 +115,9 @@ class DigitsEvaluator:
     @torch.no_grad()
     def _forward(self, images: torch.Tensor, fn) -> torch.Tensor:
         images = torch.as_tensor(images)
-        if images.dim() != 4 or tuple(images.shape[1:]) != (1, 8, 8):
-            raise ValueError(f"digits images must be [N, 1, 8, 8] in [-1, 1], got shape {tuple(images.shape)}.")
+        if images.dim() != 4 or tuple(images.shape[1:]) != self.shape:
+            raise ValueError(f"images must be [N, {', '.join(map(str, self.shape))}] in [-1, 1], got shape "
+                             f"{tuple(images.shape)}.")
         if not torch.isfinite(images).all():
             raise ValueError("images contain NaN or inf values; the sampler diverged for some samples.")
         device = next(self.net.parameters()).device
@@ -122,7 +135,7 @@ class DigitsEvaluator:
     def real_features(self, split: str = "test") -> torch.Tensor:
         """Features ``[N, F]`` of a real split (cached)."""
         if split not in self._real_feats:
-            self._real_feats[split] = self.features(load_digits_data(split))
+            self._real_feats[split] = self.features(self.load_data(split))
         return self._real_feats[split]
 
     def save_reference_stats(self, samples: torch.Tensor, path: str | Path, metadata: dict[str, str]) -> None:
@@ -134,10 +147,12 @@ class DigitsEvaluator:
         save_tensors({"mu": torch.from_numpy(mu), "cov": torch.from_numpy(cov)}, path,
                      metadata={**metadata, "n": str(len(samples))})
 
-    def model_reference_stats(self, path: str | Path = REFERENCE_STATS) -> tuple | None:
-        """The stored feature statistics of the model's own distribution (:meth:`save_reference_stats`), if any."""
+    def model_reference_stats(self, path: str | Path | None = None) -> tuple | None:
+        """The stored feature statistics of the model's own distribution (:meth:`save_reference_stats`; default
+        :attr:`reference_stats_path`), if any."""
         from safetensors.torch import load_file
 
+        path = self.reference_stats_path if path is None else path
         if not Path(path).exists():
             return None
         stats = load_file(str(path))

@@ -14,10 +14,14 @@ import functools
 import json
 import os
 from pathlib import Path
+from typing import Mapping
 
+import torch
 from huggingface_hub import PyTorchModelHubMixin, constants, get_session, snapshot_download
 from huggingface_hub.utils import (GatedRepoError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError,
                                    validate_repo_id)
+from safetensors import SafetensorError
+from safetensors.torch import load_file, load_model
 
 #: Seconds the reachability check waits for the Hub.
 PROBE_TIMEOUT = 5.0
@@ -41,12 +45,39 @@ class QuietHubMixin(PyTorchModelHubMixin):
             return super()._from_pretrained(model_id=model_id, revision=revision, cache_dir=cache_dir,
                                             force_download=force_download, local_files_only=local_files_only,
                                             token=token, map_location=map_location, strict=strict, **model_kwargs)
-        from safetensors.torch import load_model
-
+        path = Path(model_id) / constants.SAFETENSORS_SINGLE_FILE
         model = cls(**model_kwargs)
-        load_model(model, os.path.join(model_id, constants.SAFETENSORS_SINGLE_FILE), strict=strict,
-                   device=map_location)
+        try:
+            load_model(model, path, strict=strict, device=map_location)
+        except SafetensorError as err:
+            raise ValueError(unreadable_safetensors(path, err)) from err
+        except RuntimeError as err:  # names or shapes that do not fit the network config.json describes
+            raise ValueError(f"{path} does not fit the {cls.__name__} its config.json describes: "
+                             f"{weights_mismatch(model.state_dict(), load_file(path))}; the two files come from "
+                             f"different models: save them again together ({cls.__name__}.save_pretrained).") from err
         return model
+
+
+def unreadable_safetensors(path: str | Path, err: SafetensorError) -> str:
+    """One line saying that ``path`` could not be read as safetensors (``err``), and the fix."""
+    reason = str(err).rpartition(": ")[2] or type(err).__name__
+    return (f"{path} is not a safetensors file ({reason}): the file is corrupt or truncated; re-download it, or "
+            "save it again.")
+
+
+def weights_mismatch(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor]) -> str:
+    """How the tensors ``found`` in a file differ from the ``expected`` state dict of a network, in a few words:
+    names missing, names unexpected, shapes that differ (a few of each)."""
+    def some(names: list[str]) -> str:
+        return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    reshaped = [f"{k} is {list(found[k].shape)}, not {list(expected[k].shape)}" for k in expected
+                if k in found and tuple(found[k].shape) != tuple(expected[k].shape)]
+    parts = [f"{len(names)} {label} ({some(names)})" for names, label in
+             ((missing, "missing"), (unexpected, "unexpected"), (reshaped, "of another shape")) if names]
+    return ", ".join(parts) or "the tensors match"
 
 
 @functools.lru_cache(maxsize=None)

@@ -4,7 +4,6 @@ score with its sample shape and trained sigma range, a noise classifier, and fol
 from __future__ import annotations
 
 import importlib
-import inspect
 import os
 import sys
 from dataclasses import dataclass
@@ -14,9 +13,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .classifier import NoiseClassifier
-from .hub import describe_folder, download_folder, local_or_repo_id, pipeline_access, pipeline_error, read_config
-from .integrators import Score
+from .classifier import CLASSIFIER_FILES, NoiseClassifier, load_classifier  # noqa: F401  (the CLI loads from here)
+from .hub import describe_folder, local_or_repo_id, pipeline_access, pipeline_error
+from .integrators import INTEGRATORS, Score
+from .schedulers import supported_schedulers
 
 #: Image files ``load_images`` reads.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -64,8 +64,17 @@ def _sample_shape(config) -> tuple[int, ...]:
     return (int(config.in_channels), *size)
 
 
+#: File suffixes of score_sde checkpoints.
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt")
+
+
 def _is_score_sde_checkpoint(spec: str) -> bool:
-    return Path(spec).is_file() and Path(spec).suffix in (".pth", ".pt", ".ckpt")
+    """Whether ``spec`` names a score_sde checkpoint file; ``ValueError`` if it names one that does not exist."""
+    path = Path(spec)
+    if path.suffix in CHECKPOINT_SUFFIXES and not path.exists():
+        raise ValueError(f"the score_sde checkpoint {spec!r} does not exist (looked in {Path.cwd()}): pass the path "
+                         f"of the checkpoint file ({', '.join(CHECKPOINT_SUFFIXES)}).")
+    return path.is_file() and path.suffix in CHECKPOINT_SUFFIXES
 
 
 def load_model(spec: str, *, score_sde_net: str | None = None, sde: str = "vp", shape: tuple[int, ...] | None = None,
@@ -176,9 +185,6 @@ def make_integrator(name: str, model: LoadedModel):
     """A core integrator name (returned as is), or a diffusers scheduler class name: that scheduler configured from
     the model's pipeline scheduler (``cls.from_config(pipe.scheduler.config)``; default config without a pipeline).
     Either can be passed to :func:`dlg_sampler.integrators.integrate`."""
-    from .integrators import INTEGRATORS
-    from .schedulers import supported_schedulers
-
     if name in INTEGRATORS:
         return name
     import diffusers
@@ -189,35 +195,6 @@ def make_integrator(name: str, model: LoadedModel):
                          f"class name from {supported_schedulers()}.")
     base = getattr(model.pipeline, "scheduler", None)
     return cls.from_config(base.config) if base is not None else cls()
-
-
-#: What a noise classifier folder holds.
-CLASSIFIER_FILES = ["config.json", "model.safetensors"]
-_CLASSIFIER_EXPECTED = ("a NoiseClassifier folder (config.json + model.safetensors, written by dlg-train-classifier "
-                        "or NoiseClassifier.save_pretrained)")
-
-
-def load_classifier(spec: str | Path, device: torch.device | str | None = None) -> NoiseClassifier:
-    """A ``NoiseClassifier`` from a local folder or a Hub repo id, in eval mode on ``device``.
-
-    Raises ``ValueError`` naming what was expected and what was found: no such folder, a folder of another model,
-    a repo that is not cached while the Hub is unavailable (see :mod:`dlg_sampler.hub`).
-    """
-    what = "the noise classifier"
-    ref = local_or_repo_id(spec, what, _CLASSIFIER_EXPECTED)
-    folder = ref if isinstance(ref, Path) else download_folder(ref, what, CLASSIFIER_FILES)
-    config = read_config(folder)
-    params = set(inspect.signature(NoiseClassifier.__init__).parameters) - {"self"}
-    if (config is None or not (folder / "model.safetensors").is_file() or not set(config) <= params
-            or not {"sigma_min", "sigma_max", "num_levels", "sample_shape"} <= set(config)):
-        raise ValueError(f"{what} {str(spec)!r} is not {_CLASSIFIER_EXPECTED}: it holds {describe_folder(folder)}.")
-    try:
-        classifier = NoiseClassifier.from_pretrained(folder)
-    except (ValueError, TypeError, RuntimeError, OSError) as err:  # a damaged or mismatched weights file
-        raise ValueError(f"{what} {str(spec)!r} could not be loaded ({type(err).__name__}: {err}): its "
-                         "model.safetensors does not match its config.json; save it again with "
-                         "NoiseClassifier.save_pretrained.") from err
-    return classifier.to(device or "cpu").eval()
 
 
 def image_files(folder: str | Path) -> list[Path]:

@@ -25,10 +25,10 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
 from diffusers.schedulers.scheduling_sde_ve import SdeVeOutput
 
-from .classifier import NoiseClassifier
+from .classifier import NoiseClassifier, load_classifier
 from .levels import NoiseLevels
 from .integrators import INTEGRATORS, check_steps, steps_for_nfe
-from .sampler import KERNELS, DLGSampler
+from .sampler import KERNELS, DLGSampler, check_batch_size
 
 #: Pipelines whose own ``__call__`` runs with :class:`DLGScheduler`.
 SCHEDULER_PIPELINES = ("DDPMPipeline", "DDIMPipeline", "ScoreSdeVePipeline")
@@ -39,8 +39,6 @@ CLASSIFIER_SUBFOLDER = "classifier"
 def _resolve_classifier(classifier: NoiseClassifier | str | Path | None) -> tuple[NoiseClassifier | None, str | None]:
     """A classifier instance and the reference stored in a config (its absolute path / repo id, if it came as one);
     ``(None, None)`` without one (the restart kernel needs none; the Gibbs kernel says so)."""
-    from .models import load_classifier
-
     if isinstance(classifier, NoiseClassifier):
         return classifier, None
     if classifier is None:
@@ -183,6 +181,9 @@ class DLGScheduler(SchedulerMixin, ConfigMixin):
         base_scheduler: the pipeline's original scheduler (``{"class_name": ..., "config": {...}}``), recorded by
             ``from_pipe``: it defines the model's noise schedule.
         correct_steps: 0, so ``ScoreSdeVePipeline`` makes no corrector calls.
+        max_batch_size: the most samples DLG's own model calls (warm-up, pilot, chain moves, denoising) hand the
+            model at once (``None``: all the chains); the pipeline's own two calls per sample see its ``batch_size``,
+            which you choose in ``pipe(batch_size=...)``.
     """
 
     config_name = "scheduler_config.json"
@@ -192,13 +193,15 @@ class DLGScheduler(SchedulerMixin, ConfigMixin):
     def __init__(self, classifier: str | None = None, kernel: str = "restart", restart_sigma: float | None = None,
                  integrator: str = "unipc", step_size: float | None = None, gibbs_steps: int | None = None,
                  num_chains: int | None = None, seed: int = 0, warmup_steps: int | None = None,
-                 num_samples: int | None = None, base_scheduler: dict | None = None, correct_steps: int = 0):
+                 num_samples: int | None = None, base_scheduler: dict | None = None, correct_steps: int = 0,
+                 max_batch_size: int | None = None):
         if integrator not in INTEGRATORS:
             raise ValueError(f"unknown integrator {integrator!r}: DLGScheduler uses one of {sorted(INTEGRATORS)}.")
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}.")
         if num_samples is not None:
             check_steps(num_samples, "num_samples (the samples you plan to draw per batch size)")
+        check_batch_size(max_batch_size)
         self.score, self.classifier = None, None
         self.samplers: dict[int, DLGSampler] = {}
         self._pending: dict[int, torch.Tensor] = {}  # denoised states awaiting their Tweedie step, per batch size
@@ -246,8 +249,6 @@ class DLGScheduler(SchedulerMixin, ConfigMixin):
     def save_pretrained(self, save_directory: str | Path, push_to_hub: bool = False, **kwargs: Any) -> None:
         """Save the config into ``save_directory``; a local classifier goes into ``save_directory/classifier`` and is
         referenced relative to the folder (a Hub repo id is stored as is). ``kwargs`` as ``SchedulerMixin``'s."""
-        from .models import load_classifier
-
         ref = self.config.classifier
         local = ref is None or Path(ref).expanduser().is_absolute() or Path(ref).expanduser().exists()
         if local and (ref is not None or self.classifier is not None):  # an instance or a folder (from_pipe and from_pretrained store absolute paths): saved inside
@@ -292,7 +293,8 @@ class DLGScheduler(SchedulerMixin, ConfigMixin):
                 num_samples=c.num_samples, default_chains=batch, num_chains=c.num_chains,
                 kernel=c.kernel, integrator=c.integrator, denoise_steps=self.denoise_steps, seed=c.seed,
                 tweedie_sigma=self.score.sigma_min, device=device, restart_sigma=c.restart_sigma,
-                step_size=c.step_size, gibbs_steps=c.gibbs_steps, warmup_steps=c.warmup_steps)
+                step_size=c.step_size, gibbs_steps=c.gibbs_steps, warmup_steps=c.warmup_steps,
+                max_batch_size=c.max_batch_size)
         sampler = self.samplers[batch]
         sampler.denoise_steps = self.denoise_steps
         return sampler
@@ -417,16 +419,21 @@ class DLGPipeline:
             :meth:`DLGSampler.for_budget` at ``num_inference_steps`` per image: ``num_samples / 20`` chains unless
             ``num_chains`` is given and, with ``restart_sigma`` left out, ``S`` checked by a pilot of at most 5% of the
             run (counted in ``.stats``, the choice in ``.stats["tuning"]``).
+        max_batch_size: the most samples the denoiser sees in one call (``None``: all of a condition's chains at
+            once); a guided evaluation counts twice (its doubled batch), so ``max_batch_size=16`` evaluates 8 chains
+            per call with classifier-free guidance. The VAE decodes at most this many latents at once.
     """
 
     def __init__(self, pipe: Any, classifier: NoiseClassifier | None = None, *, kernel: str = "restart",
                  restart_sigma: float | None = None, integrator: str = "unipc", num_chains: int | None = None,
-                 seed: int = 0, num_samples: int | None = None, **sampler_kwargs: Any):
+                 seed: int = 0, num_samples: int | None = None, max_batch_size: int | None = None,
+                 **sampler_kwargs: Any):
         if num_samples is not None:
             check_steps(num_samples, "num_samples (the images you plan to draw per condition)")
         self.pipe, self.classifier, self.num_samples = pipe, classifier, num_samples
+        self.max_batch_size = check_batch_size(max_batch_size)
         self.settings = dict(kernel=kernel, restart_sigma=restart_sigma, integrator=integrator, num_chains=num_chains,
-                             seed=seed, **sampler_kwargs)
+                             seed=seed, max_batch_size=max_batch_size, **sampler_kwargs)
         self.samplers: dict[tuple, DLGSampler] = {}
         model = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
         if model is None:
@@ -501,7 +508,8 @@ class DLGPipeline:
             latents.append(sampler.sample(num_images_per_prompt, generator))
         x = torch.cat(latents)
         vae = getattr(self.pipe, "vae", None)
-        images = decode_latents(vae, x) if vae is not None else x.clamp(-1, 1)
+        images = torch.cat([decode_latents(vae, z) for z in x.split(self.max_batch_size or max(len(x), 1))]) \
+            if vae is not None else x.clamp(-1, 1)
         processor = getattr(self.pipe, "image_processor", None)
         if processor is not None:
             images = processor.postprocess(images, output_type=output_type)

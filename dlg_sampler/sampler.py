@@ -11,21 +11,17 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from . import tuning
 from .diagnostics import CORRELATION_WARNING, OutputCorrelation, ess_fraction
 from .gibbs import SIGMA_MODES, NoisePosterior, diverged, langevin_step, sample_sigma_index
 from .integrators import (INTEGRATORS, CountedScore, Score, append_dims, check_integrator, check_steps, count_nfe,
                           get_schedule, integrate, randn_like)
 from .levels import NoiseLevels
+from .restart import RESTART_SCALE, _data_scale
 
 #: Chain kernels: ``"restart"`` (exact lift to ``restart_sigma``, then the denoising solve back; the default, measured
 #: to mix in one output on the digits model and the mixtures) and ``"gibbs"`` (the paper's Langevin-Gibbs sweeps).
 KERNELS = ("restart", "gibbs")
-
-#: ``restart_sigma`` left to the sampler: this many times the data scale the warm-up measures (the per-coordinate
-#: spread of the warmed-up chains). On the digits model (scale 0.53) the lag-1 autocorrelation of consecutive outputs
-#: is 0.24 at S = 3, 0.14 at S = 5, 0.10 at S = 7 and 0.07 at S = 10, and FD is lowest for S in 5-7 at 10-12 NFE
-#: (docs/mixing.md); on a separated 12-d mixture (scale 3) S = 36 gives lag-1 0.11.
-RESTART_SCALE = 12.0
 
 #: Warm-started schedulers denoise the batch in this many groups of similar sigma (measured on the exact mixture,
 #: levels 0.2-5, 4 steps: sliced W1 0.48 -> 0.14 for DPM-Solver++ 2M, 0.32 -> 0.09 for Euler; same NFE per sample).
@@ -43,6 +39,56 @@ def _check_positive_float(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}.")
     return float(value)
+
+
+def check_batch_size(max_batch_size: int | None) -> int | None:
+    """``None`` (every chain in one model call) or a positive int; anything else is refused."""
+    if max_batch_size is not None and (isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int)
+                                       or max_batch_size <= 0):
+        raise ValueError(f"max_batch_size must be a positive int (samples per model call) or None, got "
+                         f"{max_batch_size!r}: pass e.g. max_batch_size=256, less if the model runs out of memory.")
+    return max_batch_size
+
+
+class MicroBatched:
+    """A model call ``fn(x [N, *shape], *per_sample) -> [N, ...]`` (a score ``fn(x, sigma [N])``, a noise posterior
+    ``fn(x)``) made in consecutive slices, so that the network never sees more than ``max_batch_size`` samples in
+    one call; the outputs are concatenated in order.
+
+    A score with classifier-free guidance evaluates each sample twice in one doubled call
+    (``fn.samples_per_evaluation == 2``): its slices hold ``max_batch_size // 2`` samples. Arguments with the batch
+    dimension of ``x`` are sliced with it, others (a scalar ``sigma``) passed whole. Nothing random happens inside,
+    so a sampler's draws do not depend on the slicing; the outputs are those of one call wherever the model computes
+    each sample independently of its batch (exact scores; a network on a CPU may differ in the last bits). Every
+    other attribute is ``fn``'s (``sigma_min``, ``sigma_max`` ...).
+    """
+
+    def __init__(self, fn, max_batch_size: int):
+        self.fn, self.max_batch_size = fn, check_batch_size(max_batch_size)
+        per = getattr(fn, "samples_per_evaluation", 1)
+        self.slice = max_batch_size // per
+        if self.slice < 1:
+            raise ValueError(f"max_batch_size={max_batch_size} cannot hold one evaluation of this score: each makes "
+                             f"a model call on {per} samples (classifier-free guidance: conditional and "
+                             f"unconditional); pass max_batch_size >= {per}.")
+
+    def __call__(self, x: torch.Tensor, *args: Any) -> torch.Tensor:
+        n, b = x.shape[0], self.slice
+        if n <= b:
+            return self.fn(x, *args)
+        sliced = [isinstance(a, torch.Tensor) and a.ndim > 0 and a.shape[0] == n for a in args]
+        return torch.cat([self.fn(x[i:i + b], *(a[i:i + b] if s else a for a, s in zip(args, sliced)))
+                          for i in range(0, n, b)])
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "fn":  # not set yet (e.g. while unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.fn, name)
+
+
+def micro_batched(fn, max_batch_size: int | None):
+    """``fn`` evaluated in slices of at most ``max_batch_size`` samples (:class:`MicroBatched`); ``None``: ``fn``."""
+    return fn if check_batch_size(max_batch_size) is None else MicroBatched(fn, max_batch_size)
 
 
 class _PhaseCounter:
@@ -113,7 +159,14 @@ class DLGSampler:
         warmup_sweeps: ``(k1, k2)`` burn-in sweeps: ``k1`` at ``warmup_step_size`` then ``k2`` at ``step_size``.
         warmup_step_size: step size of the first burn-in sweeps (paper: 0.5; default: ``step_size``).
         seed: seed of the sampler's own generator (used when ``sample`` gets none; saved in ``state_dict``).
-        device, dtype: where and in which precision the chains live.
+        device, dtype: where and in which precision the chains live (the model computes in its own dtype: load it in
+            half precision, e.g. ``from_pretrained(..., torch_dtype=torch.bfloat16)``, and the adapters hand its
+            outputs back in the chains' dtype).
+        max_batch_size: the most samples the model sees in one call (``None``, the default: all the chains at once).
+            Every model call (warm-up, a ``for_budget`` pilot, Gibbs, denoising, Tweedie, the noise posterior) is
+            made in slices of at most this many samples (:class:`MicroBatched`; a score with classifier-free
+            guidance counts its doubled batch); the chains stay in memory whole, and the random draws, hence the
+            samples, do not depend on it.
         progress: show one tqdm bar (model evaluations, warm-up included) while sampling.
     """
 
@@ -126,7 +179,7 @@ class DLGSampler:
                  warmup_steps: int | None = None, burn_in: int = 0, warmup_noise: float = 0.5,
                  warmup_sweeps: tuple[int, int] = (10, 10), warmup_step_size: float | None = None,
                  seed: int | None = None, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
-                 progress: bool = False):
+                 max_batch_size: int | None = None, progress: bool = False):
         if not callable(score):
             raise TypeError(f"score must be callable as score(x, sigma), got {type(score).__name__}.")
         if noise_posterior is None and kernel == "gibbs":
@@ -186,7 +239,9 @@ class DLGSampler:
         self._batch_chains: torch.Tensor | None = None  # chains whose states the last selection handed out
         self.correlation = OutputCorrelation(self.num_chains, math.prod(shape), self.device)
         self._warned: set[str] = set()
-        self.score = _PhaseCounter(score, self._counts)
+        self.max_batch_size = check_batch_size(max_batch_size)
+        self.score = _PhaseCounter(micro_batched(score, max_batch_size), self._counts)
+        self._posterior = None if noise_posterior is None else micro_batched(noise_posterior, max_batch_size)
 
     @staticmethod
     def _check_model_match(score, noise_posterior, levels: NoiseLevels, shape: tuple[int, ...]) -> None:
@@ -208,11 +263,10 @@ class DLGSampler:
                    n: int,
                    num_chains: int | None = None, seed: int | None = None, **overrides: Any) -> "DLGSampler":
         """Settings from a budget of ``nfe`` model evaluations per sample (everything counted) for ``n`` samples,
-        chosen by a short pilot on the model itself: see :func:`dlg_sampler.tuning.for_budget`."""
-        from .tuning import for_budget
-
-        return for_budget(score, noise_posterior, shape=shape, nfe=nfe, n=n, num_chains=num_chains, seed=seed,
-                          **overrides)
+        chosen by a short pilot on the model itself: see :func:`dlg_sampler.tuning.for_budget`. ``overrides`` are
+        sampler settings (e.g. ``max_batch_size``, which the pilot's model calls respect too)."""
+        return tuning.for_budget(cls, score, noise_posterior, shape=shape, nfe=nfe, n=n, num_chains=num_chains,
+                                 seed=seed, **overrides)
 
     # ------------------------------------------------------------------ the algorithm
     @torch.no_grad()
@@ -254,12 +308,12 @@ class DLGSampler:
             return
         # Perturb and classify.
         x = x + self.warmup_noise * torch.randn(x.shape, generator=g, device=self.device, dtype=self.dtype)
-        s = sample_sigma_index(self.noise_posterior, x, self.levels, self.sigma_mode, g)
+        s = sample_sigma_index(self._posterior, x, self.levels, self.sigma_mode, g)
         # Burn in: Gibbs sweeps, first at warmup_step_size, then at step_size.
         for k, eta in zip(self.warmup_sweeps, (self.warmup_step_size, self.step_size)):
             for _ in range(k):
                 x = langevin_step(self.score, x, self.levels.sigma(s).to(self.dtype), eta, g)
-                s = sample_sigma_index(self.noise_posterior, x, self.levels, self.sigma_mode, g)
+                s = sample_sigma_index(self._posterior, x, self.levels, self.sigma_mode, g)
         self.x[idx], self.sigma[idx] = x, self.levels.sigma(s).to(self.dtype)
 
     @torch.no_grad()
@@ -307,7 +361,7 @@ class DLGSampler:
             x = langevin_step(self.score, x, levels.sigma(s).to(self.dtype), self.step_size, g)
             lost |= diverged(x, levels)
             x = torch.where(append_dims(lost, x.ndim), torch.zeros_like(x), x)  # re-initialised below
-            s = sample_sigma_index(self.noise_posterior, x, levels, self.sigma_mode, g)
+            s = sample_sigma_index(self._posterior, x, levels, self.sigma_mode, g)
             # Selection: per chain, keep the state with the smallest sigma.
             better = s < best_s
             best_x = torch.where(append_dims(better, x.ndim), x, best_x)
@@ -508,11 +562,3 @@ class DLGSampler:
         self.correlation.load_state_dict(state["correlation"])
         self.restart_sigma, self.tuning = state["restart_sigma"], state.get("tuning")
         self.generator.set_state(state["generator"])
-
-
-def _data_scale(x: torch.Tensor) -> float:
-    """The spread of samples ``x [C, *shape]``: RMS over coordinates of their std across samples (one sample: its
-    std over coordinates). Consecutive restart outputs decorrelate once the lift level is large against it."""
-    flat = x.detach().flatten(1).double()
-    spread = flat.var(0).mean().sqrt() if len(flat) > 1 else flat.std()
-    return float(spread) if math.isfinite(float(spread)) and spread > 0 else 1.0

@@ -48,7 +48,7 @@ import math
 import numpy as np
 import torch
 
-from .integrators import CountedScore, Score, append_dims, check_sigma_start, check_steps, randn_like
+from .scores import CountedScore, Score, append_dims, check_sigma_start, check_steps, randn_like
 
 #: Scheduler class name -> (sample space, custom-schedule route or None, truncation route or None).
 #: Spaces: "vp" (x / sqrt(1 + sigma^2), alphas_cumprod table), "k" (VE sample, k-diffusion scalings),

@@ -27,7 +27,7 @@ Where even the smallest pilot is more than ``PILOT_SHARE`` of the run it is skip
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -35,7 +35,10 @@ from .diagnostics import OutputCorrelation
 from .gibbs import diverged
 from .integrators import check_steps, count_nfe
 from .levels import NoiseLevels
-from .sampler import RESTART_SCALE, DLGSampler, _data_scale
+from .restart import RESTART_SCALE, _data_scale
+
+if TYPE_CHECKING:  # the sampler calls this module; the class is passed in
+    from .sampler import DLGSampler
 
 #: The pilot's share of the run's whole budget (``n * nfe`` model evaluations) at most.
 PILOT_SHARE = 0.05
@@ -130,13 +133,14 @@ def plan_budget(nfe: float, n: int, *, num_chains: int | None = None, outputs_pe
     return {"settings": settings, "pilot_chains": pilot_chains, "predicted_nfe_per_sample": predicted}
 
 
-def for_budget(score, noise_posterior, *, shape: tuple[int, ...], nfe: float, n: int, num_chains: int | None = None,
-               seed: int | None = None, levels: NoiseLevels | None = None,
+def for_budget(cls: type[DLGSampler], score, noise_posterior, *, shape: tuple[int, ...], nfe: float, n: int,
+               num_chains: int | None = None, seed: int | None = None, levels: NoiseLevels | None = None,
                outputs_per_chain: int = OUTPUTS_PER_CHAIN, target_lag1: float = TARGET_LAG1,
                device: torch.device | str | None = None, **overrides: Any) -> DLGSampler:
     """A :class:`DLGSampler` whose whole cost per sample (pilot and warm-up amortised over ``n``) fits ``nfe``.
 
     Args:
+        cls: the sampler class (:meth:`DLGSampler.for_budget` passes its own, so subclasses build themselves).
         score, noise_posterior, shape: as for :class:`DLGSampler` (the grid is ``levels``, else
             ``noise_posterior.levels``, else the score's trained range; the restart kernel needs no posterior).
         nfe: budget of model evaluations per sample, everything counted.
@@ -160,8 +164,8 @@ def for_budget(score, noise_posterior, *, shape: tuple[int, ...], nfe: float, n:
         raise ValueError("the noise grid is unknown: pass levels=NoiseLevels(...), a noise posterior with .levels "
                          "(a NoiseClassifier) or a score with .sigma_min / .sigma_max (an adapter).")
     settings = plan["settings"]
-    sampler = DLGSampler(score, noise_posterior, levels, shape=shape, seed=seed, device=device,
-                         **{k: v for k, v in settings.items() if k != "shape"})
+    sampler = cls(score, noise_posterior, levels, shape=shape, seed=seed, device=device,
+                  **{k: v for k, v in settings.items() if k != "shape"})
     search = settings["kernel"] == "restart" and settings.get("restart_sigma") is None
     pilot = None
     if search:

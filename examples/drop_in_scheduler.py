@@ -12,14 +12,15 @@ import argparse
 
 from diffusers import DDPMPipeline
 
+from dlg_sampler.cli.common import HelpFormatter
 from dlg_sampler.digits import CLASSIFIER_DIR, PIPELINE_DIR
 from dlg_sampler.images import image_grid
 from dlg_sampler.pipelines import DLGScheduler
 
-parser = argparse.ArgumentParser()
-parser.add_argument("--batch-size", type=int, default=16)
-parser.add_argument("--steps", type=int, default=10)
-parser.add_argument("--out", default="drop_in.png")
+parser = argparse.ArgumentParser(formatter_class=HelpFormatter)
+parser.add_argument("--batch-size", type=int, default=16, help="images per pipeline call")
+parser.add_argument("--steps", type=int, default=10, help="num_inference_steps: model calls per sample")
+parser.add_argument("--out", default="drop_in.png", help="image grid of the last call")
 args = parser.parse_args()
 
 pipe = DDPMPipeline.from_pretrained(PIPELINE_DIR)

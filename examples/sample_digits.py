@@ -14,13 +14,17 @@ from diffusers import DDPMPipeline
 
 from dlg_sampler import DLGSampler, NoiseClassifier, integrate
 from dlg_sampler.adapters import from_pipeline
+from dlg_sampler.cli.common import HelpFormatter
 from dlg_sampler.digits import CLASSIFIER_DIR, PIPELINE_DIR, DigitsEvaluator
 from dlg_sampler.images import image_grid
 
-parser = argparse.ArgumentParser()
-parser.add_argument("--n", type=int, default=500)
+#: The core integrator DLG is compared with: DPM-Solver++ 2M.
+VANILLA = "dpmpp_2m"
+
+parser = argparse.ArgumentParser(formatter_class=HelpFormatter)
+parser.add_argument("--n", type=int, default=500, help="samples to draw (and to score)")
 parser.add_argument("--nfe", type=int, default=10, help="model evaluations per sample, everything counted")
-parser.add_argument("--out", default="digits_dlg.png")
+parser.add_argument("--out", default="digits_dlg.png", help="image grid of the DLG samples")
 args = parser.parse_args()
 
 pipe = DDPMPipeline.from_pretrained(PIPELINE_DIR)           # a plain diffusers pipeline folder
@@ -36,9 +40,10 @@ print(f"DLG {st['kernel']} kernel, S {st['restart_sigma']:.3g}, {st['chains']} c
       {k: round(v, 3) for k, v in evaluator.evaluate(x).items() if k in ("fd", "coverage", "entropy")})
 
 steps = int(st["nfe_per_sample"])                          # the most steps that fit DLG's whole cost
-x_vanilla, nfe = integrate("unipc", score, score.sigma_max * torch.randn(args.n, 1, 8, 8), score.sigma_max, steps)
-print(f"vanilla DPM-Solver++ 2M, {nfe} NFE", {k: round(v, 3) for k, v in evaluator.evaluate(x_vanilla.clamp(-1, 1)).items()
-                                              if k in ("fd", "coverage", "entropy")})
+x_vanilla, nfe = integrate(VANILLA, score, score.sigma_max * torch.randn(args.n, 1, 8, 8), score.sigma_max, steps)
+print(f"vanilla {VANILLA} (DPM-Solver++ 2M), {nfe} NFE",
+      {k: round(v, 3) for k, v in evaluator.evaluate(x_vanilla.clamp(-1, 1)).items()
+       if k in ("fd", "coverage", "entropy")})
 
 image_grid(x).save(args.out)                              # square-ish, padded, tiles upscaled to 64 px
 print("wrote", args.out)

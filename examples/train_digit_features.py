@@ -22,7 +22,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import trange
 
+from dlg_sampler.cli.common import HelpFormatter
 from dlg_sampler.digits import DigitFeatureNet, load_digits_data
+
+
+class RawHelpFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
+    """``--help``: this docstring as written, and every option's default."""
 
 
 def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
@@ -40,14 +45,15 @@ def accuracy(net: DigitFeatureNet, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--max-shift", type=int, default=1)
-    parser.add_argument("--max-noise", type=float, default=0.2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=RawHelpFormatter)
+    parser.add_argument("--steps", type=int, default=3000, help="training steps")
+    parser.add_argument("--batch-size", type=int, default=128, help="images per step")
+    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (one-cycle schedule)")
+    parser.add_argument("--max-shift", type=int, default=1, help="largest random translation, in pixels")
+    parser.add_argument("--max-noise", type=float, default=0.2,
+                        help="largest std of the pixel noise added to half of each batch")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (results depend on it)")
     parser.add_argument("--out", default="digit-features", help="output folder (a new one, or --overwrite)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (e.g. the shipped weights)")
     args = parser.parse_args(argv)
@@ -74,11 +80,11 @@ def main(argv: list[str] | None = None) -> None:
         loss.backward()
         opt.step()
         sched.step()
-        if step % 200 == 0:
+        if step % 200 == 0 or step + 1 == args.steps:  # the bar ends on the final loss
             bar.set_postfix(loss=f"{loss.item():.4f}")
     net.eval()
-    print(f"trained {args.steps} steps in {time.time() - start:.0f}s; accuracy: train {accuracy(net, x_train, y_train):.4f},"
-          f" held-out {accuracy(net, x_test, y_test):.4f}")
+    print(f"trained {args.steps} steps in {time.time() - start:.0f}s, last loss {loss.item():.4f}; accuracy: train "
+          f"{accuracy(net, x_train, y_train):.4f}, held-out {accuracy(net, x_test, y_test):.4f}")
     net.save_pretrained(args.out)
     print(f"saved to {args.out}")
 

@@ -24,7 +24,12 @@ import torch.nn.functional as F
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from tqdm.auto import trange
 
+from dlg_sampler.cli.common import HelpFormatter
 from dlg_sampler.digits import load_digits_data
+
+
+class RawHelpFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
+    """``--help``: this docstring as written, and every option's default."""
 
 
 def build_unet() -> UNet2DModel:
@@ -37,13 +42,14 @@ def build_unet() -> UNet2DModel:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=6000)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--ema-decay", type=float, default=0.999)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=RawHelpFormatter)
+    parser.add_argument("--steps", type=int, default=6000, help="training steps")
+    parser.add_argument("--batch-size", type=int, default=128, help="images per step")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (one-cycle schedule)")
+    parser.add_argument("--ema-decay", type=float, default=0.999,
+                        help="decay of the EMA of the weights (the EMA is saved)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (results depend on it)")
     parser.add_argument("--out", default="digits-model", help="output folder (a new one, or --overwrite)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (e.g. the shipped weights)")
     args = parser.parse_args(argv)
@@ -74,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
             decay = min(args.ema_decay, (1 + step) / (10 + step))
             for pe, p in zip(ema.parameters(), unet.parameters()):
                 pe.lerp_(p, 1 - decay)
-        if step % 200 == 0:
+        if step % 200 == 0 or step + 1 == args.steps:  # the bar ends on the final loss
             bar.set_postfix(loss=f"{loss.item():.4f}")
     print(f"trained {args.steps} steps in {time.time() - start:.0f}s, last loss {loss.item():.4f}")
     DDPMPipeline(unet=ema, scheduler=scheduler).save_pretrained(args.out, safe_serialization=True)

@@ -12,12 +12,14 @@ from diffusers import DDPMPipeline
 
 from dlg_sampler import DLGSampler, NoiseClassifier, integrate
 from dlg_sampler.adapters import from_pipeline
+from dlg_sampler.cli.common import HelpFormatter
 from dlg_sampler.digits import CLASSIFIER_DIR, PIPELINE_DIR, DigitsEvaluator
 
-parser = argparse.ArgumentParser()
-parser.add_argument("--scheduler", default="DPMSolverMultistepScheduler")
+parser = argparse.ArgumentParser(formatter_class=HelpFormatter)
+parser.add_argument("--scheduler", default="DPMSolverMultistepScheduler",
+                    help="diffusers scheduler class that denoises each restart")
 parser.add_argument("--nfe", type=int, default=10, help="model evaluations per sample, everything counted")
-parser.add_argument("--n", type=int, default=500)
+parser.add_argument("--n", type=int, default=500, help="samples to draw (and to score)")
 args = parser.parse_args()
 
 pipe = DDPMPipeline.from_pretrained(PIPELINE_DIR)

@@ -88,6 +88,29 @@ def test_trained_classifier_approaches_bayes_optimal_cross_entropy(mixture):
     assert got["within_5"] > 0.9 * exact["within_5"]
 
 
+def test_the_progress_bar_ends_on_the_final_loss(monkeypatch):
+    """The bar was updated every 50 steps only, so it ended on a stale loss next to the final one."""
+    from tqdm.auto import tqdm
+
+    from dlg_sampler import classifier as module
+
+    shown = []
+
+    class Bar(tqdm):
+        def __iter__(self):
+            for self.step in super().__iter__():
+                yield self.step
+
+        def set_postfix(self, **kwargs):
+            shown.append((self.step, kwargs["loss"]))
+            super().set_postfix(**kwargs)
+
+    monkeypatch.setattr(module, "trange", lambda *args, **kwargs: Bar(range(*args), **kwargs))
+    data = torch.randn(64, 8)
+    metrics = train_noise_classifier(mlp(hidden=16, mlp_layers=1), data, steps=3, batch_size=8, progress=True)
+    assert shown[-1] == (2, f"{metrics['train_loss']:.3f}")
+
+
 def test_training_resumes_to_identical_weights(tmp_path, mixture):
     data = mixture.sample(2000, generator=torch.Generator().manual_seed(0))
     kw = dict(steps=30, batch_size=64, lr=1e-3, progress=False, seed=3)

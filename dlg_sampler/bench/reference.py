@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..integrators import count_nfe, integrate
 from ..shards import save_tensors, sha256
-from .runs import make_scheduler, write_json
+from .common import class_proportions, make_scheduler, write_json
 
 #: The reference sampler: vanilla Karras Heun, 100 steps from sigma_max (199 NFE).
 REFERENCE_SAMPLER, REFERENCE_STEPS = "karras_heun", 100
@@ -197,7 +197,6 @@ def convergence_check(reference: torch.Tensor, model, n: int, seed: int, folder:
     the digit-feature space and total variation of the predicted-class proportions. Chunks in ``folder``."""
     from ..digits import DigitsEvaluator
     from ..metrics import frechet_distance
-    from .workloads import class_proportions
 
     evaluator = DigitsEvaluator()
     classes = evaluator.net.head.out_features

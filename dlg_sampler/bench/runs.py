@@ -26,6 +26,7 @@ from ..diagnostics import OutputCorrelation
 from ..diagnostics import ess_fraction as _ess_fraction
 from ..integrators import integrate, steps_for_nfe
 from ..sampler import DLGSampler
+from .common import make_scheduler, write_json
 from .registry import BUDGETS_BY_WORKLOAD, DEFAULT_DLG, DLG_CONFIGS, LEVERS, SCHEDULERS, DLGConfig, Lever
 from .workloads import Workload
 
@@ -49,15 +50,6 @@ class Counter:
 
     def __getattr__(self, name: str):
         return getattr(self.fn, name)
-
-
-def make_scheduler(label: str, config: dict[str, Any]):
-    """Scheduler ``label`` of ``SCHEDULERS`` on the model's training schedule with ``timestep_spacing="trailing"``,
-    so its schedule starts at the top level (vanilla runs start at sigma_max, as DLG's warm-up does)."""
-    import diffusers
-
-    name, overrides = SCHEDULERS[label]
-    return getattr(diffusers, name).from_config({**config, "timestep_spacing": "trailing", **overrides})
 
 
 def resolve_integrator(name: str, w: Workload):
@@ -306,13 +298,6 @@ def plan_runs(workloads: dict[str, int], seeds: Iterable[int], vanilla: dict[str
 def read_json(path: Path) -> dict[str, Any]:
     """``path``'s JSON object, or ``{}`` if there is no such file."""
     return json.loads(Path(path).read_text()) if Path(path).exists() else {}
-
-
-def write_json(data: dict[str, Any], path: Path) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename (never half-written)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def update_json(path: Path, change: Callable[[dict[str, Any]], None]) -> None:

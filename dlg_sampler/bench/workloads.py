@@ -13,6 +13,8 @@ from ..integrators import Score
 from ..levels import NoiseLevels
 from ..metrics import SlicedWasserstein, frechet_distance
 from ..mixture import GaussianMixture
+from .common import class_proportions
+from .reference import ensure_reference
 from .registry import WORKLOADS, DigitsSpec, MixtureSpec
 
 #: Seed of the exact samples every mixture run is scored against (the floor rows draw with the run seed).
@@ -109,11 +111,6 @@ def mixture_workload(name: str, spec: MixtureSpec, n: int, quick: bool = False) 
 
 
 # ----------------------------------------------------------------------------- digits
-def class_proportions(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """``labels [N]`` -> proportions ``[num_classes]`` (float64)."""
-    return torch.bincount(labels, minlength=num_classes).double() / len(labels)
-
-
 def digits_workload(n: int, reference: torch.Tensor, reference_info: dict[str, Any]) -> Workload:
     """The shipped digits model and classifier. Samples are clamped to ``[-1, 1]`` (as the reference is) and
     scored in the digit-feature space: ``fd_ref`` against the model reference, ``fd_real`` against the held-out
@@ -148,8 +145,6 @@ def build_workload(name: str, n: int | None, quick: bool, reference_dir: Path | 
     model reference first if it is missing (announcing the cost)."""
     spec = WORKLOADS[name]
     if isinstance(spec, DigitsSpec):
-        from .reference import ensure_reference
-
         samples, info = ensure_reference(reference_n, reference_seed, reference_dir)
         return digits_workload(n or spec.n, samples, info)
     return mixture_workload(name, spec, n or spec.n, quick)

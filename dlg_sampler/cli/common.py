@@ -12,12 +12,17 @@ from pathlib import Path
 
 import torch
 
-from .. import digits
+from .. import presets
 from ..models import load_model
 
 DIGITS = "digits"
 #: The budget when ``--nfe`` is not given: model evaluations per sample, everything counted.
 DEFAULT_NFE = 10
+#: ``--batch-size`` when not given: the most samples one model call sees. A UNet of google/ddpm-cifar10-32's
+#: configuration (35.7M parameters) takes about 10 MB per sample in float32, 2.5 GB at 256 (docs/usage.md).
+DEFAULT_BATCH_SIZE = 256
+#: ``--dtype`` names: the precision the model is evaluated in (the chains and solvers stay float32).
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -52,6 +57,38 @@ def check_device(device: str | None, parser: argparse.ArgumentParser) -> None:
         parser.error(f"--device {device}: MPS is not available in this torch build or machine; use --device cpu")
 
 
+def add_batching_arguments(p: argparse.ArgumentParser) -> None:
+    """``--batch-size`` and ``--dtype``: how the model is evaluated (the samples do not depend on the first)."""
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                   help="the most samples one model call sees (the chains stay in memory; the same seed gives the "
+                        "same samples, up to the network's rounding): lower it when the model runs out of memory, "
+                        "raise it for a large GPU")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES),
+                   help="precision the model is evaluated in; the chains, lifts and solvers stay float32")
+
+
+def check_batching(args: argparse.Namespace, device, parser: argparse.ArgumentParser) -> None:
+    """Refuse a ``--batch-size`` below 1, and a ``--dtype`` the device cannot compute in (a few of a UNet's ops are
+    tried on it), before anything loads."""
+    if args.batch_size <= 0:
+        parser.error(f"--batch-size must be at least 1 (samples per model call), got {args.batch_size}: pass e.g. "
+                     f"--batch-size {DEFAULT_BATCH_SIZE}, less if the model runs out of memory")
+    dtype = DTYPES[args.dtype]
+    if dtype == torch.float32:
+        return
+    try:
+        x = torch.ones(1, 4, 4, 4, device=device, dtype=dtype)
+        x = torch.nn.functional.conv2d(x, torch.ones(4, 4, 3, 3, device=device, dtype=dtype), padding=1)
+        x = torch.nn.functional.silu(torch.nn.functional.group_norm(x, 2))
+        q = torch.nn.functional.linear(x.flatten(2).transpose(1, 2), torch.ones(4, 4, device=device, dtype=dtype))
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)
+        torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest")
+    except (RuntimeError, TypeError) as err:
+        parser.error(f"--dtype {args.dtype}: torch {torch.__version__} cannot compute in {args.dtype} on "
+                     f"{torch.device(device)} ({str(err).splitlines()[0]}); use --dtype float32"
+                     f"{' or bfloat16' if dtype == torch.float16 else ''} there, or a GPU (--device cuda)")
+
+
 def check_writable(path: str | Path, flag: str, parser: argparse.ArgumentParser, *, folder: bool) -> None:
     """Refuse an output ``path`` (a file, or a ``folder``) that cannot be written, before any compute: its nearest
     existing folder must take a new file, and an existing file must be writable. Creates nothing."""
@@ -79,6 +116,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """``--model``, ``--classifier`` and the score_sde options, shared by ``dlg-sample`` and ``dlg-tune``."""
     p.add_argument("--model", default=None, help="diffusers pipeline folder, Hub repo id or score_sde checkpoint "
                                                  "(default: the shipped digits model)")
+    p.add_argument("--preset", default=None, choices=list(presets.PRESETS),
+                   help="a model trained in-project, scored by its own evaluator (default: digits when no --model "
+                        "is given); photo-digits: its trained folder, named by DLG_PHOTO_DIGITS_PIPELINE, until "
+                        "its weights ship")
     p.add_argument("--classifier", default=None, help="NoiseClassifier folder or Hub repo id, needed by the Gibbs "
                                                       "kernel (default: the shipped digits classifier with the digits "
                                                       "model; none with --model: the restart kernel needs none)")
@@ -105,8 +146,14 @@ def add_device_argument(p: argparse.ArgumentParser) -> None:
 
 def check_model_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> bool:
     """Whether the run is the shipped preset; refuses a classifier without its model, and the Gibbs kernel
-    without a classifier (the restart kernel needs none)."""
+    without a classifier (the restart kernel needs none). On the preset, sets ``args.preset`` (default digits)."""
+    if args.preset is not None and args.model is not None:
+        parser.error(f"--preset {args.preset} and --model {args.model} name two models; pass one of them")
     preset = args.model is None
+    args.preset = (args.preset or "digits") if preset else None
+    if preset and presets.PRESETS[args.preset].classifier_dir is None and getattr(args, "kernel", None) == "gibbs":
+        parser.error(f"--kernel gibbs needs a noise classifier and the {args.preset} preset has none; use the "
+                     "restart kernel, which needs none")
     if preset and args.classifier is not None:
         parser.error("--classifier needs --model (the shipped classifier belongs to the shipped model)")
     if not preset and args.classifier is None and getattr(args, "kernel", "restart") == "gibbs":
@@ -121,14 +168,17 @@ def load(args: argparse.Namespace, device, preset: bool):
     restart kernel runs on the model's trained range); exits with the loader's message."""
     from ..models import load_classifier
 
+    dtype = getattr(args, "dtype", "float32")  # dlg-sample --dtype: the model's precision
     score_sde_kwargs = {"beta_min": args.beta_min, "beta_max": args.beta_max, "sigma_min": args.sde_sigma_min,
                         "sigma_max": args.sde_sigma_max, "continuous": args.continuous}
     try:
-        spec = digits.CLASSIFIER_DIR if preset else args.classifier
+        spec = presets.PRESETS[args.preset].classifier_dir if preset else args.classifier
         classifier = None if spec is None else load_classifier(spec, device)
-        model = load_model(str(digits.PIPELINE_DIR if preset else args.model), score_sde_net=args.score_sde_net,
+        model = load_model(str(presets.pipeline_path(args.preset) if preset else args.model),
+                           score_sde_net=args.score_sde_net,
                            sde=args.sde, shape=tuple(args.shape) if args.shape else None,
-                           score_sde_kwargs=score_sde_kwargs, device=device)
+                           score_sde_kwargs=score_sde_kwargs, device=device,
+                           dtype=None if dtype == "float32" else DTYPES[dtype])
     except ValueError as err:
         sys.exit(f"error: {err}")
     if model.prompts:

@@ -14,14 +14,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .. import digits
+from .. import presets
 from ..diagnostics import ess_fraction
 from ..integrators import INTEGRATORS, count_nfe, integrate, steps_for_nfe
 from ..models import make_integrator
 from ..parallel import cpu_processes, process_seed
-from ..sampler import KERNELS, RESTART_SCALE, DLGSampler
-from .common import (DEFAULT_NFE, HelpFormatter, add_device_argument, add_model_arguments, budget_error, check_device,
-                     check_model_flags, check_writable, load, output_format, positive)
+from ..sampler import KERNELS, RESTART_SCALE, DLGSampler, micro_batched
+from .common import (DEFAULT_NFE, HelpFormatter, add_batching_arguments, add_device_argument, add_model_arguments,
+                     budget_error, check_batching, check_device, check_model_flags, check_writable, load, output_format,
+                     positive)
 
 #: The few-step peers the summary measures at DLG's total NFE: label -> (diffusers scheduler, config overrides), each
 #: configured from the pipeline's scheduler with trailing spacing (its schedule starts at sigma_max, where the noise is).
@@ -93,6 +94,7 @@ def sample_parser() -> argparse.ArgumentParser:
                    help="also run the vanilla integrator and the diffusers peers at DLG's total NFE and compare "
                         "(default: on for digits)")
     add_device_argument(p)
+    add_batching_arguments(p)
     return p
 
 
@@ -122,10 +124,11 @@ def _save_grid(images: torch.Tensor, path: Path) -> None:
     image_grid(images).save(path)
 
 
-def _images(model, samples: torch.Tensor, device) -> torch.Tensor:
-    """The one post-processing every sampler's samples get, before saving and scoring: decoded (latent models) and
-    clamped to ``[-1, 1]``: ``[N, *shape] -> [N, C, H, W]``."""
-    return model.decode(samples.to(device)).clamp(-1, 1)
+def _images(model, samples: torch.Tensor, device, batch_size: int | None = None) -> torch.Tensor:
+    """The one post-processing every sampler's samples get, before saving and scoring: decoded (latent models, at
+    most ``batch_size`` at once) and clamped to ``[-1, 1]``: ``[N, *shape] -> [N, C, H, W]``."""
+    return torch.cat([model.decode(x.to(device)) for x in samples.split(batch_size or max(len(samples), 1))]
+                     ).clamp(-1, 1)
 
 
 def _tuning_record(sampler: DLGSampler) -> dict:
@@ -167,6 +170,7 @@ def sample_main(argv: list[str] | None = None) -> None:
     accelerator = Accelerator(cpu=cpu_processes(args.device))
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     device = args.device or accelerator.device
+    check_batching(args, device, parser)
     seed = process_seed(args.seed, rank, world)
     n = args.n // world + (rank < args.n % world)
     first = rank * (args.n // world) + min(rank, args.n % world)  # this process's first sample in the run
@@ -195,12 +199,13 @@ def sample_main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     writer = state = None
     if args.out_dir is not None:
-        config = {"model": str(args.model or "digits"), "classifier": str(args.classifier or "digits"),
+        config = {"model": str(args.model or args.preset), "classifier": str(args.classifier or args.preset),
                   "nfe": None if args.denoise_steps is not None else nfe, "kernel": args.kernel,
                   "restart_sigma": args.restart_sigma, "step_size": args.step_size, "gibbs_steps": args.gibbs_steps,
                   "denoise_steps": args.denoise_steps, "integrator": args.integrator, "chains": args.chains,
                   "n": args.n, "seed": args.seed, "shard_size": args.shard_size, "processes": world, "tuning": None,
-                  "latents": getattr(model.pipeline, "vae", None) is not None}
+                  "latents": getattr(model.pipeline, "vae", None) is not None,
+                  **({} if args.dtype == "float32" else {"dtype": args.dtype})}  # absent: float32, as before --dtype
         try:
             writer = ShardWriter(args.out_dir, config, derived=("tuning", "latents"), overwrite=args.overwrite,
                                  prefix="" if world == 1 else f"p{rank}-", format=fmt, images=range(first, first + n))
@@ -216,7 +221,8 @@ def sample_main(argv: list[str] | None = None) -> None:
         overrides.update(denoise_steps=chosen["denoise_steps"], restart_sigma=state["restart_sigma"])
     try:
         sampler = DLGSampler.for_budget(model.score, classifier, shape=model.shape, nfe=nfe, n=max(n, 1),
-                                        num_chains=num_chains, seed=seed, device=device, **overrides)
+                                        num_chains=num_chains, seed=seed, device=device,
+                                        max_batch_size=args.batch_size, **overrides)
     except ValueError as err:
         sys.exit(budget_error(err))
     if state is not None:
@@ -237,7 +243,7 @@ def sample_main(argv: list[str] | None = None) -> None:
                     continue
                 batch = sampler.sample(size, progress_bar=bar)
                 writer.config["tuning"] = _tuning_record(sampler)
-                images = _images(model, batch, device) if args.png or fmt != "safetensors" else None
+                images = _images(model, batch, device, args.batch_size) if args.png or fmt != "safetensors" else None
                 path = writer.write(batch, sampler.state_dict(),
                                     None if fmt == "safetensors" else to_uint8(images, rgb=True))
                 if args.png:
@@ -267,14 +273,14 @@ def sample_main(argv: list[str] | None = None) -> None:
         print(f"wrote {args.n} samples to {args.out_dir}{as_files}")
         return
     out = Path(args.out)
-    images = _images(model, samples, device)
+    images = _images(model, samples, device, args.batch_size)
     try:
         _save_grid(images, out)
         save_tensors({"samples": samples.contiguous().clone(), "images": images.contiguous().cpu().clone()},
                      out.with_suffix(".safetensors"))
     except OSError as err:
         sys.exit(f"error: cannot write {out} ({err.strerror}): pass a writable --out path.")
-    evaluator = digits.DigitsEvaluator() if preset else None
+    evaluator = presets.PRESETS[args.preset].evaluator() if preset else None
     if evaluator is not None:
         line += "; " + _quality(evaluator.evaluate(images.cpu()))
         if world == 1 and sampler.stats["reinitialised"] == 0:
@@ -380,10 +386,11 @@ def _compare(model, integrator, args: argparse.Namespace, dlg_nfe: float, evalua
         g = torch.Generator(device).manual_seed(args.seed)
         x = model.sigma_max * torch.randn(args.n, *model.shape, generator=g, device=device)
         start = time.perf_counter()
-        x0, used = integrate(sampler, model.score, x, model.sigma_max, steps, generator=g)
+        x0, used = integrate(sampler, micro_batched(model.score, args.batch_size), x, model.sigma_max, steps,
+                             generator=g)
         line = f"{label}, {steps} steps: NFE/sample {used}, wall {time.perf_counter() - start:.1f}s"
         if evaluator is not None:
-            line += "; " + _quality(evaluator.evaluate(_images(model, x0, device).cpu()))
+            line += "; " + _quality(evaluator.evaluate(_images(model, x0, device, args.batch_size).cpu()))
         print(line)
 
 

@@ -58,7 +58,7 @@ def tune_main(argv: list[str] | None = None) -> None:
         print(json.dumps({**tuning, "pilot_share_of_run": pilot["evaluations"] / run}, indent=1))
         return
     print(f"budget: {args.nfe} model evaluations per sample, everything counted, for n={args.n} samples "
-          f"({'the digits preset' if preset else args.model})")
+          f"({f'the {args.preset} preset' if preset else args.model})")
     level = "at the warm-up" if settings["restart_sigma"] is None else f"{settings['restart_sigma']:.4g}"
     print(f"settings: {settings['kernel']} kernel, restart_sigma {level}, {settings['num_chains']} chains "
           f"({args.n / settings['num_chains']:.1f} outputs each), {settings['integrator']} "
