@@ -19,12 +19,13 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import trange
 
 from .hub import QuietHubMixin, describe_folder, download_folder, local_or_repo_id, read_config
 from .levels import NoiseLevels
 from .parallel import process_seed
+from .shards import save_tensors
 
 #: Architectures of ``NoiseClassifier``: a conv net for images ``[C, H, W]`` and an MLP for any flat shape.
 ARCHS = ("cnn", "mlp")
@@ -303,11 +304,11 @@ def _save_checkpoint(path: Path, classifier: NoiseClassifier, optimizer: torch.o
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in classifier.state_dict().items()}, str(tmp / "model.safetensors"))
+    save_tensors({k: v.contiguous() for k, v in classifier.state_dict().items()}, tmp / "model.safetensors")
     opt = optimizer.state_dict()
     tensors = {f"state.{pid}.{name}": v for pid, s in opt["state"].items() for name, v in s.items()}
     tensors.update({f"generator_state.{rank}": g for rank, g in enumerate(generators)})
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    save_tensors(tensors, tmp / "optimizer.safetensors")
     state = {**state, "param_groups": opt["param_groups"]}
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
     shutil.rmtree(path, ignore_errors=True)

@@ -141,11 +141,11 @@ class DigitsEvaluator:
     def save_reference_stats(self, samples: torch.Tensor, path: str | Path, metadata: dict[str, str]) -> None:
         """Write the feature mean ``[F]`` and covariance ``[F, F]`` of ``samples [N, 1, 8, 8]`` (clamped to
         ``[-1, 1]`` as every scored sample is) to ``path`` (safetensors, with ``metadata`` saying how they were made)."""
-        from safetensors.torch import save_file
+        from .shards import save_tensors
 
         mu, cov = feature_stats(self.features(torch.as_tensor(samples).clamp(-1, 1)))
-        save_file({"mu": torch.from_numpy(mu), "cov": torch.from_numpy(cov)}, str(path),
-                  metadata={**metadata, "n": str(len(samples))})
+        save_tensors({"mu": torch.from_numpy(mu), "cov": torch.from_numpy(cov)}, path,
+                     metadata={**metadata, "n": str(len(samples))})
 
     def model_reference_stats(self, path: str | Path | None = None) -> tuple | None:
         """The stored feature statistics of the model's own distribution (:meth:`save_reference_stats`; default

@@ -29,7 +29,14 @@ PROBE_TIMEOUT = 5.0
 
 class QuietHubMixin(PyTorchModelHubMixin):
     """``PyTorchModelHubMixin`` whose ``from_pretrained`` of a local folder prints nothing (the mixin prints
-    "Loading weights from local directory" on every such load) and loads the weights strictly."""
+    "Loading weights from local directory" on every such load) and loads the weights strictly, and whose
+    ``save_pretrained`` leaves the weights with the user's normal file mode (safetensors writes 0600)."""
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        from .shards import user_mode
+
+        super()._save_pretrained(save_directory)
+        os.chmod(Path(save_directory) / constants.SAFETENSORS_SINGLE_FILE, user_mode())
 
     @classmethod
     def _from_pretrained(cls, *, model_id: str, revision, cache_dir, force_download, local_files_only, token,

@@ -11,11 +11,16 @@ from PIL import Image, ImageOps
 GRID_FILL = 255
 
 
+def to_uint8(images: torch.Tensor, *, rgb: bool = False) -> torch.Tensor:
+    """``images [N, C, H, W]`` in ``[-1, 1]`` -> ``[N, H, W, C]`` uint8 on the CPU, ``round((x + 1) * 127.5)``;
+    ``rgb``: one channel repeated to three (what FID tools feed their Inception network)."""
+    arr = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+    return arr.expand(-1, -1, -1, 3).contiguous() if rgb and arr.shape[-1] == 1 else arr.contiguous()
+
+
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """``images [N, C, H, W]`` in ``[-1, 1]`` (C = 1 or 3) -> ``N`` PIL images (grayscale for C = 1)."""
-    arr = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    arr = arr.permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arr]
+    return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in to_uint8(images).numpy()]
 
 
 def image_grid(images: torch.Tensor | list[Image.Image], *, padding: int = 2, min_tile: int = 64) -> Image.Image:

@@ -21,11 +21,11 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from ..integrators import count_nfe, integrate
-from ..shards import sha256
+from ..shards import save_tensors, sha256
 from .common import class_proportions, make_scheduler, write_json
 
 #: The reference sampler: vanilla Karras Heun, 100 steps from sigma_max (199 NFE).
@@ -70,7 +70,7 @@ def chunk_seed(kind: str, seed: int, index: int) -> int:
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, tmp, metadata=metadata)
+    save_tensors(tensors, tmp, metadata=metadata)
     os.replace(tmp, path)
 
 

@@ -198,6 +198,16 @@ def budget_error(err: ValueError) -> str:
 
 
 
+def output_format(*allowed: str):
+    """The ``--format`` argument type: one of ``allowed``, anything else refused with the choices named."""
+    def parse(value: str) -> str:
+        if value not in allowed:
+            lossy = " (JPEG's lossy compression shifts FID; png is lossless)" if value.lower() in ("jpg", "jpeg") else ""
+            raise argparse.ArgumentTypeError(f"{value!r} is not an output format: use {', '.join(allowed)}{lossy}")
+        return value
+    return parse
+
+
 def positive(value, name: str, parser: argparse.ArgumentParser) -> None:
     if value is not None and (not math.isfinite(value) or value <= 0):
         parser.error(f"{name} must be positive, got {value}")

@@ -21,7 +21,8 @@ from ..models import make_integrator
 from ..parallel import cpu_processes, process_seed
 from ..sampler import KERNELS, RESTART_SCALE, DLGSampler, micro_batched
 from .common import (DEFAULT_NFE, HelpFormatter, add_batching_arguments, add_device_argument, add_model_arguments,
-                     budget_error, check_batching, check_device, check_model_flags, check_writable, load, positive)
+                     budget_error, check_batching, check_device, check_model_flags, check_writable, load, output_format,
+                     positive)
 
 #: The few-step peers the summary measures at DLG's total NFE: printed name -> (``dlg-bench`` label: its
 #: ``SCHEDULERS`` / ``CORE_PEERS`` entry, with the schedule each one's authors use at few steps; what the line says).
@@ -89,6 +90,10 @@ def sample_parser() -> argparse.ArgumentParser:
                                                        "launch derives its own)")
     p.add_argument("--out", default="samples.png", help="PNG grid (the raw samples go next to it as .safetensors)")
     p.add_argument("--out-dir", default=None, help="write resumable shards + manifest here instead of --out")
+    p.add_argument("--format", type=output_format("png", "npz", "safetensors"), default=None,
+                   metavar="{png,npz,safetensors}",
+                   help="with --out-dir: the raw samples in the shards (safetensors, the default), numbered PNGs "
+                        "(000000.png ...) or one samples.npz (arr_0 uint8 [N, H, W, 3]), as FID tools read them")
     p.add_argument("--shard-size", type=int, default=1024, help="samples per shard with --out-dir")
     p.add_argument("--png", action="store_true", help="with --out-dir, also write one PNG grid per shard")
     p.add_argument("--overwrite", action="store_true", help="with --out-dir, discard a previous run there")
@@ -142,9 +147,8 @@ def _tuning_record(sampler: DLGSampler) -> dict:
 def sample_main(argv: list[str] | None = None) -> None:
     from accelerate import Accelerator
     from accelerate.utils import gather_object
-    from safetensors.torch import save_file
-
-    from ..shards import ShardWriter, shard_sizes
+    from ..images import to_uint8
+    from ..shards import NPZ, ShardWriter, save_tensors, shard_sizes, write_npz
     from ..tuning import plan_budget
 
     parser = sample_parser()
@@ -161,6 +165,11 @@ def sample_main(argv: list[str] | None = None) -> None:
         check_writable(args.out, "--out", parser, folder=False)
     else:
         check_writable(args.out_dir, "--out-dir", parser, folder=True)
+    if args.format is not None and args.out_dir is None:
+        parser.error(f"--format {args.format} writes into --out-dir: add --out-dir DIR (--out is one grid to look at)")
+    if args.format == "png" and args.png:
+        parser.error("--png grids would sit among the --format png samples, and FID tools would read them as "
+                     "samples: drop --png")
     check_device(args.device, parser)
     if args.integrator == "ode_rk45" and args.denoise_steps is None:
         sys.exit("error: ode_rk45 is adaptive, its NFE cannot be budgeted: pass --denoise-steps instead of --nfe.")
@@ -171,6 +180,7 @@ def sample_main(argv: list[str] | None = None) -> None:
     check_batching(args, device, parser)
     seed = process_seed(args.seed, rank, world)
     n = args.n // world + (rank < args.n % world)
+    first = rank * (args.n // world) + min(rank, args.n % world)  # this process's first sample in the run
     nfe = args.nfe or DEFAULT_NFE
     if args.denoise_steps is None and args.integrator in INTEGRATORS:  # scheduler names: once configured, below
         try:  # the budget's arithmetic needs no model: a budget below the minimum is refused before loading
@@ -186,6 +196,12 @@ def sample_main(argv: list[str] | None = None) -> None:
     overrides["integrator"] = integrator
     if args.denoise_steps is not None:  # the budget the given steps imply per output: it sizes the pilot
         nfe = count_nfe(integrator, args.denoise_steps, dlg=isinstance(integrator, str))
+    fmt = args.format or "safetensors"
+    if fmt != "safetensors":  # one decoded sample says whether the model's samples make image files
+        probe = _images(model, torch.zeros(1, *model.shape), device)
+        if probe.dim() != 4 or probe.shape[1] not in (1, 3):
+            sys.exit(f"error: --format {fmt} writes images with 1 or 3 channels, and this model's samples decode to "
+                     f"{list(probe.shape[1:])}: use --format safetensors.")
 
     start = time.perf_counter()
     writer = state = None
@@ -195,10 +211,11 @@ def sample_main(argv: list[str] | None = None) -> None:
                   "restart_sigma": args.restart_sigma, "step_size": args.step_size, "gibbs_steps": args.gibbs_steps,
                   "denoise_steps": args.denoise_steps, "integrator": args.integrator, "chains": args.chains,
                   "n": args.n, "seed": args.seed, "shard_size": args.shard_size, "processes": world, "tuning": None,
+                  "latents": getattr(model.pipeline, "vae", None) is not None,
                   **({} if args.dtype == "float32" else {"dtype": args.dtype})}  # absent: float32, as before --dtype
         try:
-            writer = ShardWriter(args.out_dir, config, derived=("tuning",), overwrite=args.overwrite,
-                                 prefix="" if world == 1 else f"p{rank}-")
+            writer = ShardWriter(args.out_dir, config, derived=("tuning", "latents"), overwrite=args.overwrite,
+                                 prefix="" if world == 1 else f"p{rank}-", format=fmt, images=range(first, first + n))
         except ValueError as err:
             sys.exit(f"error: {err}")
         for warning in writer.warnings:
@@ -233,9 +250,11 @@ def sample_main(argv: list[str] | None = None) -> None:
                     continue
                 batch = sampler.sample(size, progress_bar=bar)
                 writer.config["tuning"] = _tuning_record(sampler)
-                path = writer.write(batch, sampler.state_dict())
+                images = _images(model, batch, device, args.batch_size) if args.png or fmt != "safetensors" else None
+                path = writer.write(batch, sampler.state_dict(),
+                                    None if fmt == "safetensors" else to_uint8(images, rgb=True))
                 if args.png:
-                    _save_grid(_images(model, batch, device, args.batch_size), path.with_suffix(".png"))
+                    _save_grid(images, path.with_suffix(".png"))
         elif n > 0:
             samples = sampler.sample(n, progress_bar=bar)
     for message in dict.fromkeys(str(w.message) for w in caught):  # e.g. outputs that are near-copies, once
@@ -251,14 +270,21 @@ def sample_main(argv: list[str] | None = None) -> None:
     line = _cost_line(summary, wall, resumed=state is not None)
     if writer is not None:
         print(line)
-        print(f"wrote {args.n} samples to {args.out_dir}")
+        as_files = ""
+        if fmt == "png":
+            as_files = " as 000000.png ..."
+        elif fmt == "npz":
+            if not (writer.out_dir / NPZ).exists():  # every process's shards, in one file
+                write_npz(writer.out_dir)
+            as_files = f" as {NPZ} (arr_0 uint8 [{args.n}, {probe.shape[-2]}, {probe.shape[-1]}, 3])"
+        print(f"wrote {args.n} samples to {args.out_dir}{as_files}")
         return
     out = Path(args.out)
     images = _images(model, samples, device, args.batch_size)
     try:
         _save_grid(images, out)
-        save_file({"samples": samples.contiguous().clone(), "images": images.contiguous().cpu().clone()},
-                  str(out.with_suffix(".safetensors")))
+        save_tensors({"samples": samples.contiguous().clone(), "images": images.contiguous().cpu().clone()},
+                     out.with_suffix(".safetensors"))
     except OSError as err:
         sys.exit(f"error: cannot write {out} ({err.strerror}): pass a writable --out path.")
     evaluator = presets.PRESETS[args.preset].evaluator() if preset else None
