@@ -32,6 +32,7 @@ Where even the smallest pilot is more than ``PILOT_SHARE`` of the run it is skip
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -83,8 +84,9 @@ def plan_budget(nfe: float, n: int, *, num_chains: int | None = None, outputs_pe
     Returns ``settings`` (``num_chains``, ``kernel``, ``integrator``, ``denoise_steps``, the warm-up, and
     ``gibbs_steps`` for the Gibbs kernel; ``overrides`` included as given), ``pilot_chains`` (0: no pilot),
     ``predicted_nfe_per_sample`` (pilot and warm-up amortised over ``n``) and ``full_batches``: ``None``, or where
-    the chains were raised to fill the model's calls, the protocol's chains, output rounds and warm-up steps
-    (``protocol_chains``, ``protocol_rounds``, ``protocol_warmup_steps``) and the ``rounds`` run instead. Raises a
+    the chains were raised to fill the model's calls, the protocol's chains, output rounds, warm-up and denoising
+    steps (``protocol_chains``, ``protocol_rounds``, ``protocol_warmup_steps``, ``protocol_denoise_steps``) and the
+    ``rounds`` run instead (:func:`full_batches_note` says it in words). Raises a
     ``ValueError`` naming the smallest budget that fits when one output does not. ``outputs_per_chain`` given: exactly
     ``n / outputs_per_chain`` chains (or fewer where the budget is tight), never raised.
     """
@@ -106,11 +108,13 @@ def plan_budget(nfe: float, n: int, *, num_chains: int | None = None, outputs_pe
     search = kernel == "restart" and overrides.get("restart_sigma") is None
     dlg = isinstance(integrator, str)
 
+    @functools.cache
     def warm(steps: int) -> int:
         """Model evaluations of one chain's warm-up of ``steps`` solver steps (and the Gibbs kernel's sweeps)."""
         return count_nfe(warmup_integrator, steps, dlg=False) + (
             sum(overrides.get("warmup_sweeps", (10, 10))) if kernel == "gibbs" else 0)
 
+    @functools.cache
     def per_output(steps: int) -> int:
         """Model evaluations of one output with ``steps`` denoising steps."""
         return count_nfe(integrator, steps, dlg=dlg) + gibbs_steps
@@ -156,6 +160,7 @@ def plan_budget(nfe: float, n: int, *, num_chains: int | None = None, outputs_pe
         steps = next((k for k in range(int(nfe), 0, -1) if fit(k, *protocol)), None)
         fitted = fit(steps, *protocol) if steps else None
         # Full batches where n is small, at the same steps or one fewer, as long as FULL_BATCH_MIN_STEPS remain.
+        protocol_steps = steps
         traded = [k for k in (steps, steps - 1) if k >= FULL_BATCH_MIN_STEPS] if steps and full > most else []
         steps, fitted = next(((k, f) for k in traded if (f := fit(k, *raised))), (steps, fitted))
     if fitted is None:
@@ -170,7 +175,7 @@ def plan_budget(nfe: float, n: int, *, num_chains: int | None = None, outputs_pe
                 "warmup_integrator": warmup_integrator, "warmup_steps": warmup}
     full_batches = None if chains <= most else {
         "protocol_chains": most, "protocol_rounds": math.ceil(n / most), "protocol_warmup_steps": warmup_steps,
-        "rounds": math.ceil(n / chains)}
+        "protocol_denoise_steps": protocol_steps, "rounds": math.ceil(n / chains)}
     return {"settings": settings, "pilot_chains": pilot_chains, "predicted_nfe_per_sample": predicted,
             "full_batches": full_batches}
 
@@ -229,6 +234,21 @@ def for_budget(score, noise_posterior, *, shape: tuple[int, ...], nfe: float, n:
         "full_batches": plan["full_batches"],
     }
     return sampler
+
+
+def full_batches_note(tuning: dict[str, Any]) -> str | None:
+    """Why the chains of ``sampler.tuning`` (or of a :func:`plan_budget` plan) are not ``n / outputs_per_chain``,
+    and what that cost, in a sentence; ``None`` where they are."""
+    fb, settings = tuning.get("full_batches"), tuning["settings"]
+    if fb is None:
+        return None
+    paid = [f"a {settings['warmup_steps']}-step warm-up instead of {fb['protocol_warmup_steps']}"] \
+        if settings["warmup_steps"] < fb["protocol_warmup_steps"] else []
+    if settings["denoise_steps"] < fb["protocol_denoise_steps"]:
+        paid.append(f"{settings['denoise_steps']} denoising steps instead of {fb['protocol_denoise_steps']}")
+    return (f"chains raised from n / {OUTPUTS_PER_CHAIN} = {fb['protocol_chains']} to fill the model's calls "
+            f"({fb['rounds']} rounds of calls instead of {fb['protocol_rounds']}), "
+            + (f"paid for with {' and '.join(paid)}" if paid else "their warm-up paid from the budget's slack"))
 
 
 @torch.no_grad()
