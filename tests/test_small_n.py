@@ -91,7 +91,8 @@ def test_the_sampler_makes_few_full_model_calls_counts_them_all_and_is_determini
     assert b.tuning == tuning and torch.equal(b.sample(256), xa)
 
 
-def test_the_summary_says_what_full_batches_traded_and_a_resumed_run_keeps_its_warm_up(mixture, levels, monkeypatch, tmp_path, capsys):
+def test_the_summary_says_what_full_batches_traded_and_a_resumed_run_keeps_its_warm_up(mixture, levels, monkeypatch,
+                                                                                       tmp_path, capsys):
     sampler = DLGSampler.for_budget(mixture.score, None, shape=(8,), nfe=10, n=256, seed=0, levels=levels)
     sampler.warm_up()  # sets S, which the line shows
     summary = {"samples": 256, "chains": sampler.num_chains}
