@@ -8,8 +8,8 @@ counted: warm-up and this pilot included) and the number of samples wanted. The 
 - **pilot**: up to ``PILOT_SHARE`` of the run (at most ``MAX_PILOT_CHAINS``) from what those steps leave;
 - **chains**: ``n / outputs_per_chain`` (the paper's protocol: few chains, many outputs each), or fewer where the
   budget left after the steps and the pilot cannot warm that many up. At small ``n`` that protocol makes many
-  rounds of tiny model calls one after the other (n = 256: 20 calls of 13 samples per denoising step), and a call
-  of a few samples costs nearly what a call of a hundred does; so there, **full batches come first**: the chains
+  rounds of tiny model calls one after the other (n = 256: 20 calls of 13 samples per denoising step), and each
+  call pays a fixed overhead (``FULL_BATCH``); so there, **full batches come first**: the chains
   are raised until each output round holds about ``FULL_BATCH`` samples (at least ``MIN_OUTPUTS_PER_CHAIN``
   outputs per chain; n = 256: 86 chains, 3 rounds), their warm-up shortened to the most steps (at least
   ``MIN_WARMUP_STEPS``) that fit. That may cost one of the protocol's denoising steps, never more, and is not
@@ -61,16 +61,16 @@ OUTPUTS_PER_CHAIN = 20
 #: Most outputs per chain: where the budget is tight, chains are traded for denoising steps down to ``n / 250``
 #: (the paper's CIFAR-10 chains; consecutive restart outputs are as good as those of fresh chains, docs/mixing.md).
 MAX_OUTPUTS_PER_CHAIN = 250
-#: Samples per model call that the chains' output rounds should hold at least, where ``n`` allows: one call of the
-#: digits model on a CPU thread costs as much as about 30 more samples in it, so from about 100 the overhead is at
-#: most a quarter of the call. Below ``FULL_BATCH * outputs_per_chain`` samples the paper's protocol makes smaller
+#: Samples per model call that the chains' output rounds should hold at least, where ``n`` allows: a call of the
+#: digits model pays a fixed overhead worth about 10 samples on one CPU thread and 25 on two (far more on a GPU), so
+#: from about 100 samples the overhead is at most a fifth of the call. Below ``FULL_BATCH * outputs_per_chain`` samples the paper's protocol makes smaller
 #: calls, and the restart chains are raised (``n / FULL_BATCH`` rounds instead of ``outputs_per_chain``).
 FULL_BATCH = 100
 #: Fewest outputs per chain when chains are raised to fill the model's calls (n <= 2 x ``FULL_BATCH``: n / 2 chains).
 MIN_OUTPUTS_PER_CHAIN = 2
 #: Shortest warm-up (UniPC steps from sigma_max) of chains raised to fill the model's calls: the first restart move
 #: forgets most of it, but the restart level is set from the data scale it measures, which 4 steps measure within
-#: 10% of 10 steps on the digits model and 3 steps 2.6 times too large (their outputs keep visible noise).
+#: about 10% of 10 steps on the digits model and 3 steps 2.6 times too large (their outputs keep visible noise).
 MIN_WARMUP_STEPS = 4
 #: Full batches may cost one denoising step, not below this many: on the digits model at n = 256 (6 seeds), 5 steps
 #: with full batches scored FD 16.9 against 19.6 for the protocol's 6, but 3 steps 33 against 21 for its 4.
