@@ -127,7 +127,8 @@ def _grid_and_shape(classifier: NoiseClassifier | None, score: Any, model: Any) 
 def _new_sampler(score: Any, classifier: NoiseClassifier | None, levels: NoiseLevels, shape: tuple[int, ...], *,
                  budget: int, num_samples: int | None, default_chains: int, **settings: Any) -> DLGSampler:
     """One set of chains for a pipeline. Given ``num_samples`` (the samples the user plans to draw from these
-    chains), :meth:`DLGSampler.for_budget`'s route: ``num_samples / 20`` chains unless ``num_chains`` is given and,
+    chains), :meth:`DLGSampler.for_budget`'s route: ``num_samples / 20`` chains (more below 2000, to fill the
+    model's calls) unless ``num_chains`` is given and,
     for the restart kernel without a ``restart_sigma``, ``S`` (12 x the data scale) checked by a pilot on the model
     of at most 5% of the run at ``budget`` evaluations per sample, counted in ``.stats``. Otherwise the settings as given, the sampler's
     defaults where ``None`` and ``default_chains`` chains."""
@@ -175,7 +176,8 @@ class DLGScheduler(SchedulerMixin, ConfigMixin):
             :class:`DLGSampler` settings; ``None`` takes the sampler's own default (``restart_sigma``: from the
             warm-up's data scale; ``num_chains``: the batch size).
         num_samples: the samples you plan to draw per batch size. Given, the chains follow
-            :meth:`DLGSampler.for_budget` at ``num_inference_steps`` per sample: ``num_samples / 20`` chains unless
+            :meth:`DLGSampler.for_budget` at ``num_inference_steps`` per sample: ``num_samples / 20`` chains (more
+            below 2000, to fill the model's calls) unless
             ``num_chains`` is given and, with ``restart_sigma`` left out, ``S`` checked by a pilot of at most 5% of the
             run (counted in ``.stats``, the choice in ``.stats["tuning"]``).
         base_scheduler: the pipeline's original scheduler (``{"class_name": ..., "config": {...}}``), recorded by
@@ -416,7 +418,8 @@ class DLGPipeline:
             (``step_size``, ``gibbs_steps`` for the Gibbs kernel, ``warmup_steps`` ...), the sampler's own defaults
             where left out.
         num_samples: the images you plan to draw per condition. Given, each condition's chains follow
-            :meth:`DLGSampler.for_budget` at ``num_inference_steps`` per image: ``num_samples / 20`` chains unless
+            :meth:`DLGSampler.for_budget` at ``num_inference_steps`` per image: ``num_samples / 20`` chains (more
+            below 2000, to fill the model's calls) unless
             ``num_chains`` is given and, with ``restart_sigma`` left out, ``S`` checked by a pilot of at most 5% of the
             run (counted in ``.stats``, the choice in ``.stats["tuning"]``).
         max_batch_size: the most samples the denoiser sees in one call (``None``: all of a condition's chains at

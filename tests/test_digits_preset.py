@@ -114,7 +114,7 @@ def test_dlg_beats_vanilla_and_dpm_solver_at_ten_total_nfe(evaluator, one_thread
                            int(total), generator=g)
         assert nfe == int(total)
         van = evaluator.evaluate(x.clamp(-1, 1))
-        # against the model's own distribution: measured DLG 4.72, unipc 9.60, DPM-Solver++ 2M 8.79
+        # against the model's own distribution: measured DLG 4.11 (100 chains x 6), unipc 9.60, DPM-Solver++ 2M 8.79
         assert dlg["fd_model"] < van["fd_model"], (name, dlg["fd_model"], van["fd_model"])
     assert dlg["fd"] < FD_FACTOR * floor, (dlg["fd"], floor)
     assert dlg["coverage"] == 1.0 and sampler.stats["lag1_autocorr"] < 0.2

@@ -20,6 +20,7 @@ from ..integrators import INTEGRATORS, count_nfe, integrate, steps_for_nfe
 from ..models import make_integrator
 from ..parallel import cpu_processes, process_seed
 from ..sampler import KERNELS, RESTART_SCALE, DLGSampler, micro_batched
+from ..tuning import full_batches_note
 from .common import (DEFAULT_NFE, HelpFormatter, add_batching_arguments, add_device_argument, add_model_arguments,
                      budget_error, check_batching, check_device, check_model_flags, check_writable, load, output_format,
                      positive)
@@ -225,7 +226,8 @@ def sample_main(argv: list[str] | None = None) -> None:
     if state is not None:  # the choice of the interrupted run, restored: no second pilot
         chosen = state["tuning"]["settings"]
         num_chains = chosen["num_chains"]
-        overrides.update(denoise_steps=chosen["denoise_steps"], restart_sigma=state["restart_sigma"])
+        overrides.update(denoise_steps=chosen["denoise_steps"], warmup_steps=chosen["warmup_steps"],
+                         restart_sigma=state["restart_sigma"])
     try:
         sampler = DLGSampler.for_budget(model.score, classifier, shape=model.shape, nfe=nfe, n=max(n, 1),
                                         num_chains=num_chains, seed=seed, device=device,
@@ -319,7 +321,8 @@ def _gather_stats(sampler: DLGSampler, gather_object) -> dict:
 
 
 def _settings_line(sampler: DLGSampler, integrator: str, summary: dict, world: int) -> str:
-    """What ran: the kernel and its level, the denoiser, samples, chains and outputs per chain."""
+    """What ran: the kernel and its level, the denoiser, samples, chains and outputs per chain, and why the chains
+    are not n / 20 where the budget raised them to fill the model's calls (of process 0 under accelerate)."""
     tweedie = integrator in INTEGRATORS and sampler.final_step == "tweedie"
     steps = f"{integrator} {sampler.denoise_steps} steps" + (" + Tweedie" if tweedie else
                                                           " to 0" if integrator in INTEGRATORS else "")
@@ -336,8 +339,10 @@ def _settings_line(sampler: DLGSampler, integrator: str, summary: dict, world: i
         kernel = (f"gibbs kernel, step size {sampler.step_size:g}, {sampler.gibbs_steps} Gibbs steps, selected sigma "
                   f"median {sampler.stats['selected_sigma_median']:.3g}")
     chains = summary["chains"]
+    note = full_batches_note(sampler.tuning) if sampler.tuning else None
     return (f"DLG {kernel}, {steps}: {summary['samples']} samples from {chains} chains, "
-            f"{summary['samples'] / chains:.1f} outputs per chain ({world} process{'es' if world > 1 else ''})")
+            f"{summary['samples'] / chains:.1f} outputs per chain ({world} process{'es' if world > 1 else ''})"
+            + (f"; {note}{' (per process)' if world > 1 else ''}" if note else ""))
 
 
 def _cost_line(summary: dict, wall: float, resumed: bool = False) -> str:

@@ -35,7 +35,7 @@ def tune_parser() -> argparse.ArgumentParser:
 def tune_main(argv: list[str] | None = None) -> None:
     import json
 
-    from ..tuning import plan_budget
+    from ..tuning import full_batches_note, plan_budget
 
     parser = tune_parser()
     args = parser.parse_args(argv)
@@ -64,6 +64,9 @@ def tune_main(argv: list[str] | None = None) -> None:
           f"({args.n / settings['num_chains']:.1f} outputs each), {settings['integrator']} "
           f"{settings['denoise_steps']} denoising steps + Tweedie, warm-up {sampler.warmup_integrator} "
           f"{settings['warmup_steps']} steps")
+    note = full_batches_note(tuning)
+    if note:
+        print(note)
     if not pilot["chains"]:
         print(f"pilot: none ({pilot['skipped']})")
     else:
