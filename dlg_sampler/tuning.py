@@ -33,7 +33,7 @@ import torch
 
 from .diagnostics import OutputCorrelation
 from .gibbs import diverged
-from .integrators import FINAL_STEP, check_steps, count_nfe
+from .integrators import FINAL_STEP, check_steps, count_nfe, steps_for_nfe
 from .levels import NoiseLevels
 from .restart import RESTART_SCALE, _data_scale
 
@@ -54,6 +54,10 @@ RESTART_LADDER = (1.0, 2.0, 4.0, 8.0)
 TARGET_LAG1 = 0.2
 #: Default outputs per chain (the mixing issue's protocol asks >= 20; the paper takes 250).
 OUTPUTS_PER_CHAIN = 20
+#: Most denoising steps per output a budget buys: diffusion models are trained on grids of about 1000 levels (DDPM's
+#: 1000 timesteps, score_sde's N = 1000), and finer solver grids than the model's own buy nothing. A larger budget is
+#: refused with the most that this allows, and it bounds the budget's arithmetic.
+MAX_DENOISE_STEPS = 1000
 #: Most outputs per chain: where the budget is tight, chains are traded for denoising steps down to ``n / 250``
 #: (the paper's CIFAR-10 chains; consecutive restart outputs are as good as those of fresh chains, docs/mixing.md).
 MAX_OUTPUTS_PER_CHAIN = 250
@@ -120,8 +124,19 @@ def plan_budget(nfe: float, n: int, *, num_chains: int | None = None, outputs_pe
         return None
 
     steps = overrides.get("denoise_steps")
-    if steps is None:  # the most denoising steps that fit
-        steps = next((k for k in range(int(nfe), 0, -1) if fit(k)), None)
+    if steps is None:  # the most denoising steps that fit, from the most one output alone can take
+        top = min(MAX_DENOISE_STEPS, steps_for_nfe(integrator, math.floor(nfe) - gibbs_steps, dlg=dlg,
+                                                         final_step=final_step, **knobs) or 0)
+        if top == MAX_DENOISE_STEPS:
+            burn_in = overrides.get("burn_in", 0) * per_output(top) if kernel == "restart" else 0
+            most_nfe = most_useful_nfe(per_output(top), warm + burn_in, n, most)
+            if nfe > most_nfe:
+                raise ValueError(f"a budget of {nfe:.10g} model evaluations per sample is more than denoising can use: "
+                                 f"at most {MAX_DENOISE_STEPS} {_name(integrator)} steps per output make sense (finer "
+                                 f"than the ~1000-level grid diffusion models are trained on buys nothing), "
+                                 f"{most_nfe} model evaluations per sample with the warm-up and pilot; pass nfe "
+                                 f"{most_nfe} or less.")
+        steps = next((k for k in range(top, 0, -1) if fit(k)), None)
     fitted = fit(steps, strict="denoise_steps" not in overrides) if steps else None
     if fitted is None:
         minimum = per_output(1) + warm * fewest / n
@@ -134,6 +149,18 @@ def plan_budget(nfe: float, n: int, *, num_chains: int | None = None, outputs_pe
                 **({"gibbs_steps": gibbs_steps} if kernel == "gibbs" else {}), **overrides,
                 "warmup_integrator": warmup_integrator, "warmup_steps": warmup_steps}
     return {"settings": settings, "pilot_chains": pilot_chains, "predicted_nfe_per_sample": predicted}
+
+
+def most_useful_nfe(per_output: int, warm: int, n: int, chains: int) -> int:
+    """The largest budget per sample :func:`plan_budget` accepts: ``MAX_DENOISE_STEPS`` steps per output
+    (``per_output`` evaluations; the last batch whole) and the warm-up (``warm`` per chain) of ``chains`` chains over
+    ``n`` samples, with the pilot's share on top."""
+    outputs = math.ceil(n / chains) * chains
+    return math.ceil((outputs * per_output + chains * warm) / n / (1 - PILOT_SHARE))
+
+
+def _name(integrator) -> str:
+    return integrator if isinstance(integrator, str) else type(integrator).__name__
 
 
 def for_budget(cls: type[DLGSampler], score, noise_posterior, *, shape: tuple[int, ...], nfe: float, n: int,

@@ -193,7 +193,7 @@ def load(args: argparse.Namespace, device, preset: bool):
 
 def budget_error(err: ValueError) -> str:
     """``for_budget``'s budget message in the command line's words."""
-    return (f"error: {err}".replace("raise nfe to", "raise --nfe to")
+    return (f"error: {err}".replace("raise nfe to", "raise --nfe to").replace("pass nfe", "pass --nfe")
             .replace("draw more samples per chain", "draw more samples per chain (more --n or fewer --chains)"))
 
 
