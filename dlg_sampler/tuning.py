@@ -166,7 +166,7 @@ def _name(integrator) -> str:
 def for_budget(cls: type[DLGSampler], score, noise_posterior, *, shape: tuple[int, ...], nfe: float, n: int,
                num_chains: int | None = None, seed: int | None = None, levels: NoiseLevels | None = None,
                outputs_per_chain: int = OUTPUTS_PER_CHAIN, target_lag1: float = TARGET_LAG1,
-               device: torch.device | str | None = None, **overrides: Any) -> DLGSampler:
+               device: torch.device | str | None = None, progress_bar=None, **overrides: Any) -> DLGSampler:
     """A :class:`DLGSampler` whose whole cost per sample (pilot and warm-up amortised over ``n``) fits ``nfe``.
 
     Args:
@@ -178,6 +178,8 @@ def for_budget(cls: type[DLGSampler], score, noise_posterior, *, shape: tuple[in
         num_chains: chains (default ``ceil(n / outputs_per_chain)``).
         seed: seeds the pilot and the sampler: the choice is deterministic under it.
         target_lag1: the largest acceptable lag-1 autocorrelation of consecutive outputs.
+        progress_bar: a caller's tqdm bar, advanced by every model evaluation of the warm-up and the pilot (the
+            run's bar from its first evaluation); where its total is unset, it is set to their planned cost.
         overrides: any :class:`DLGSampler` setting, taken as given (``restart_sigma=`` skips the pilot's search;
             ``kernel="gibbs"`` builds the paper's kernel with the budget's denoising steps and no pilot).
 
@@ -199,9 +201,16 @@ def for_budget(cls: type[DLGSampler], score, noise_posterior, *, shape: tuple[in
     search = settings["kernel"] == "restart" and settings.get("restart_sigma") is None
     pilot = None
     if search:
-        if plan["pilot_chains"]:
-            sampler.warm_up()  # the run's own warm-up: the pilot starts from its first chains
-        pilot = _pilot(sampler, plan["pilot_chains"], target_lag1, seed)
+        if progress_bar is not None and progress_bar.total is None:
+            progress_bar.total = ((sampler.planned_nfe(0) if plan["pilot_chains"] else 0)
+                                  + plan["pilot_chains"] * _pilot_cost(sampler))
+        sampler.score.bar = progress_bar
+        try:
+            if plan["pilot_chains"]:
+                sampler.warm_up()  # the run's own warm-up: the pilot starts from its first chains
+            pilot = _pilot(sampler, plan["pilot_chains"], target_lag1, seed)
+        finally:
+            sampler.score.bar = None
         if pilot["restart_sigma"] is not None:
             sampler.restart_sigma = pilot["restart_sigma"]
     integrator = settings["integrator"]
@@ -256,6 +265,15 @@ def _pilot(sampler: DLGSampler, chains: int, target_lag1: float, seed: int | Non
             "effective_scale": s_eff, "target_lag1": target_lag1, "candidates": candidates,
             "rule_of_thumb": rule, "mixing_level": mixing, "restart_sigma": chosen,
             "lag1": check.lag1, "agreement": agreement, "diverged": int(lost.sum())}
+
+
+def _pilot_cost(sampler: DLGSampler) -> int:
+    """Model evaluations of one pilot chain (:func:`_pilot`: one move at the top of the ladder, one per level, the
+    check at the chosen level and the agreement's twice-as-fine denoising)."""
+    dlg = isinstance(sampler.integrator, str)
+    per_output = count_nfe(sampler.integrator, sampler.denoise_steps, dlg=dlg)
+    ladder = _ladder(1.0, float("inf"))
+    return (len(ladder) + 2) * per_output + count_nfe(sampler.integrator, 2 * sampler.denoise_steps, dlg=dlg)
 
 
 def choose_level(candidates: list[dict[str, Any]], rule: float, sigma_max: float, target_lag1: float = TARGET_LAG1

@@ -82,3 +82,198 @@ def test_closed_form_counts_are_the_solvers_own(name):
 def test_dlg_sample_refuses_a_huge_budget_before_loading(counted_planner, no_loading, capsys):
     err = error_of(cli.sample_main, ["--nfe", "1000000", "--n", "4"], capsys)
     assert "more than denoising can use" in err and re.search(r"pass --nfe \d+ or less", err)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# outputs: checked before sampling, never replaced silently
+
+def tiny_run(tiny_model, *extra: str) -> list[str]:
+    """dlg-sample on the tiny random model: a few seconds on one thread."""
+    return ["--model", str(tiny_model / "pipe"), "--n", "8", "--chains", "4", "--denoise-steps", "2", *extra]
+
+
+@pytest.mark.parametrize("out, message", [
+    ("x", "--out x: no image extension; end it in .png"),
+    ("x.txt", "--out x.txt: '.txt' is not an image type; end it in .png"),
+])
+def test_an_out_without_an_image_extension_is_refused_before_loading(out, message, no_loading, tmp_path,
+                                                                      monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    err = error_of(cli.sample_main, ["--out", out], capsys)
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_named_out_that_exists_is_refused_and_overwrite_replaces_it(no_loading, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for existing in ("x.png", "x.safetensors"):
+        (tmp_path / existing).write_bytes(b"mine")
+        err = error_of(cli.sample_main, ["--out", "x.png"], capsys)
+        assert f"{existing} exists; pass --overwrite to replace it, or another --out" in err
+        assert (tmp_path / existing).read_bytes() == b"mine"
+        (tmp_path / existing).unlink()
+
+
+def test_the_default_out_is_written_beside_an_existing_one(tiny_model, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "samples.png").write_bytes(b"mine")
+    cli.sample_main(tiny_run(tiny_model, "--chains", "1"))
+    out, err = capsys.readouterr()
+    assert "8 samples from 1 chain," in out
+    assert (tmp_path / "samples.png").read_bytes() == b"mine"
+    assert (tmp_path / "samples-1.png").exists() and (tmp_path / "samples-1.safetensors").exists()
+    assert "samples.png exists, so this run writes samples-1.png" in err
+    assert "wrote samples-1.png and samples-1.safetensors" in out
+    cli.sample_main(tiny_run(tiny_model, "--overwrite"))
+    assert (tmp_path / "samples.png").read_bytes() != b"mine"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ctrl-C: one line with what was kept and how to go on
+
+def test_ctrl_c_says_which_shards_were_kept_and_the_command_that_resumes(tiny_model, tmp_path, monkeypatch, capsys):
+    from dlg_sampler.shards import ShardWriter
+
+    monkeypatch.chdir(tmp_path)
+    write = ShardWriter.write
+
+    def write_then_interrupt(self, *args, **kwargs):
+        path = write(self, *args, **kwargs)
+        if len(self.shards) == 2:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(ShardWriter, "write", write_then_interrupt)
+    argv = tiny_run(tiny_model, "--out-dir", "run", "--shard-size", "2", "--overwrite")
+    with pytest.raises(SystemExit) as exc:
+        cli.sample_main(argv)
+    assert exc.value.code == 130
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "Traceback" not in line and "interrupted: 2 shards (4 of 8 samples) kept in run" in line
+    resume = line.split("resume with: ")[1]
+    assert "--overwrite" not in resume and resume.split()[0] == "dlg-sample"
+    monkeypatch.setattr(ShardWriter, "write", write)
+    cli.sample_main(resume.split()[1:])  # the command given resumes: only the missing shards are drawn
+    assert "resuming run: 4 of 8 samples already written" in capsys.readouterr().out
+
+
+def test_ctrl_c_with_out_says_nothing_was_saved(tiny_model, tmp_path, monkeypatch, capsys):
+    from dlg_sampler.sampler import DLGSampler
+
+    monkeypatch.chdir(tmp_path)
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(DLGSampler, "sample", interrupt)
+    with pytest.raises(SystemExit) as exc:
+        cli.sample_main(tiny_run(tiny_model))
+    assert exc.value.code == 130
+    err = capsys.readouterr().err
+    assert "interrupted: nothing was saved" in err and "--out-dir" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# progress from the first model evaluation, the planned cost first
+
+class RecordingBar:
+    """A tqdm stand-in: the total it is given and every evaluation it is advanced by."""
+
+    def __init__(self, total=None, **kwargs):
+        self.total, self.n, self.initial, self.last_print_n = total, 0, 0, 0
+        self.first_total = total
+
+    def update(self, k: int) -> None:
+        self.n += k
+
+    def refresh(self) -> None:
+        pass
+
+    def write(self, text: str) -> None:
+        print(text)
+
+    def __enter__(self):
+        RecordingBar.last = self
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_for_budget_counts_its_warm_up_and_pilot_on_the_callers_bar():
+    from dlg_sampler import GaussianMixture, NoiseLevels
+
+    mixture = GaussianMixture.random(num_modes=4, dim=8, spread=2.0, std=0.5, seed=0)
+    bar = RecordingBar()
+    sampler = tuning.for_budget(mixture.score, None, shape=(8,), nfe=10, n=10_000, seed=0, progress_bar=bar,
+                                levels=NoiseLevels(0.01, 50.0, 1000))
+    assert sampler.tuning["pilot"]["chains"] > 0
+    assert bar.n == sampler.stats["model_evaluations"] > sampler.tuning["pilot"]["evaluations"]
+    assert bar.total >= bar.n  # its total was set to the planned warm-up and pilot
+
+
+def test_dlg_sample_prints_its_plan_and_one_bar_counts_every_evaluation(tiny_model, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli.sample, "tqdm", RecordingBar)
+    cli.sample_main(["--model", str(tiny_model / "pipe"), "--n", "40", "--nfe", "10"])
+    out, err = capsys.readouterr()
+    planned = int(re.search(r"planned: ([\d,]+) model evaluations", err).group(1).replace(",", ""))
+    used = int(re.search(r"; (\d+) model evaluations / 40 samples", out).group(1))
+    bar = RecordingBar.last
+    assert bar.first_total == planned == used == bar.n == bar.total
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# threads
+
+def test_threads_follow_the_batch_and_the_free_cores_and_never_override_the_user(monkeypatch):
+    import os
+
+    import torch
+
+    from dlg_sampler.cli import common
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(common, "_SET_BY_US", {torch.get_num_threads()})
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.2, 0.0, 0.0))
+    before = torch.get_num_threads()
+    try:
+        assert common.choose_threads(None, 13 * 64) == 1 == torch.get_num_threads()  # the README's 13 chains
+        assert common.choose_threads(None, 100 * common.ELEMENTS_PER_THREAD) == 6  # 8 cores, 2 busy
+        assert common.choose_threads(3, 13 * 64) == 3 == torch.get_num_threads()  # --threads wins
+        torch.set_num_threads(5)  # the caller's own choice is kept
+        assert common.choose_threads(None, 100 * common.ELEMENTS_PER_THREAD) == 5
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        monkeypatch.setattr(common, "_SET_BY_US", {torch.get_num_threads()})
+        assert common.choose_threads(None, 100 * common.ELEMENTS_PER_THREAD) == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# smaller
+
+def test_argparse_errors_are_one_line_without_the_usage_block(capsys):
+    err = error_of(cli.sample_main, ["--n", "many"], capsys)
+    assert err.strip().splitlines() == ["dlg-sample: error: argument --n: invalid int value: 'many' "
+                                        "(see dlg-sample --help)"]
+
+
+def test_nfe_is_printed_rounded_down():
+    from dlg_sampler.cli.sample import _down
+
+    assert _down(9.997) == "9.99" and _down(9.65) == "9.65" and _down(10.0) == "10.00"
+
+
+def test_a_users_classifier_runs_on_the_digits_preset_with_its_scoring(monkeypatch, tmp_path):
+    from dlg_sampler.cli import common
+
+    class Model:
+        prompts = None
+
+    monkeypatch.setattr(common, "load_model", lambda spec, **kwargs: Model())
+    monkeypatch.setattr("dlg_sampler.models.load_classifier", lambda spec, device: spec)
+    parser = cli.sample_parser()
+    args = parser.parse_args(["--classifier", "mine"])
+    assert common.check_model_flags(args, parser)  # the preset's model: scored against the preset's references
+    assert common.load(args, "cpu", True)[1] == "mine"  # with the user's classifier
