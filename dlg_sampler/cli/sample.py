@@ -482,7 +482,7 @@ def _compare(model, integrator, args: argparse.Namespace, dlg_nfe: float, evalua
         what = "FD vs the model's own samples" if "fd_model" in dlg_quality else "FD vs held-out digits"
         fd, peer = min(scored)
         mine = dlg_quality.get("fd_model", dlg_quality["fd"])
-        print(f"strongest peer at {budget} NFE by {what}: {peer} {fd:.2f}; DLG {mine:.2f} at {dlg_nfe:.2f} NFE "
+        print(f"strongest peer at {budget} NFE by {what}: {peer} {fd:.2f}; DLG {mine:.2f} at {_down(dlg_nfe)} NFE "
               f"({'lower' if mine < fd else 'not lower'}; one seed, n={args.n})")
 
 
