@@ -25,8 +25,9 @@ DEFAULT_BATCH_SIZE = 256
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-#: Model-input elements per call (batch x sample size) that keep one CPU thread busy: below this a second thread
-#: costs more in synchronisation than it gives (measured on the digits model, docs/usage.md, *Devices and threads*).
+#: Model-input elements per call (batch x sample size) per CPU thread. A choice, not an idle-machine measurement: on
+#: the project's busy 2-core machine a second thread was 2-9x slower at every batch measured, 13 to 4096 chains of
+#: 8 x 8 on the digits model (docs/usage.md, *Devices and threads*); larger calls get more threads where cores are free.
 ELEMENTS_PER_THREAD = 64 * 1024
 
 
