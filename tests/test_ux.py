@@ -277,3 +277,33 @@ def test_a_users_classifier_runs_on_the_digits_preset_with_its_scoring(monkeypat
     args = parser.parse_args(["--classifier", "mine"])
     assert common.check_model_flags(args, parser)  # the preset's model: scored against the preset's references
     assert common.load(args, "cpu", True)[1] == "mine"  # with the user's classifier
+
+
+def test_ctrl_c_in_train_classifier_names_the_checkpoints_kept_and_the_resume_command(tmp_path, monkeypatch,
+                                                                                        capsys):
+    monkeypatch.chdir(tmp_path)
+
+    def train_then_interrupt(classifier, data, *, checkpoint_dir, **kwargs):
+        (checkpoint_dir / "checkpoint-10").mkdir(parents=True)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.train_classifier, "train_noise_classifier", train_then_interrupt)
+    with pytest.raises(SystemExit) as exc:
+        cli.train_classifier_main(["--out", "clf", "--steps", "20"])
+    assert exc.value.code == 130
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line == ("interrupted: kept clf/checkpoints (training checkpoints); resume with: dlg-train-classifier "
+                    "--out clf --steps 20")
+
+
+def test_ctrl_c_in_dlg_tune_is_one_line(monkeypatch, capsys):
+    from dlg_sampler.sampler import DLGSampler
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(DLGSampler, "for_budget", interrupt)
+    with pytest.raises(SystemExit) as exc:
+        cli.tune_main(["--n", "100"])
+    assert exc.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("interrupted: dlg-tune keeps nothing")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shlex
 import sys
 from pathlib import Path
 
@@ -85,6 +86,23 @@ def _read_prompts(path: str) -> list[str]:
 
 
 def train_classifier_main(argv: list[str] | None = None) -> None:
+    """``dlg-train-classifier``; Ctrl-C ends it with one line saying what was kept and how to resume (exit 130)."""
+    try:
+        _train_classifier(argv)
+    except KeyboardInterrupt:
+        argv = sys.argv[1:] if argv is None else list(argv)
+        args = train_classifier_parser().parse_args(argv)
+        out = Path(args.out)
+        kept = [f"{path} ({what})" for path, what in ((out / "checkpoints", "training checkpoints"),
+                                                       (Path(args.pool_dir or out / "pool"), "the pool's shards"))
+                if path.is_dir() and any(path.iterdir())]
+        resume = shlex.join(["dlg-train-classifier", *(a for a in argv if a != "--overwrite-pool")])
+        print(f"\ninterrupted: {'kept ' + ' and '.join(kept) if kept else 'nothing was kept yet'}; "
+              f"{'resume' if kept else 'start again'} with: {resume}", file=sys.stderr)
+        sys.exit(130)
+
+
+def _train_classifier(argv: list[str] | None) -> None:
     from accelerate import Accelerator, PartialState
 
     parser = train_classifier_parser()

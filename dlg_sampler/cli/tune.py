@@ -35,6 +35,16 @@ def tune_parser() -> argparse.ArgumentParser:
 
 
 def tune_main(argv: list[str] | None = None) -> None:
+    """``dlg-tune``; Ctrl-C ends it with one line (exit 130)."""
+    try:
+        _tune(argv)
+    except KeyboardInterrupt:
+        print("\ninterrupted: dlg-tune keeps nothing (it prints its choice when the pilot ends); run it again",
+              file=sys.stderr)
+        sys.exit(130)
+
+
+def _tune(argv: list[str] | None) -> None:
     import json
 
     from ..tuning import plan_budget
