@@ -200,12 +200,12 @@ class RecordingBar:
 
 
 def test_for_budget_counts_its_warm_up_and_pilot_on_the_callers_bar():
-    from dlg_sampler import GaussianMixture, NoiseLevels
+    from dlg_sampler import DLGSampler, GaussianMixture, NoiseLevels
 
     mixture = GaussianMixture.random(num_modes=4, dim=8, spread=2.0, std=0.5, seed=0)
     bar = RecordingBar()
-    sampler = tuning.for_budget(mixture.score, None, shape=(8,), nfe=10, n=10_000, seed=0, progress_bar=bar,
-                                levels=NoiseLevels(0.01, 50.0, 1000))
+    sampler = DLGSampler.for_budget(mixture.score, None, shape=(8,), nfe=10, n=10_000, seed=0, progress_bar=bar,
+                                    levels=NoiseLevels(0.01, 50.0, 1000))
     assert sampler.tuning["pilot"]["chains"] > 0
     assert bar.n == sampler.stats["model_evaluations"] > sampler.tuning["pilot"]["evaluations"]
     assert bar.total >= bar.n  # its total was set to the planned warm-up and pilot
