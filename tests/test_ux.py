@@ -56,7 +56,7 @@ def test_a_huge_budget_is_refused_in_a_few_counts_naming_the_most_that_makes_sen
     plan = tuning.plan_budget(most, n)  # the most named is accepted, with a bounded search
     assert plan["settings"]["denoise_steps"] <= tuning.MAX_DENOISE_STEPS
     assert plan["predicted_nfe_per_sample"] <= most
-    assert counted_planner[0] <= 3 * 200
+    assert counted_planner[0] <= 100  # a short search down from the most steps, not one count per step
     with pytest.raises(ValueError, match="more than denoising can use"):
         tuning.plan_budget(most + 1, n)
 
