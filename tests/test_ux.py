@@ -307,3 +307,12 @@ def test_ctrl_c_in_dlg_tune_is_one_line(monkeypatch, capsys):
         cli.tune_main(["--n", "100"])
     assert exc.value.code == 130
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("interrupted: dlg-tune keeps nothing")
+
+
+def test_the_shipped_digits_folder_as_model_keeps_the_presets_scoring(monkeypatch):
+    from dlg_sampler import presets
+    from dlg_sampler.cli import common
+
+    parser = cli.sample_parser()
+    args = parser.parse_args(["--model", str(presets.PRESETS["digits"].pipeline_dir), "--classifier", "mine"])
+    assert common.check_model_flags(args, parser) and args.preset == "digits"

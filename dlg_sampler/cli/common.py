@@ -195,20 +195,21 @@ _SET_BY_US = {torch.get_num_threads()}
 
 def check_model_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> bool:
     """Whether the run is a shipped preset's model (no ``--model``, or the shipped digits folder: scored by the
-    preset's evaluator, with its classifier unless ``--classifier`` names your own); refuses the Gibbs kernel without
-    a classifier (the restart kernel needs none). On the preset, sets ``args.preset`` (default digits)."""
+    preset's evaluator; without ``--model`` its classifier is the default, which ``--classifier`` may replace);
+    refuses the Gibbs kernel without a classifier (the restart kernel needs none). On the preset, sets
+    ``args.preset`` (default digits)."""
     if args.preset is not None and args.model is not None:
         parser.error(f"--preset {args.preset} and --model {args.model} name two models; pass one of them")
     preset = args.model is None or Path(args.model).resolve() == presets.PRESETS["digits"].pipeline_dir.resolve()
     args.preset = (args.preset or "digits") if preset else None
-    if preset and args.classifier is None and presets.PRESETS[args.preset].classifier_dir is None \
-            and getattr(args, "kernel", None) == "gibbs":
-        parser.error(f"--kernel gibbs needs a noise classifier and the {args.preset} preset has none; pass "
-                     "--classifier, or use the restart kernel, which needs none")
-    if not preset and args.classifier is None and getattr(args, "kernel", "restart") == "gibbs":
-        parser.error("--kernel gibbs needs --classifier: a noise classifier for that model (train one with "
-                     "dlg-train-classifier --model MODEL --data IMAGES --out FOLDER), or use the restart kernel, "
-                     "which needs none")
+    if args.classifier is None and getattr(args, "kernel", None) == "gibbs":
+        if args.model is None and presets.PRESETS[args.preset].classifier_dir is None:
+            parser.error(f"--kernel gibbs needs a noise classifier and the {args.preset} preset has none; pass "
+                         "--classifier, or use the restart kernel, which needs none")
+        if args.model is not None:
+            parser.error("--kernel gibbs needs --classifier: a noise classifier for that model (train one with "
+                         "dlg-train-classifier --model MODEL --data IMAGES --out FOLDER), or use the restart "
+                         "kernel, which needs none")
     return preset
 
 
@@ -221,7 +222,7 @@ def load(args: argparse.Namespace, device, preset: bool):
     score_sde_kwargs = {"beta_min": args.beta_min, "beta_max": args.beta_max, "sigma_min": args.sde_sigma_min,
                         "sigma_max": args.sde_sigma_max, "continuous": args.continuous}
     try:
-        spec = args.classifier or (presets.PRESETS[args.preset].classifier_dir if preset else None)
+        spec = args.classifier or (presets.PRESETS[args.preset].classifier_dir if args.model is None else None)
         classifier = None if spec is None else load_classifier(spec, device)
         model = load_model(str(presets.pipeline_path(args.preset) if preset else args.model),
                            score_sde_net=args.score_sde_net,
