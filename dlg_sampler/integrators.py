@@ -515,14 +515,35 @@ def integrate(name, score: Score, x: torch.Tensor, sigma_start, steps: int, *, g
     return INTEGRATORS[name](score, x, sigmas, generator=generator, callback=callback, disable=disable, **kwargs)
 
 
+#: Model evaluations per solver step of the fixed-step integrators (``pc``: one corrector and one predictor
+#: evaluation), and of their step to 0 where it differs (the Heun samplers' last step is one Euler = Tweedie step).
+EVALS_PER_STEP = {"reverse_diffusion": 1, "pc": 2, "euler_maruyama": 1, "karras_heun": 2, "karras_stochastic": 2,
+                  "dpmpp_2m": 1, "unipc": 1}
+_EVALS_TO_ZERO = {"pc": 2}
+
+
+def _closed_form(integrator, final_step: str, knobs: dict) -> int | None:
+    """Evaluations per step of ``integrator`` where its count is arithmetic (a fixed-step integrator with the Tweedie
+    final step and no knob that changes the count), else ``None``."""
+    if isinstance(integrator, str) and integrator in EVALS_PER_STEP and final_step == "tweedie" \
+            and not set(knobs) - {"schedule"}:
+        return EVALS_PER_STEP[integrator]
+    return None
+
+
 def count_nfe(integrator, steps: int, *, dlg: bool, final_step: str = "tweedie", **knobs) -> int:
-    """Score evaluations per sample of ``steps`` denoising steps, counted by running ``integrator`` on a zero score.
+    """Score evaluations per sample of ``steps`` denoising steps.
 
     ``dlg=True``: as ``DLGSampler.denoise`` runs it (down to the Tweedie level, plus the Tweedie step; with
     ``final_step="solver"`` the solver's own step to 0, as :func:`integrate`); ``dlg=False``: as :func:`integrate`
-    runs it (with its own last step to 0). ``knobs``: the integrator's (e.g. ``restarts``). Adaptive ``ode_rk45``
-    counts the minimum.
+    runs it (with its own last step to 0). ``knobs``: the integrator's (e.g. ``restarts``). The fixed-step
+    integrators are counted in closed form (:data:`EVALS_PER_STEP`); the others (adaptive ``ode_rk45``: its minimum;
+    iPNDM, DEIS, Restart, diffusers schedulers) by running them on a zero score.
     """
+    steps = check_steps(steps)
+    per = _closed_form(integrator, final_step, knobs)
+    if per is not None:
+        return per * steps + 1 if dlg else per * (steps - 1) + _EVALS_TO_ZERO.get(integrator, 1)
     x, sigma = torch.zeros(1, 1), torch.ones(1)
     score = CountedScore(lambda x, sigma: torch.zeros_like(x))
     if isinstance(integrator, str) and dlg and final_step == "tweedie":
@@ -535,10 +556,21 @@ def count_nfe(integrator, steps: int, *, dlg: bool, final_step: str = "tweedie",
 
 
 def steps_for_nfe(integrator, budget: int, *, dlg: bool, final_step: str = "tweedie", **knobs) -> int | None:
-    """The most solver steps whose NFE per sample (:func:`count_nfe`) fits ``budget``; ``None`` if one step does not."""
-    best = None
-    for steps in range(1, budget + 1):
-        if count_nfe(integrator, steps, dlg=dlg, final_step=final_step, **knobs) > budget:
-            break
-        best = steps
-    return best
+    """The most solver steps whose NFE per sample (:func:`count_nfe`) fits ``budget``; ``None`` if one step does not.
+    Closed form for the fixed-step integrators; otherwise a bisection (the count grows with the steps), so a large
+    budget costs a few counts, not one per step."""
+    per = _closed_form(integrator, final_step, knobs)
+    if per is not None:
+        steps = (budget - 1) // per if dlg else 1 + (budget - _EVALS_TO_ZERO.get(integrator, 1)) // per
+        return steps if steps >= 1 else None
+
+    def fits(steps: int) -> bool:
+        return count_nfe(integrator, steps, dlg=dlg, final_step=final_step, **knobs) <= budget
+
+    if budget < 1 or not fits(1):
+        return None
+    lo, hi = 1, budget + 1  # fits(lo); every solver step costs at least one evaluation, so budget + 1 does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo

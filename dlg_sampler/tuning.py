@@ -40,7 +40,7 @@ import torch
 
 from .diagnostics import OutputCorrelation
 from .gibbs import diverged
-from .integrators import FINAL_STEP, check_steps, count_nfe
+from .integrators import FINAL_STEP, check_steps, count_nfe, steps_for_nfe
 from .levels import NoiseLevels
 from .restart import RESTART_SCALE, _data_scale
 
@@ -61,6 +61,10 @@ RESTART_LADDER = (1.0, 2.0, 4.0, 8.0)
 TARGET_LAG1 = 0.2
 #: Default outputs per chain (the mixing issue's protocol asks >= 20; the paper takes 250).
 OUTPUTS_PER_CHAIN = 20
+#: Most denoising steps per output a budget buys: diffusion models are trained on grids of about 1000 levels (DDPM's
+#: 1000 timesteps, score_sde's N = 1000), and finer solver grids than the model's own buy nothing. A larger budget is
+#: refused with the most that this allows, and it bounds the budget's arithmetic.
+MAX_DENOISE_STEPS = 1000
 #: Most outputs per chain: where the budget is tight, chains are traded for denoising steps down to ``n / 250``
 #: (the paper's CIFAR-10 chains; consecutive restart outputs are as good as those of fresh chains, docs/mixing.md).
 MAX_OUTPUTS_PER_CHAIN = 250
@@ -159,14 +163,24 @@ def plan_budget(nfe: float, n: int, *, num_chains: int | None = None, outputs_pe
     # Full batches first where n is small: their warm-up the longest that fits beside the steps.
     raised = ([full], [warmup_steps] if overrides.get("warmup_steps") else
               list(range(warmup_steps, MIN_WARMUP_STEPS - 1, -1)))
-    steps, fitted = overrides.get("denoise_steps"), None
+    steps = protocol_steps = overrides.get("denoise_steps")
     if steps is not None:  # steps given: the protocol's chains and warm-up, whatever they cost
         fitted = fit(steps, [most], [warmup_steps], strict=False)
-    else:  # the most denoising steps that fit the protocol
-        steps = next((k for k in range(int(nfe), 0, -1) if fit(k, *protocol)), None)
+    else:  # the most denoising steps that fit the protocol, from the most one output alone can take
+        top = min(MAX_DENOISE_STEPS, steps_for_nfe(integrator, math.floor(nfe) - gibbs_steps, dlg=dlg,
+                                                   final_step=final_step, **knobs) or 0)
+        if top == MAX_DENOISE_STEPS:
+            burn_in = overrides.get("burn_in", 0) * per_output(top) if kernel == "restart" else 0
+            most_nfe = most_useful_nfe(per_output(top), warm(warmup_steps) + burn_in, n, most)
+            if nfe > most_nfe:
+                raise ValueError(f"a budget of {nfe:.10g} model evaluations per sample is more than denoising can use: "
+                                 f"at most {MAX_DENOISE_STEPS} {_name(integrator)} steps per output make sense (finer "
+                                 f"than the ~1000-level grid diffusion models are trained on buys nothing), "
+                                 f"{most_nfe} model evaluations per sample with the warm-up and pilot; pass nfe "
+                                 f"{most_nfe} or less.")
+        steps = protocol_steps = next((k for k in range(top, 0, -1) if fit(k, *protocol)), None)
         fitted = fit(steps, *protocol) if steps else None
         # Full batches where n is small, at the same steps or one fewer, as long as FULL_BATCH_MIN_STEPS remain.
-        protocol_steps = steps
         traded = [k for k in (steps, steps - 1) if k >= FULL_BATCH_MIN_STEPS] if steps and full > most else []
         steps, fitted = next(((k, f) for k in traded if (f := fit(k, *raised))), (steps, fitted))
     if fitted is None:
@@ -186,10 +200,22 @@ def plan_budget(nfe: float, n: int, *, num_chains: int | None = None, outputs_pe
             "full_batches": full_batches}
 
 
+def most_useful_nfe(per_output: int, warm: int, n: int, chains: int) -> int:
+    """The largest budget per sample :func:`plan_budget` accepts: ``MAX_DENOISE_STEPS`` steps per output
+    (``per_output`` evaluations; the last batch whole) and the warm-up (``warm`` per chain) of ``chains`` chains over
+    ``n`` samples, with the pilot's share on top."""
+    outputs = math.ceil(n / chains) * chains
+    return math.ceil((outputs * per_output + chains * warm) / n / (1 - PILOT_SHARE))
+
+
+def _name(integrator) -> str:
+    return integrator if isinstance(integrator, str) else type(integrator).__name__
+
+
 def for_budget(cls: type[DLGSampler], score, noise_posterior, *, shape: tuple[int, ...], nfe: float, n: int,
                num_chains: int | None = None, seed: int | None = None, levels: NoiseLevels | None = None,
                outputs_per_chain: int | None = None, target_lag1: float = TARGET_LAG1,
-               device: torch.device | str | None = None, **overrides: Any) -> DLGSampler:
+               device: torch.device | str | None = None, progress_bar=None, **overrides: Any) -> DLGSampler:
     """A :class:`DLGSampler` whose whole cost per sample (pilot and warm-up amortised over ``n``) fits ``nfe``.
 
     Args:
@@ -204,6 +230,8 @@ def for_budget(cls: type[DLGSampler], score, noise_posterior, *, shape: tuple[in
             ``n``; given: exactly ``n / outputs_per_chain`` chains).
         seed: seeds the pilot and the sampler: the choice is deterministic under it.
         target_lag1: the largest acceptable lag-1 autocorrelation of consecutive outputs.
+        progress_bar: a caller's tqdm bar, advanced by every model evaluation of the warm-up and the pilot (the
+            run's bar from its first evaluation); where its total is unset, it is set to their planned cost.
         overrides: any :class:`DLGSampler` setting, taken as given (``restart_sigma=`` skips the pilot's search;
             ``kernel="gibbs"`` builds the paper's kernel with the budget's denoising steps and no pilot).
 
@@ -225,9 +253,16 @@ def for_budget(cls: type[DLGSampler], score, noise_posterior, *, shape: tuple[in
     search = settings["kernel"] == "restart" and settings.get("restart_sigma") is None
     pilot = None
     if search:
-        if plan["pilot_chains"]:
-            sampler.warm_up()  # the run's own warm-up: the pilot starts from its first chains
-        pilot = _pilot(sampler, plan["pilot_chains"], target_lag1, seed)
+        if progress_bar is not None and progress_bar.total is None:
+            progress_bar.total = ((sampler.planned_nfe(0) if plan["pilot_chains"] else 0)
+                                  + plan["pilot_chains"] * _pilot_cost(sampler))
+        sampler.score.bar = progress_bar
+        try:
+            if plan["pilot_chains"]:
+                sampler.warm_up()  # the run's own warm-up: the pilot starts from its first chains
+            pilot = _pilot(sampler, plan["pilot_chains"], target_lag1, seed)
+        finally:
+            sampler.score.bar = None
         if pilot["restart_sigma"] is not None:
             sampler.restart_sigma = pilot["restart_sigma"]
     integrator = settings["integrator"]
@@ -298,6 +333,15 @@ def _pilot(sampler: DLGSampler, chains: int, target_lag1: float, seed: int | Non
             "effective_scale": s_eff, "target_lag1": target_lag1, "candidates": candidates,
             "rule_of_thumb": rule, "mixing_level": mixing, "restart_sigma": chosen,
             "lag1": check.lag1, "agreement": agreement, "diverged": int(lost.sum())}
+
+
+def _pilot_cost(sampler: DLGSampler) -> int:
+    """Model evaluations of one pilot chain (:func:`_pilot`: one move at the top of the ladder, one per level, the
+    check at the chosen level and the agreement's twice-as-fine denoising)."""
+    dlg = isinstance(sampler.integrator, str)
+    per_output = count_nfe(sampler.integrator, sampler.denoise_steps, dlg=dlg)
+    ladder = _ladder(1.0, float("inf"))
+    return (len(ladder) + 2) * per_output + count_nfe(sampler.integrator, 2 * sampler.denoise_steps, dlg=dlg)
 
 
 def choose_level(candidates: list[dict[str, Any]], rule: float, sigma_max: float, target_lag1: float = TARGET_LAG1

@@ -2,13 +2,21 @@
 Stable-Diffusion-style text-to-image pipeline."""
 
 import json
+import os
 
-import pytest
-import torch
-from diffusers import (AutoencoderKL, DDPMPipeline, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel,
-                       UNet2DModel)
+# Tests run small batches (a few chains of 8 x 8), where a second intra-op thread costs more than it gives, most of
+# all on a shared machine (docs/usage.md, *Devices and threads*): one thread, here and in the scripts the tests start,
+# unless OMP_NUM_THREADS says otherwise.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from dlg_sampler import NoiseClassifier
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from diffusers import (AutoencoderKL, DDPMPipeline, DDPMScheduler, StableDiffusionPipeline,  # noqa: E402
+                       UNet2DConditionModel, UNet2DModel)
+
+from dlg_sampler import NoiseClassifier  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")

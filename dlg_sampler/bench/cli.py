@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ..cli.common import add_threads_argument, choose_threads
 from . import registry as R
 from .reference import QUICK_REFERENCE_N, REFERENCE_N, default_reference_dir, make_reference
 from .report import META, PLOTS_HINT, RESULTS, have_matplotlib, report
@@ -74,6 +75,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--configs", nargs="*", choices=list(R.DLG_CONFIGS), default=None, metavar="NAME",
                      help=f"named DLG configs, none if given empty (default: all, {', '.join(R.DLG_CONFIGS)}; "
                           "--quick: none)")
+    add_threads_argument(run)
     ref = p.add_argument_group("digits model reference")
     ref.add_argument("--reference-dir", type=Path, default=default_reference_dir(),
                      help="where references are kept (default: $XDG_CACHE_HOME/dlg-sampler/reference, here "
@@ -144,6 +146,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser().parse_args(argv)
+    # One thread unless --threads or OMP_NUM_THREADS say otherwise: DLG's calls are small batches (n / 20 chains, 250
+    # of 8 x 8 for digits), and every sampler's wall time is measured on the same count.
+    choose_threads(args.threads, 0)
     if args.command == "report":
         print(f"wrote {report(args.out)}")
     elif args.command == "reference":

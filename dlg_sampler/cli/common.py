@@ -25,6 +25,19 @@ DEFAULT_BATCH_SIZE = 256
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+#: Model-input elements per call (batch x sample size) per CPU thread. A choice, not an idle-machine measurement: on
+#: the project's busy 2-core machine a second thread was 2-9x slower at every batch measured, 13 to 4096 chains of
+#: 8 x 8 on the digits model (docs/usage.md, *Devices and threads*); larger calls get more threads where cores are free.
+ELEMENTS_PER_THREAD = 64 * 1024
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """A parser whose errors are the one line that matters, with a pointer to ``--help`` (not the usage block)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """``--help`` shows every option's default, except where there is none to show (``None``, ``False``)."""
 
@@ -126,7 +139,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                         "its weights ship")
     p.add_argument("--classifier", default=None, help="NoiseClassifier folder or Hub repo id, needed by the Gibbs "
                                                       "kernel (default: the shipped digits classifier with the digits "
-                                                      "model; none with --model: the restart kernel needs none)")
+                                                      "model, which your own may replace; none with --model: the "
+                                                      "restart kernel needs none)")
     g = p.add_argument_group("score_sde checkpoints (--model checkpoint_*.pth): the values of the model's config")
     g.add_argument("--score-sde-net", default=None, metavar="MODULE:FUNCTION",
                    help="builds the untrained network: FUNCTION() of MODULE, imported from the current directory "
@@ -144,26 +158,58 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_device_argument(p: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--threads``."""
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: a GPU if torch sees one, "
                                                   "else the CPU; under accelerate launch: the process's own)")
+    add_threads_argument(p)
+
+
+def add_threads_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: OMP_NUM_THREADS if set, else one per "
+                        f"{ELEMENTS_PER_THREAD // 1024}k model-input elements per call, at most the cores that "
+                        "the load average leaves free: small batches run fastest on one thread)")
+
+
+def choose_threads(requested: int | None, elements: int) -> int:
+    """Set and return torch's CPU thread count for model calls of ``elements`` input elements (batch x sample size).
+
+    ``requested`` (``--threads``) wins; then the user's ``OMP_NUM_THREADS``, or a ``torch.set_num_threads`` made
+    by the caller's own code; otherwise one thread per ``ELEMENTS_PER_THREAD`` elements, at most the cores this
+    process may use (``os.sched_getaffinity``) less the load average's busy ones, at least one.
+    """
+    if requested is None and ("OMP_NUM_THREADS" in os.environ or torch.get_num_threads() not in _SET_BY_US):
+        return torch.get_num_threads()
+    if requested is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        free = cores - round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else cores
+        requested = max(1, min(free, elements // ELEMENTS_PER_THREAD))
+    torch.set_num_threads(requested)
+    _SET_BY_US.add(requested)
+    return requested
+
+
+#: torch's thread count before any script chose one, and those the scripts chose: any other was set by the caller.
+_SET_BY_US = {torch.get_num_threads()}
 
 
 def check_model_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> bool:
-    """Whether the run is the shipped preset; refuses a classifier without its model, and the Gibbs kernel
-    without a classifier (the restart kernel needs none). On the preset, sets ``args.preset`` (default digits)."""
+    """Whether the run is a shipped preset's model (no ``--model``, or the shipped digits folder: scored by the
+    preset's evaluator; without ``--model`` its classifier is the default, which ``--classifier`` may replace);
+    refuses the Gibbs kernel without a classifier (the restart kernel needs none). On the preset, sets
+    ``args.preset`` (default digits)."""
     if args.preset is not None and args.model is not None:
         parser.error(f"--preset {args.preset} and --model {args.model} name two models; pass one of them")
-    preset = args.model is None
+    preset = args.model is None or Path(args.model).resolve() == presets.PRESETS["digits"].pipeline_dir.resolve()
     args.preset = (args.preset or "digits") if preset else None
-    if preset and presets.PRESETS[args.preset].classifier_dir is None and getattr(args, "kernel", None) == "gibbs":
-        parser.error(f"--kernel gibbs needs a noise classifier and the {args.preset} preset has none; use the "
-                     "restart kernel, which needs none")
-    if preset and args.classifier is not None:
-        parser.error("--classifier needs --model (the shipped classifier belongs to the shipped model)")
-    if not preset and args.classifier is None and getattr(args, "kernel", "restart") == "gibbs":
-        parser.error("--kernel gibbs needs --classifier: a noise classifier for that model (train one with "
-                     "dlg-train-classifier --model MODEL --data IMAGES --out FOLDER), or use the restart kernel, "
-                     "which needs none")
+    if args.classifier is None and getattr(args, "kernel", None) == "gibbs":
+        if args.model is None and presets.PRESETS[args.preset].classifier_dir is None:
+            parser.error(f"--kernel gibbs needs a noise classifier and the {args.preset} preset has none; pass "
+                         "--classifier, or use the restart kernel, which needs none")
+        if args.model is not None:
+            parser.error("--kernel gibbs needs --classifier: a noise classifier for that model (train one with "
+                         "dlg-train-classifier --model MODEL --data IMAGES --out FOLDER), or use the restart "
+                         "kernel, which needs none")
     return preset
 
 
@@ -176,7 +222,7 @@ def load(args: argparse.Namespace, device, preset: bool):
     score_sde_kwargs = {"beta_min": args.beta_min, "beta_max": args.beta_max, "sigma_min": args.sde_sigma_min,
                         "sigma_max": args.sde_sigma_max, "continuous": args.continuous}
     try:
-        spec = presets.PRESETS[args.preset].classifier_dir if preset else args.classifier
+        spec = args.classifier or (presets.PRESETS[args.preset].classifier_dir if args.model is None else None)
         classifier = None if spec is None else load_classifier(spec, device)
         model = load_model(str(presets.pipeline_path(args.preset) if preset else args.model),
                            score_sde_net=args.score_sde_net,
@@ -193,7 +239,7 @@ def load(args: argparse.Namespace, device, preset: bool):
 
 def budget_error(err: ValueError) -> str:
     """``for_budget``'s budget message in the command line's words."""
-    return (f"error: {err}".replace("raise nfe to", "raise --nfe to")
+    return (f"error: {err}".replace("raise nfe to", "raise --nfe to").replace("pass nfe", "pass --nfe")
             .replace("draw more samples per chain", "draw more samples per chain (more --n or fewer --chains)"))
 
 
@@ -206,6 +252,17 @@ def output_format(*allowed: str):
             raise argparse.ArgumentTypeError(f"{value!r} is not an output format: use {', '.join(allowed)}{lossy}")
         return value
     return parse
+
+
+def check_image_path(path: str | Path, flag: str, parser: argparse.ArgumentParser) -> None:
+    """Refuse an output image path whose extension Pillow cannot write, before any compute."""
+    from PIL import Image
+
+    ext = Path(path).suffix.lower()
+    if ext not in {e for e, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}:
+        parser.error(f"{flag} {path}: {f'{ext!r} is not an image type' if ext else 'no image extension'}; end it in "
+                     ".png (or .jpg, .webp, .bmp, .tif, .gif), e.g. "
+                     f"{flag} {Path(path).with_suffix('.png')}")
 
 
 def positive(value, name: str, parser: argparse.ArgumentParser) -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import math
+import shlex
 import sys
 import time
 import warnings
@@ -21,9 +23,9 @@ from ..models import make_integrator
 from ..parallel import cpu_processes, process_seed
 from ..sampler import KERNELS, RESTART_SCALE, DLGSampler, micro_batched
 from ..tuning import full_batches_note
-from .common import (DEFAULT_NFE, HelpFormatter, add_batching_arguments, add_device_argument, add_model_arguments,
-                     budget_error, check_batching, check_device, check_model_flags, check_writable, load, output_format,
-                     positive)
+from .common import (DEFAULT_NFE, ArgumentParser, HelpFormatter, add_batching_arguments, add_device_argument,
+                     add_model_arguments, budget_error, check_batching, check_device, check_image_path,
+                     check_model_flags, check_writable, choose_threads, load, output_format, positive)
 
 #: The few-step peers the summary measures at DLG's total NFE: printed name -> (``dlg-bench`` label: its
 #: ``SCHEDULERS`` / ``CORE_PEERS`` entry, with the schedule each one's authors use at few steps; what the line says).
@@ -53,7 +55,7 @@ def _in_flag_words(message: str) -> str:
 
 def sample_parser() -> argparse.ArgumentParser:
     sampler_defaults = inspect.signature(DLGSampler).parameters
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="dlg-sample",
         description="Draw samples from a pretrained diffusion model with Denoising MCMC: persistent chains, each "
                     "output lifted by the restart kernel (or the paper's Langevin-Gibbs kernel) and denoised. The "
@@ -89,7 +91,9 @@ def sample_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=256, help="number of samples")
     p.add_argument("--seed", type=int, default=0, help="seeds the pilot and the chains (each process of accelerate "
                                                        "launch derives its own)")
-    p.add_argument("--out", default="samples.png", help="PNG grid (the raw samples go next to it as .safetensors)")
+    p.add_argument("--out", default="samples.png", help="PNG grid (the raw samples go next to it as .safetensors); "
+                                                        "an existing one is kept: the default is written beside it "
+                                                        "(samples-1.png ...), a named one is refused")
     p.add_argument("--out-dir", default=None, help="write resumable shards + manifest here instead of --out")
     p.add_argument("--format", type=output_format("png", "npz", "safetensors"), default=None,
                    metavar="{png,npz,safetensors}",
@@ -97,7 +101,8 @@ def sample_parser() -> argparse.ArgumentParser:
                         "(000000.png ...) or one samples.npz (arr_0 uint8 [N, H, W, 3]), as FID tools read them")
     p.add_argument("--shard-size", type=int, default=1024, help="samples per shard with --out-dir")
     p.add_argument("--png", action="store_true", help="with --out-dir, also write one PNG grid per shard")
-    p.add_argument("--overwrite", action="store_true", help="with --out-dir, discard a previous run there")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file (and its .safetensors); "
+                                                            "with --out-dir, discard a previous run there")
     p.add_argument("--compare", action=argparse.BooleanOptionalAction, default=None,
                    help="also run the vanilla integrator and the few-step peers at DLG's total NFE and compare "
                         "(default: on for digits)")
@@ -146,6 +151,49 @@ def _tuning_record(sampler: DLGSampler) -> dict:
 
 
 def sample_main(argv: list[str] | None = None) -> None:
+    """``dlg-sample``; Ctrl-C ends it with one line on stderr saying what was kept and how to resume (exit 130)."""
+    try:
+        _sample(argv)
+    except KeyboardInterrupt:
+        argv = sys.argv[1:] if argv is None else list(argv)
+        print(f"\n{_interrupted(sample_parser().parse_args(argv), argv)}", file=sys.stderr)
+        sys.exit(130)
+
+
+def _interrupted(args: argparse.Namespace, argv: list[str]) -> str:
+    """What an interrupted run kept, and the command that goes on from there."""
+    if args.out_dir is None:
+        return ("interrupted: nothing was saved (--out is written when the run ends); --out-dir FOLDER writes "
+                "shards as it goes, and the same command resumes from them")
+    from ..shards import MANIFEST
+
+    shards = [e for m in sorted(Path(args.out_dir).glob(f"*{MANIFEST}")) for e in json.loads(m.read_text())["shards"]]
+    if not shards:
+        return f"interrupted: no shard was finished in {args.out_dir}; run the command again to start over"
+    resume = shlex.join(["dlg-sample", *(a for a in argv if a != "--overwrite")])
+    return (f"interrupted: {len(shards)} shard{'s' if len(shards) > 1 else ''} ({sum(e['count'] for e in shards)} "
+            f"of {args.n} samples) kept in {args.out_dir}; resume with: {resume}")
+
+
+def _out_path(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
+    """Where ``--out`` is written: never over an existing grid or ``.safetensors`` without ``--overwrite``. A named
+    ``--out`` is refused; the default is written beside it (``samples-1.png`` ...), said on stderr."""
+    out = Path(args.out)
+
+    def taken(path: Path) -> bool:
+        return path.exists() or path.with_suffix(".safetensors").exists()
+
+    if args.overwrite or not taken(out):
+        return out
+    if args.out != parser.get_default("out"):
+        parser.error(f"--out {out}: {out if out.exists() else out.with_suffix('.safetensors')} exists; pass "
+                     "--overwrite to replace it, or another --out")
+    beside = next(p for k in range(1, 10**6) if not taken(p := out.with_stem(f"{out.stem}-{k}")))
+    print(f"note: {out} exists, so this run writes {beside} (--overwrite replaces {out})", file=sys.stderr)
+    return beside
+
+
+def _sample(argv: list[str] | None) -> None:
     from accelerate import Accelerator
     from accelerate.utils import gather_object
     from ..images import to_uint8
@@ -154,7 +202,8 @@ def sample_main(argv: list[str] | None = None) -> None:
 
     parser = sample_parser()
     args = parser.parse_args(argv)
-    for name in ("nfe", "denoise_steps", "gibbs_steps", "step_size", "restart_sigma", "chains", "n", "shard_size"):
+    for name in ("nfe", "denoise_steps", "gibbs_steps", "step_size", "restart_sigma", "chains", "n", "shard_size",
+                 "threads"):
         positive(getattr(args, name), "--" + name.replace("_", "-"), parser)
     if args.nfe is not None and args.denoise_steps is not None:
         parser.error("pass --nfe or --denoise-steps, not both")
@@ -163,7 +212,9 @@ def sample_main(argv: list[str] | None = None) -> None:
     if args.out_dir is None and Path(args.out).is_dir():
         parser.error(f"--out {args.out} is a folder; pass a .png file path (or --out-dir for shards)")
     if args.out_dir is None:
+        check_image_path(args.out, "--out", parser)
         check_writable(args.out, "--out", parser, folder=False)
+        out = _out_path(args, parser)
     else:
         check_writable(args.out_dir, "--out-dir", parser, folder=True)
     if args.format is not None and args.out_dir is None:
@@ -183,9 +234,10 @@ def sample_main(argv: list[str] | None = None) -> None:
     n = args.n // world + (rank < args.n % world)
     first = rank * (args.n // world) + min(rank, args.n % world)  # this process's first sample in the run
     nfe = args.nfe or DEFAULT_NFE
+    plan = None
     if args.denoise_steps is None and args.integrator in INTEGRATORS:  # scheduler names: once configured, below
         try:  # the budget's arithmetic needs no model: a budget below the minimum is refused before loading
-            plan_budget(nfe, max(n, 1), num_chains=args.chains, **overrides)
+            plan = plan_budget(nfe, max(n, 1), num_chains=args.chains, **overrides)
         except ValueError as err:
             sys.exit(budget_error(err))
     torch.manual_seed(seed)
@@ -228,24 +280,34 @@ def sample_main(argv: list[str] | None = None) -> None:
         num_chains = chosen["num_chains"]
         overrides.update(denoise_steps=chosen["denoise_steps"], warmup_steps=chosen["warmup_steps"],
                          restart_sigma=state["restart_sigma"])
-    try:
-        sampler = DLGSampler.for_budget(model.score, classifier, shape=model.shape, nfe=nfe, n=max(n, 1),
-                                        num_chains=num_chains, seed=seed, device=device,
-                                        max_batch_size=args.batch_size, **overrides)
-    except ValueError as err:
-        sys.exit(budget_error(err))
-    if state is not None:
-        sampler.load_state_dict(state)
-        print(f"resuming {args.out_dir}: {writer.count} of {n} samples already written"
-              + (f" by process {rank}" if world > 1 else ""))
-    done = sampler.stats["model_evaluations"]  # the pilot's, or everything of the interrupted run
-    remaining = n - (writer.count if writer is not None else 0)
+    chains = num_chains or (plan["settings"]["num_chains"] if plan else math.ceil(max(n, 1) / 20))
+    threads = choose_threads(args.threads, min(chains, args.batch_size or chains) * math.prod(model.shape))
+    planned = None if plan is None or state is not None else math.ceil(plan["predicted_nfe_per_sample"] * n)
+    if main and planned is not None:
+        print(f"planned: {planned:,} model evaluations ({planned / max(n, 1):.2f} per sample, warm-up and pilot "
+              f"included) on {chains} chain{'s' if chains > 1 else ''}, {threads} CPU thread"
+              f"{'s' if threads > 1 else ''}; the bar's time left follows from the first batches", file=sys.stderr)
     samples = torch.empty(0, *model.shape)
-    # One bar over the whole job, in model evaluations: the pilot (done), the warm-up and every shard.
+    # One bar over the whole job, in model evaluations, from the first one: the warm-up, the pilot and every shard.
     with warnings.catch_warnings(record=True) as caught, \
-            tqdm(total=done + sampler.planned_nfe(remaining), initial=done, disable=not main, unit="NFE",
-                 unit_scale=True, desc="dlg-sample" + (f" (process 0 of {world})" if world > 1 else "")) as bar, \
+            tqdm(total=planned, disable=not main, unit="NFE", unit_scale=True,
+                 desc="dlg-sample" + (f" (process 0 of {world})" if world > 1 else "")) as bar, \
             accelerator.autocast():
+        try:
+            sampler = DLGSampler.for_budget(model.score, classifier, shape=model.shape, nfe=nfe, n=max(n, 1),
+                                            num_chains=num_chains, seed=seed, device=device, progress_bar=bar,
+                                            max_batch_size=args.batch_size, **overrides)
+        except ValueError as err:
+            sys.exit(budget_error(err))
+        if state is not None:
+            sampler.load_state_dict(state)
+            bar.write(f"resuming {args.out_dir}: {writer.count} of {n} samples already written"
+                      + (f" by process {rank}" if world > 1 else ""))
+            # everything of the interrupted run
+            bar.n = bar.initial = bar.last_print_n = sampler.stats["model_evaluations"]
+        remaining = n - (writer.count if writer is not None else 0)
+        bar.total = bar.n + sampler.planned_nfe(remaining)  # the plan's estimate, made exact
+        bar.refresh()
         if writer is not None:
             for k, size in enumerate(shard_sizes(n, args.shard_size)):
                 if k < len(writer.shards):
@@ -281,7 +343,6 @@ def sample_main(argv: list[str] | None = None) -> None:
             as_files = f" as {NPZ} (arr_0 uint8 [{args.n}, {probe.shape[-2]}, {probe.shape[-1]}, 3])"
         print(f"wrote {args.n} samples to {args.out_dir}{as_files}")
         return
-    out = Path(args.out)
     images = _images(model, samples, device, args.batch_size)
     try:
         _save_grid(images, out)
@@ -340,7 +401,7 @@ def _settings_line(sampler: DLGSampler, integrator: str, summary: dict, world: i
                   f"median {sampler.stats['selected_sigma_median']:.3g}")
     chains = summary["chains"]
     note = full_batches_note(sampler.tuning) if sampler.tuning else None
-    return (f"DLG {kernel}, {steps}: {summary['samples']} samples from {chains} chains, "
+    return (f"DLG {kernel}, {steps}: {summary['samples']} samples from {chains} chain{'s' if chains != 1 else ''}, "
             f"{summary['samples'] / chains:.1f} outputs per chain ({world} process{'es' if world > 1 else ''})"
             + (f"; {note}{' (per process)' if world > 1 else ''}" if note else ""))
 
@@ -352,9 +413,14 @@ def _cost_line(summary: dict, wall: float, resumed: bool = False) -> str:
     r = summary["lag1_autocorr"]
     mixing = ("lag-1 autocorrelation n/a (one output per chain)" if r is None else
               f"lag-1 autocorrelation {r:.2f} (worth {summary['ess_fraction']:.0%} as many independent samples)")
-    return (f"DLG: NFE/sample {summary['nfe_per_sample']:.2f} in total, warm-up and pilot included ({split}; "
+    return (f"DLG: NFE/sample {_down(summary['nfe_per_sample'])} in total, warm-up and pilot included ({split}; "
             f"{summary['model_evaluations']} model evaluations / {summary['samples']} samples), {mixing}, "
             f"wall {wall:.1f}s {'since resuming' if resumed else 'with warm-up'}")
+
+
+def _down(nfe: float) -> str:
+    """An NFE with two decimals, rounded down (9.997 reads 9.99, not 10.00: the budget it fits is 9)."""
+    return f"{math.floor(nfe * 100 + 1e-9) / 100:.2f}"
 
 
 def _class_repeats(labels: torch.Tensor, chains: int) -> str:
@@ -398,7 +464,7 @@ def _compare(model, integrator, args: argparse.Namespace, dlg_nfe: float, evalua
             if not isinstance(integrator, str) and dict(sampler.config) == dict(integrator.config):
                 continue  # the vanilla run is that peer already
             runs.append((f"peer {label} ({how})", label, sampler, {}))
-    print(f"at DLG's total NFE ({budget} per sample, the most steps that fit {dlg_nfe:.2f}):")
+    print(f"at DLG's total NFE ({budget} per sample, the most steps that fit {_down(dlg_nfe)}):")
     scored = []  # (FD, peer name) of the peers
     for line_label, peer, sampler, knobs in runs:
         steps = steps_for_nfe(sampler, budget, dlg=False, **knobs)
@@ -421,7 +487,7 @@ def _compare(model, integrator, args: argparse.Namespace, dlg_nfe: float, evalua
         what = "FD vs the model's own samples" if "fd_model" in dlg_quality else "FD vs held-out digits"
         fd, peer = min(scored)
         mine = dlg_quality.get("fd_model", dlg_quality["fd"])
-        print(f"strongest peer at {budget} NFE by {what}: {peer} {fd:.2f}; DLG {mine:.2f} at {dlg_nfe:.2f} NFE "
+        print(f"strongest peer at {budget} NFE by {what}: {peer} {fd:.2f}; DLG {mine:.2f} at {_down(dlg_nfe)} NFE "
               f"({'lower' if mine < fd else 'not lower'}; one seed, n={args.n})")
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import math
+import shlex
 import sys
 from pathlib import Path
 
@@ -12,11 +14,12 @@ from .. import digits
 from ..classifier import NoiseClassifier, train_noise_classifier
 from ..models import image_files, load_images, load_model
 from ..parallel import cpu_processes
-from .common import DIGITS, HelpFormatter, check_device, check_writable, positive
+from .common import (DIGITS, ArgumentParser, HelpFormatter, add_threads_argument, check_device, check_writable,
+                     choose_threads, positive)
 
 
 def train_classifier_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="dlg-train-classifier",
         description="Train a noise classifier p(sigma_i | x) for a diffusion model's sigma range (resumable).",
         formatter_class=HelpFormatter,
@@ -44,6 +47,7 @@ def train_classifier_parser() -> argparse.ArgumentParser:
                    help="batches per optimiser step (under accelerate launch: per process)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: a GPU if torch sees one, "
                                                   "else the CPU; under accelerate launch: the process's own)")
+    add_threads_argument(p)
     g = p.add_argument_group("training on the model's own samples (no training data needed)")
     g.add_argument("--from-model", default=None, metavar="MODEL",
                    help="train on a pool of this model's own samples instead of --data: a diffusers folder or Hub id "
@@ -82,6 +86,23 @@ def _read_prompts(path: str) -> list[str]:
 
 
 def train_classifier_main(argv: list[str] | None = None) -> None:
+    """``dlg-train-classifier``; Ctrl-C ends it with one line saying what was kept and how to resume (exit 130)."""
+    try:
+        _train_classifier(argv)
+    except KeyboardInterrupt:
+        argv = sys.argv[1:] if argv is None else list(argv)
+        args = train_classifier_parser().parse_args(argv)
+        out = Path(args.out)
+        kept = [f"{path} ({what})" for path, what in ((out / "checkpoints", "training checkpoints"),
+                                                       (Path(args.pool_dir or out / "pool"), "the pool's shards"))
+                if path.is_dir() and any(path.iterdir())]
+        resume = shlex.join(["dlg-train-classifier", *(a for a in argv if a != "--overwrite-pool")])
+        print(f"\ninterrupted: {'kept ' + ' and '.join(kept) if kept else 'nothing was kept yet'}; "
+              f"{'resume' if kept else 'start again'} with: {resume}", file=sys.stderr)
+        sys.exit(130)
+
+
+def _train_classifier(argv: list[str] | None) -> None:
     from accelerate import Accelerator, PartialState
 
     parser = train_classifier_parser()
@@ -104,6 +125,7 @@ def train_classifier_main(argv: list[str] | None = None) -> None:
         sys.exit("error: --prompts and --guidance-scale set how --from-model samples a text-to-image model: add "
                  "--from-model MODEL, or drop them.")
     positive(args.guidance_scale, "--guidance-scale", parser)
+    positive(args.threads, "--threads", parser)
     prompts = _read_prompts(args.prompts) if args.prompts is not None else None
     pool_model = digits.PIPELINE_DIR if args.from_model == DIGITS else args.from_model
     model_spec = pool_model or args.model or (digits.PIPELINE_DIR if args.data == DIGITS else None)
@@ -120,6 +142,7 @@ def train_classifier_main(argv: list[str] | None = None) -> None:
     if pool_model is not None:
         from ..pool import build_sample_pool, load_real_samples
 
+        choose_threads(args.threads, args.pool_batch_size * math.prod(shape))
         try:
             extra = load_real_samples(args.mix_data, model, args.image_size) if args.mix_data else None
             with state.main_process_first():  # one process draws the pool, the others then read it
@@ -149,6 +172,7 @@ def train_classifier_main(argv: list[str] | None = None) -> None:
     if sigma_min is None or sigma_max is None:
         sys.exit("error: the noise grid is unknown: pass --model (the diffusion model the classifier is for) or "
                  "both --sigma-min and --sigma-max.")
+    choose_threads(args.threads, args.batch_size * data[0].numel())
     torch.manual_seed(args.seed)  # the initial weights follow --seed too
     classifier = NoiseClassifier(sigma_min, sigma_max, args.num_levels, sample_shape=list(data.shape[1:]),
                                  channels=args.channels, hidden=args.hidden)

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import torch
+from tqdm.auto import tqdm
 
 from ..sampler import RESTART_SCALE, DLGSampler
-from .common import (DEFAULT_NFE, HelpFormatter, add_device_argument, add_model_arguments, budget_error, check_device,
-                     check_model_flags, load, positive)
+from .common import (DEFAULT_NFE, ArgumentParser, HelpFormatter, add_device_argument, add_model_arguments, budget_error,
+                     check_device, check_model_flags, choose_threads, load, positive)
 
 
 def tune_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="dlg-tune",
         description="Show what DLGSampler.for_budget (and dlg-sample, for one process with the same --nfe, --n, "
                     "--chains and --seed) chooses for a budget: the settings, the pilot's measurements on the model "
@@ -33,24 +35,37 @@ def tune_parser() -> argparse.ArgumentParser:
 
 
 def tune_main(argv: list[str] | None = None) -> None:
+    """``dlg-tune``; Ctrl-C ends it with one line (exit 130)."""
+    try:
+        _tune(argv)
+    except KeyboardInterrupt:
+        print("\ninterrupted: dlg-tune keeps nothing (it prints its choice when the pilot ends); run it again",
+              file=sys.stderr)
+        sys.exit(130)
+
+
+def _tune(argv: list[str] | None) -> None:
     import json
 
     from ..tuning import full_batches_note, plan_budget
 
     parser = tune_parser()
     args = parser.parse_args(argv)
-    for name in ("nfe", "n", "chains"):
+    for name in ("nfe", "n", "chains", "threads"):
         positive(getattr(args, name), "--" + name, parser)
     preset = check_model_flags(args, parser)
     check_device(args.device, parser)
     try:
-        plan_budget(args.nfe, args.n, num_chains=args.chains)
+        plan = plan_budget(args.nfe, args.n, num_chains=args.chains)
     except ValueError as err:
         sys.exit(budget_error(err))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, classifier = load(args, device, preset)
-    sampler = DLGSampler.for_budget(model.score, classifier, shape=model.shape, nfe=args.nfe, n=args.n,
-                                    num_chains=args.chains, seed=args.seed, device=device)
+    choose_threads(args.threads, plan["settings"]["num_chains"] * math.prod(model.shape))
+    # The warm-up and the pilot are the whole cost here: one bar from their first model evaluation.
+    with tqdm(unit="NFE", unit_scale=True, desc="dlg-tune: warm-up and pilot") as bar:
+        sampler = DLGSampler.for_budget(model.score, classifier, shape=model.shape, nfe=args.nfe, n=args.n,
+                                        num_chains=args.chains, seed=args.seed, device=device, progress_bar=bar)
     tuning = sampler.tuning
     pilot, settings = tuning["pilot"], tuning["settings"]
     run = tuning["predicted_nfe_per_sample"] * args.n
