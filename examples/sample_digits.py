@@ -3,7 +3,8 @@ same total cost.
 
     python examples/sample_digits.py --n 500 --nfe 10 --out digits_dlg.png
 
-``DLGSampler.for_budget`` picks the chains (n / 20), the denoising steps and the restart level for a budget of
+``DLGSampler.for_budget`` picks the chains (n / 20; more below n = 2000, to fill the model's calls), the denoising
+steps and the restart level for a budget of
 ``--nfe`` model evaluations per sample, everything counted (warm-up and pilot included).
 """
 

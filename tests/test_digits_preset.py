@@ -25,6 +25,7 @@ from dlg_sampler.classifier import evaluate_noise_classifier
 from dlg_sampler.digits import (CLASSIFIER_DIR, FEATURES_DIR, PIPELINE_DIR, DigitsEvaluator, load_digit_features,
                                 load_digits_data)
 from dlg_sampler.testing import CountingScore
+from dlg_sampler.tuning import plan_budget
 
 BIN = Path(sys.executable).parent
 
@@ -128,7 +129,9 @@ def test_dlg_sample_end_to_end(tmp_path):
     done = cli("--n", "64", "--out", "grid.png", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
-    assert any(line.startswith("DLG restart kernel") and "64 samples from 4 chains" in line for line in lines)
+    chains = plan_budget(10, 64)["settings"]["num_chains"]  # full batches at n = 64: more than n / 20
+    assert chains > 4 and any(line.startswith("DLG restart kernel") and f"64 samples from {chains} chains" in line
+                              for line in lines)
     assert any(line.startswith("DLG: NFE/sample") and "FD" in line and "classes" in line for line in lines)
     assert any(line.startswith("vanilla unipc") and "FD" in line for line in lines)
     assert Image.open(tmp_path / "grid.png").size[0] >= 64
@@ -142,7 +145,9 @@ def test_dlg_sample_with_a_diffusers_scheduler_and_a_local_model_folder(tmp_path
                "DPMSolverMultistepScheduler", "--nfe", "8", "--n", "16", "--out", "x.png", "--no-compare", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     total = float(re.search(r"NFE/sample ([\d.]+) in total", done.stdout).group(1))
-    assert 7 <= total <= 8 and "DPMSolverMultistepScheduler 7 steps:" in done.stdout and (tmp_path / "x.png").exists()
+    steps = int(re.search(r"DPMSolverMultistepScheduler (\d+) steps:", done.stdout).group(1))
+    # 7 steps with n / 20 chains; full batches at n = 16 may trade one of them for chains that fill the model's calls
+    assert 7 <= total <= 8 and steps in (6, 7) and (tmp_path / "x.png").exists()
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from PIL import Image
 
 from dlg_sampler import NoiseClassifier
 from dlg_sampler.digits import CLASSIFIER_DIR
+from dlg_sampler.tuning import plan_budget
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -51,7 +52,10 @@ def bar_and_printed_loss(out: str) -> tuple[str, str]:
 
 def test_sample_digits(tmp_path):
     out = run("sample_digits.py", "--n", "64", "--out", "grid.png", cwd=tmp_path)
-    total = float(re.search(r"DLG restart kernel, S [\d.]+, 4 chains: NFE per sample ([\d.]+) in total", out)[1])
+    chains, total = re.search(r"DLG restart kernel, S [\d.]+, (\d+) chains: NFE per sample ([\d.]+) in total",
+                              out).groups()
+    assert int(chains) == plan_budget(10, 64)["settings"]["num_chains"]  # the budget's choice, full batches at n = 64
+    total = float(total)
     # the integrator run is the one named (it said DPM-Solver++ 2M and ran unipc)
     assert total <= 10 and f"vanilla dpmpp_2m (DPM-Solver++ 2M), {int(total)} NFE" in out and out.count("'fd'") == 2
     grid = np.asarray(Image.open(tmp_path / "grid.png"))
