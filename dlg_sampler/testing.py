@@ -166,3 +166,16 @@ class CountingScore:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.score, name)
+
+
+def error_of(main, argv: list[str], capsys) -> str:
+    """Run a console script's ``main(argv)`` in-process; it must exit with an error (a non-zero code or a message):
+    returns what it said (pytest's ``capsys`` stderr, and the exit message)."""
+    try:
+        main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    else:
+        raise AssertionError(f"{getattr(main, '__name__', main)}({argv}) returned instead of exiting with an error")
+    assert code not in (0, None), f"exited with {code!r}, not an error"
+    return capsys.readouterr().err + (code if isinstance(code, str) else "")

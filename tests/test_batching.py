@@ -14,7 +14,7 @@ from dlg_sampler.cli.sample import sample_main
 from dlg_sampler.models import LoadedModel
 from dlg_sampler.pipelines import DLGPipeline, DLGScheduler
 from dlg_sampler.sampler import MicroBatched, micro_batched
-from dlg_sampler.testing import MixtureUNet
+from dlg_sampler.testing import MixtureUNet, error_of
 
 MIXTURE = GaussianMixture.random(num_modes=4, dim=8, spread=2.0, std=0.5, seed=0)
 LEVELS = NoiseLevels(0.01, 80.0, 1000)
@@ -260,17 +260,9 @@ def test_a_resume_in_another_precision_is_refused(tiny_model, tmp_path, capsys):
     argv = ["--model", str(tiny_model / "pipe"), "--n", "8", "--chains", "4", "--shard-size", "4",
             "--out-dir", str(tmp_path / "run")]
     sample_main([*argv, "--dtype", "bfloat16"])
-    assert "dtype: 'bfloat16' -> None" in error_of(argv, capsys)
+    assert "dtype: 'bfloat16' -> None" in error_of(sample_main, argv, capsys)
     sample_main([*argv, "--dtype", "bfloat16", "--batch-size", "3"])  # the batch size is no part of the samples
     assert "already written" in capsys.readouterr().out
-
-
-def error_of(argv, capsys) -> str:
-    with pytest.raises(SystemExit) as exc:
-        sample_main(argv)
-    code = exc.value.code
-    assert code not in (0, None)
-    return capsys.readouterr().err + (code if isinstance(code, str) else "")
 
 
 @pytest.fixture
@@ -287,7 +279,7 @@ def no_loading(monkeypatch):
     (["--dtype", "float8"], "argument --dtype: invalid choice: 'float8' (choose from"),
 ])
 def test_bad_batching_flags_are_refused_before_loading(argv, message, capsys, no_loading, tmp_path):
-    err = error_of([*argv, "--out", str(tmp_path / "x.png")], capsys)
+    err = error_of(sample_main, [*argv, "--out", str(tmp_path / "x.png")], capsys)
     assert message in err and len(err.strip().splitlines()[-1]) > 0 and "Traceback" not in err
 
 
@@ -299,7 +291,7 @@ def test_float16_on_a_cpu_without_its_kernels_is_refused_with_the_fix(monkeypatc
             raise RuntimeError('"GroupNorm" not implemented for \'Half\'')
         return group_norm(x, *args, **kwargs)
     monkeypatch.setattr(torch.nn.functional, "group_norm", no_half)
-    err = error_of(["--dtype", "float16", "--device", "cpu", "--out", str(tmp_path / "x.png")], capsys)
+    err = error_of(sample_main, ["--dtype", "float16", "--device", "cpu", "--out", str(tmp_path / "x.png")], capsys)
     assert (f"--dtype float16: torch {torch.__version__} cannot compute in float16 on cpu (\"GroupNorm\" not "
             "implemented for 'Half'); use --dtype float32 or bfloat16 there, or a GPU (--device cuda)") in err
 

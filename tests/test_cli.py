@@ -15,21 +15,13 @@ from PIL import Image
 
 from dlg_sampler import NoiseClassifier, cli, models
 from dlg_sampler.digits import CLASSIFIER_DIR, PIPELINE_DIR, load_digit_features
+from dlg_sampler.testing import error_of
 
 BIN = Path(sys.executable).parent
 
 
 def not_before_checks(*args, **kwargs):
     raise AssertionError("a model or classifier was loaded before the inputs were checked")
-
-
-def error_of(main, argv, capsys) -> str:
-    """Run a console script's main in-process; it must exit with an error: return the message."""
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    code = exc.value.code
-    assert code not in (0, None)
-    return capsys.readouterr().err + (code if isinstance(code, str) else "")
 
 
 @pytest.fixture

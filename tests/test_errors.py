@@ -7,19 +7,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from dlg_sampler import NoiseClassifier, cli
+from dlg_sampler import NoiseClassifier, cli, testing
 from dlg_sampler.adapters import load_score_sde_checkpoint
 from dlg_sampler.digits import PIPELINE_DIR
 from dlg_sampler.models import load_classifier, load_model
 
 
-def error_of(main, argv, capsys) -> str:
-    """Run a console script's main in-process; it must exit with one line: return it."""
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    message = capsys.readouterr().err + (exc.value.code if isinstance(exc.value.code, str) else "")
-    assert exc.value.code not in (0, None) and "Traceback" not in message
-    assert len(message.strip().splitlines()) == 1, message
+def one_line_error_of(main, argv, capsys) -> str:
+    """Run a console script's main in-process; it must exit with one line (no traceback): return it."""
+    message = testing.error_of(main, argv, capsys)
+    assert "Traceback" not in message and len(message.strip().splitlines()) == 1, message
     return message
 
 
@@ -77,7 +74,7 @@ def test_a_damaged_classifier_folder_says_what_is_wrong_with_its_files(damage, m
 def test_a_corrupt_classifier_is_one_line_on_the_command_line(tmp_path, monkeypatch, capsys):
     corrupt(classifier_folder(tmp_path / "clf"))
     monkeypatch.chdir(tmp_path)
-    err = error_of(cli.sample_main, ["--model", str(PIPELINE_DIR), "--classifier", "clf", "--n", "2"], capsys)
+    err = one_line_error_of(cli.sample_main, ["--model", str(PIPELINE_DIR), "--classifier", "clf", "--n", "2"], capsys)
     assert err.startswith("error: the noise classifier 'clf' could not be loaded: clf/model.safetensors is not a "
                           "safetensors file (header too large)")
 
@@ -153,7 +150,7 @@ def test_a_garbage_checkpoint_with_a_working_network_is_one_line_on_the_command_
         "    return torch.nn.Conv2d(1, 1, 3, padding=1)\n")
     (tmp_path / "garbage.pth").write_text("hello\n")
     monkeypatch.chdir(tmp_path)
-    err = error_of(cli.sample_main, ["--model", "garbage.pth", "--score-sde-net", "errors_tiny_net:build", "--shape",
+    err = one_line_error_of(cli.sample_main, ["--model", "garbage.pth", "--score-sde-net", "errors_tiny_net:build", "--shape",
                                      "1", "8", "8", "--n", "2"], capsys)
     assert err.startswith("error: garbage.pth is not a checkpoint torch.load can read (KeyError: 101)")
 

@@ -20,6 +20,7 @@ from PIL import Image
 from dlg_sampler import GaussianMixture, cli, shards
 from dlg_sampler.models import LoadedModel
 from dlg_sampler.shards import ShardWriter, read_images, read_samples
+from dlg_sampler.testing import error_of
 
 ROOT = Path(__file__).resolve().parent.parent
 N, SHARD = 24, 8  # in-process runs of the tiny 1 x 8 x 8 model: 3 shards
@@ -234,14 +235,6 @@ def test_an_npz_run_killed_while_it_writes_the_npz_resumes_exactly(tiny_model, t
 
 # ---------------------------------------------------------------------------------------------------------------
 # mistakes: one line, before any sampling, nothing lost
-
-
-def error_of(main, args, capsys) -> str:
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    code = exc.value.code
-    assert code not in (0, None)
-    return capsys.readouterr().err + (code if isinstance(code, str) else "")
 
 
 def no_sampling(*args, **kwargs):

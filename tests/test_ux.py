@@ -8,15 +8,7 @@ import pytest
 
 from dlg_sampler import cli, integrators, tuning
 from dlg_sampler.integrators import EVALS_PER_STEP, count_nfe, steps_for_nfe
-
-
-def error_of(main, argv, capsys) -> str:
-    """Run a console script's main in-process; it must exit with an error: return the message (stderr and exit)."""
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    code = exc.value.code
-    assert code not in (0, None)
-    return capsys.readouterr().err + (code if isinstance(code, str) else "")
+from dlg_sampler.testing import error_of
 
 
 @pytest.fixture
