@@ -73,14 +73,14 @@ def encode_to_model_space(model: LoadedModel, images: torch.Tensor, batch_size: 
 
 
 def load_real_samples(spec: str, model: LoadedModel, image_size: int | None = None) -> torch.Tensor:
-    """Real samples to mix into a pool, in the model's space ``[N, *model.shape]``: ``"digits"`` (the preset's
-    training split) or a folder of images (:func:`dlg_sampler.models.load_images`, resized to ``image_size``, by
+    """Real samples to mix into a pool, in the model's space ``[N, *model.shape]``: a preset's name (its training
+    split, :mod:`dlg_sampler.presets`) or a folder of images (:func:`dlg_sampler.models.load_images`, resized to ``image_size``, by
     default the model's pixel size: the latent size times the VAE's downsampling for latent models), encoded by
     :func:`encode_to_model_space`."""
-    if spec == "digits":
-        from .digits import load_digits_data
+    from .presets import PRESETS
 
-        images = load_digits_data("train")
+    if spec in PRESETS:
+        images = PRESETS[spec].evaluator.load_data("train")
     else:
         vae = getattr(model.pipeline, "vae", None)
         scale = 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)

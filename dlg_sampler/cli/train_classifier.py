@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .. import digits
+from .. import presets
 from ..classifier import NoiseClassifier, train_noise_classifier
 from ..models import image_files, load_images, load_model
 from ..parallel import cpu_processes
@@ -25,11 +25,12 @@ def train_classifier_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
     )
     p.add_argument("--data", default=DIGITS,
-                   help="clean training images: 'digits' (the shipped preset's training split), or a folder of "
-                        "images (searched recursively, so a datasets-style imagefolder with class subfolders works)")
+                   help=f"clean training images: a preset's training split ({' or '.join(presets.PRESETS)}), or a "
+                        "folder of images (searched recursively, so a datasets-style imagefolder with class "
+                        "subfolders works)")
     p.add_argument("--model", default=None,
                    help="the diffusion model whose sigma range and sample shape the classifier gets (a diffusers "
-                        "folder or Hub id); default: the shipped digits model for --data digits")
+                        "folder or Hub id); default: the preset's model for --data PRESET")
     p.add_argument("--sigma-min", type=float, default=None, help="override the grid's lowest level")
     p.add_argument("--sigma-max", type=float, default=None, help="override the grid's highest level")
     p.add_argument("--num-levels", type=int, default=1000, help="noise levels of the geometric grid (the paper: 1000)")
@@ -51,7 +52,7 @@ def train_classifier_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("training on the model's own samples (no training data needed)")
     g.add_argument("--from-model", default=None, metavar="MODEL",
                    help="train on a pool of this model's own samples instead of --data: a diffusers folder or Hub id "
-                        "('digits': the shipped digits model); for latent models pool and classifier are latents")
+                        "(or a preset's name); for latent models pool and classifier are latents")
     g.add_argument("--pool-size", type=int, default=10000, help="samples in the pool")
     g.add_argument("--pool-nfe", type=int, default=40, help="network evaluations per pool sample")
     g.add_argument("--pool-integrator", default="karras_heun",
@@ -62,7 +63,7 @@ def train_classifier_parser() -> argparse.ArgumentParser:
     g.add_argument("--pool-shard-size", type=int, default=1024, help="samples per pool shard")
     g.add_argument("--pool-batch-size", type=int, default=256, help="samples per integrator call")
     g.add_argument("--overwrite-pool", action="store_true", help="discard a pool of other settings in --pool-dir")
-    g.add_argument("--mix-data", default=None, metavar="FOLDER|digits",
+    g.add_argument("--mix-data", default=None, metavar="FOLDER|PRESET",
                    help="real samples to add to the pool (images; encoded by the VAE for latent models)")
     g.add_argument("--prompts", default=None, metavar="FILE",
                    help="text-to-image models: the prompts the pool is drawn with in turn, one per line (default: 16 "
@@ -113,7 +114,7 @@ def _train_classifier(argv: list[str] | None) -> None:
     check_writable(out, "--out", parser, folder=True)
     check_device(args.device, parser)
     for flag, folder in (("--data", args.data if args.from_model is None else DIGITS), ("--mix-data", args.mix_data)):
-        if folder not in (None, DIGITS):
+        if folder is not None and folder not in presets.PRESETS:
             try:
                 image_files(folder)
             except ValueError as err:
@@ -127,8 +128,12 @@ def _train_classifier(argv: list[str] | None) -> None:
     positive(args.guidance_scale, "--guidance-scale", parser)
     positive(args.threads, "--threads", parser)
     prompts = _read_prompts(args.prompts) if args.prompts is not None else None
-    pool_model = digits.PIPELINE_DIR if args.from_model == DIGITS else args.from_model
-    model_spec = pool_model or args.model or (digits.PIPELINE_DIR if args.data == DIGITS else None)
+    try:
+        pool_model = presets.pipeline_path(args.from_model) if args.from_model in presets.PRESETS else args.from_model
+        model_spec = pool_model or args.model or (presets.pipeline_path(args.data) if args.data in presets.PRESETS
+                                                  else None)
+    except ValueError as err:
+        sys.exit(f"error: {err}")
     shape, sigma_min, sigma_max = None, args.sigma_min, args.sigma_max
     if model_spec is not None:
         # A pool is drawn on this process's device (GPU where there is one).
@@ -153,10 +158,11 @@ def _train_classifier(argv: list[str] | None) -> None:
                                          overwrite=args.overwrite_pool, progress=state.is_main_process)
         except ValueError as err:  # the shard writer's advice names dlg-sample's flags: give this command's
             sys.exit(f"error: {err}".replace("--out-dir", "--pool-dir").replace("--overwrite", "--overwrite-pool"))
-        is_digits = Path(pool_model).resolve() == digits.PIPELINE_DIR.resolve()
-        held_out = digits.load_digits_data("test") if is_digits else None
-    elif args.data == DIGITS:
-        data, held_out = digits.load_digits_data("train"), digits.load_digits_data("test")
+        held_out = presets.PRESETS[args.from_model].evaluator.load_data("test") \
+            if args.from_model in presets.PRESETS else None
+    elif args.data in presets.PRESETS:
+        load_data = presets.PRESETS[args.data].evaluator.load_data
+        data, held_out = load_data("train"), load_data("test")
     else:
         from ..pool import load_real_samples
 
