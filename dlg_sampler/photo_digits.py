@@ -160,6 +160,9 @@ PHOTO_DIGITS_DIR = Path(__file__).parent / "weights" / "photo-digits"
 #: The photo-digits diffusion model: a diffusers ``DDPMPipeline`` folder (``UNet2DModel`` + linear-beta scheduler),
 #: made by ``examples/train_photo_digits_model.py``.
 PIPELINE_DIR = PHOTO_DIGITS_DIR / "pipeline"
+#: The photo-digits noise classifier (for the Gibbs kernel): ``dlg-train-classifier --data photo-digits`` (6000 steps,
+#: about 4 min on one CPU thread; held-out cross-entropy 3.34 nats against 6.91 for a uniform guess).
+CLASSIFIER_DIR = PHOTO_DIGITS_DIR / "classifier"
 #: The feature network of the photo-digits Frechet distance and digit reader (``examples/train_photo_digits_features.py``).
 FEATURES_DIR = PHOTO_DIGITS_DIR / "features"
 #: Feature mean and covariance of the photo-digits model's own distribution, where made (as the digits'

@@ -5,10 +5,9 @@
     p = presets.load("digits")            # .pipeline (diffusers), .evaluator, .shape, .classifier_dir
     p.evaluator.evaluate(samples)         # FD, precision / recall, class coverage against the held-out split
 
-``digits`` (1x8x8 grayscale) ships whole. ``photo-digits`` (3x16x16 colour, :mod:`dlg_sampler.photo_digits`) ships
-its evaluator; its diffusion model is trained by ``examples/train_photo_digits_model.py`` and used from the folder
-named by ``pipeline=`` or by the environment variable ``DLG_PHOTO_DIGITS_PIPELINE`` (so ``dlg-sample --preset
-photo-digits`` finds it too) until its weights ship in ``dlg_sampler/weights/photo-digits/pipeline``.
+Both ship whole: ``digits`` (1x8x8 grayscale) and ``photo-digits`` (3x16x16 colour, :mod:`dlg_sampler.photo_digits`).
+Another photo-digits model (``examples/train_photo_digits_model.py``) is used from the folder named by ``pipeline=``
+or by the environment variable ``DLG_PHOTO_DIGITS_PIPELINE`` (so ``dlg-sample --preset photo-digits`` finds it too).
 """
 
 from __future__ import annotations
@@ -45,7 +44,7 @@ class PresetSpec:
 PRESETS: dict[str, PresetSpec] = {
     "digits": PresetSpec(digits.PIPELINE_DIR, None, digits.CLASSIFIER_DIR, digits.DigitsEvaluator,
                          "python examples/train_digits_model.py --out digits-model"),
-    "photo-digits": PresetSpec(photo_digits.PIPELINE_DIR, "DLG_PHOTO_DIGITS_PIPELINE", None,
+    "photo-digits": PresetSpec(photo_digits.PIPELINE_DIR, "DLG_PHOTO_DIGITS_PIPELINE", photo_digits.CLASSIFIER_DIR,
                                photo_digits.PhotoDigitsEvaluator,
                                "python examples/train_photo_digits_model.py --out photo-digits-model "
                                "--checkpoint-dir photo-digits-checkpoints"),

@@ -1,6 +1,6 @@
-"""The preset API: both presets load offline (photo-digits from a tiny trained-in-test folder where its weights are not
-shipped), clear errors where a model is missing or mismatched, and dlg-sample --preset."""
+"""The preset API: both shipped presets load offline (photo-digits also from another trained folder), clear errors where a model is missing or mismatched, and dlg-sample --preset."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -10,6 +10,7 @@ from diffusers import DDPMPipeline, UNet2DModel
 from dlg_sampler import presets
 from dlg_sampler.cli import sample_main
 from dlg_sampler.digits import DigitsEvaluator
+from dlg_sampler.models import load_classifier, load_model
 from dlg_sampler.photo_digits import PIPELINE_DIR, SHAPE, PhotoDigitsEvaluator, make_photo_digits
 
 ENV = "DLG_PHOTO_DIGITS_PIPELINE"
@@ -48,11 +49,18 @@ def test_digits_preset_loads_offline():
     assert type(p.evaluator) is DigitsEvaluator and p.evaluator.features(torch.zeros(3, *p.shape)).shape[0] == 3
 
 
+def test_photo_digits_preset_ships_whole():
+    assert presets.names() == ["digits", "photo-digits"]
+    p = presets.load("photo-digits")
+    assert p.shape == SHAPE and p.pipeline.unet.config.sample_size == 16 and isinstance(p.evaluator, PhotoDigitsEvaluator)
+    clf = load_classifier(p.classifier_dir)
+    assert tuple(clf.sample_shape) == SHAPE and clf.levels.sigma_max == pytest.approx(
+        load_model(str(PIPELINE_DIR)).sigma_max, rel=1e-6)
+
+
 def test_photo_digits_preset_loads_a_trained_folder(tiny_photo_model, monkeypatch):
-    shipped = (PIPELINE_DIR / "model_index.json").is_file()
-    assert ("photo-digits" in presets.names()) == shipped
     p = presets.load("photo-digits", pipeline=tiny_photo_model)
-    assert p.shape == SHAPE and p.classifier_dir is None and isinstance(p.evaluator, PhotoDigitsEvaluator)
+    assert p.shape == SHAPE and isinstance(p.evaluator, PhotoDigitsEvaluator)
     x, y = make_photo_digits(8, "test", seed=0)
     assert p.evaluator.predict(x).shape == y.shape and p.evaluator.features(x).shape[0] == 8
     monkeypatch.setenv(ENV, str(tiny_photo_model))  # the environment names it: listed and loaded by name alone
@@ -60,10 +68,12 @@ def test_photo_digits_preset_loads_a_trained_folder(tiny_photo_model, monkeypatc
     assert presets.load("photo-digits").pipeline.unet.config.block_out_channels == [8, 16]
 
 
-def test_missing_unknown_or_mismatched_models_are_clear_errors(tiny_model, monkeypatch):
-    if not (PIPELINE_DIR / "model_index.json").is_file():
-        with pytest.raises(ValueError, match="train it with `python examples/train_photo_digits_model.py"):
-            presets.load("photo-digits")
+def test_missing_unknown_or_mismatched_models_are_clear_errors(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setitem(presets.PRESETS, "photo-digits",
+                        dataclasses.replace(presets.PRESETS["photo-digits"], pipeline_dir=tmp_path / "none"))
+    assert presets.names() == ["digits"]
+    with pytest.raises(ValueError, match="train it with `python examples/train_photo_digits_model.py"):
+        presets.load("photo-digits")
     monkeypatch.setenv(ENV, str(tiny_model))  # a folder, but no pipeline at its top
     with pytest.raises(ValueError, match=f"holds no diffusers pipeline.*set {ENV}"):
         presets.load("photo-digits")
@@ -88,9 +98,17 @@ def test_dlg_sample_preset_photo_digits(tiny_photo_model, tmp_path, monkeypatch,
     assert len(scored) == 1 and scored[0].shape == (8, *SHAPE)
 
 
+def test_gibbs_on_a_preset_without_classifier_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(presets.PRESETS, "photo-digits",
+                        dataclasses.replace(presets.PRESETS["photo-digits"], classifier_dir=None))
+    with pytest.raises(SystemExit) as exit_:
+        sample_main(["--preset", "photo-digits", "--kernel", "gibbs", "--n", "8"])
+    assert "the photo-digits preset has none" in f"{exit_.value.code} {capsys.readouterr().err}"
+
+
 @pytest.mark.parametrize("args, env, message", [
     (["--preset", "photo-digits", "--model", "x"], {}, "--preset photo-digits and --model x name two models"),
-    (["--preset", "photo-digits", "--kernel", "gibbs"], {}, "the photo-digits preset has none"),
     (["--preset", "photo-digits"], {ENV: "no-such-folder"}, "no-such-folder holds no diffusers pipeline"),
     (["--preset", "nope"], {}, "invalid choice: 'nope'"),
 ])

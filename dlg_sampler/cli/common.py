@@ -135,8 +135,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                                                  "(default: the shipped digits model)")
     p.add_argument("--preset", default=None, choices=list(presets.PRESETS),
                    help="a model trained in-project, scored by its own evaluator (default: digits when no --model "
-                        "is given); photo-digits: its trained folder, named by DLG_PHOTO_DIGITS_PIPELINE, until "
-                        "its weights ship")
+                        "is given); photo-digits: 3x16x16 colour digits over photos (another trained folder: "
+                        "set DLG_PHOTO_DIGITS_PIPELINE)")
     p.add_argument("--classifier", default=None, help="NoiseClassifier folder or Hub repo id, needed by the Gibbs "
                                                       "kernel (default: the shipped digits classifier with the digits "
                                                       "model, which your own may replace; none with --model: the "
