@@ -17,7 +17,7 @@ from .gibbs import SIGMA_MODES, NoisePosterior, diverged, langevin_step, sample_
 from .integrators import (FINAL_STEP, FINAL_STEPS, INTEGRATORS, CountedScore, Score, append_dims, check_integrator,
                           check_steps, count_nfe, get_schedule, integrate, randn_like)
 from .levels import NoiseLevels
-from .restart import RESTART_SCALE, _data_scale
+from .restart import restart_rule
 
 #: Chain kernels: ``"restart"`` (exact lift to ``restart_sigma``, then the denoising solve back; the default, measured
 #: to mix in one output on the digits model and the mixtures) and ``"gibbs"`` (the paper's Langevin-Gibbs sweeps).
@@ -142,8 +142,9 @@ class DLGSampler:
         shape: sample shape, e.g. ``(1, 8, 8)``.
         num_chains: persistent chains (= samples per batch).
         kernel: ``"restart"`` or ``"gibbs"`` (see above).
-        restart_sigma: the restart kernel's lift level ``S`` (default: ``RESTART_SCALE`` times the data scale
-            measured at the warm-up). Higher decorrelates consecutive outputs more and needs more denoising steps.
+        restart_sigma: the restart kernel's lift level ``S`` (default: set at the warm-up by
+            :func:`~dlg_sampler.restart.restart_rule`, ``RESTART_SCALE`` times the data scale of the warmed-up chains or
+            more where their spread sits in few directions). Higher decorrelates consecutive outputs more and needs more denoising steps.
         integrator, denoise_steps, integrator_kwargs: the denoising integrator, its steps and knobs. A diffusers
             scheduler instance is warm-started (in ``SCHEDULER_GROUPS`` groups of similar sigma for the Gibbs kernel;
             ``groups`` in ``integrator_kwargs`` overrides).
@@ -306,7 +307,7 @@ class DLGSampler:
         self.correlation.forget(idx)
         if self.kernel == "restart":
             if self.restart_sigma is None:
-                self.restart_sigma = min(RESTART_SCALE * _data_scale(x), self.levels.sigma_max)
+                self.restart_sigma = min(restart_rule(x), self.levels.sigma_max)
             self.x[idx], self.sigma[idx] = x, 0.0
             for _ in range(self.burn_in):  # restart moves whose outputs are discarded
                 lifted, level = self._lift(idx, g)

@@ -42,7 +42,7 @@ from .diagnostics import OutputCorrelation
 from .gibbs import diverged
 from .integrators import FINAL_STEP, check_steps, count_nfe, steps_for_nfe
 from .levels import NoiseLevels
-from .restart import RESTART_SCALE, _data_scale
+from .restart import RESTART_SCALE, TARGET_LAG1, _data_scale
 
 if TYPE_CHECKING:  # the sampler calls this module; the class is passed in
     from .sampler import DLGSampler
@@ -56,9 +56,6 @@ MAX_PILOT_CHAINS = 128
 #: Pilot restart levels, in units of the measured data scale: low enough that the autocorrelation they measure
 #: (0.3-0.8 on the digits model) is large against its estimation noise.
 RESTART_LADDER = (1.0, 2.0, 4.0, 8.0)
-#: Default largest lag-1 autocorrelation accepted for the restart level (the mixing target: <= 0.2, with margin
-#: for the pilot's estimation noise).
-TARGET_LAG1 = 0.2
 #: Default outputs per chain (the mixing issue's protocol asks >= 20; the paper takes 250).
 OUTPUTS_PER_CHAIN = 20
 #: Most denoising steps per output a budget buys: diffusion models are trained on grids of about 1000 levels (DDPM's

@@ -6,12 +6,14 @@ import warnings
 
 import pytest
 import torch
+from scipy.optimize import brentq
 from tqdm.auto import tqdm
 
 from dlg_sampler import INTEGRATORS, DLGSampler, GaussianMixture, NoiseLevels, integrate
 from dlg_sampler.diagnostics import OutputCorrelation, ess_fraction
 from dlg_sampler.gibbs import gibbs_step, sample_sigma_index
 from dlg_sampler.metrics import sliced_wasserstein
+from dlg_sampler.restart import RESTART_SCALE, TARGET_LAG1, _data_scale, restart_rule, spectral_level
 from dlg_sampler.testing import CountingScore
 from dlg_sampler.tuning import RESTART_LADDER, choose_level, plan_budget
 
@@ -469,3 +471,41 @@ def test_bad_inputs_raise_clear_errors(mixture, levels):
 
     with pytest.raises(ValueError, match="outside the model's trained sigma range"):
         DLGSampler(RangedScore(), post, levels, **ok)
+
+
+def test_the_lift_rule_follows_where_the_spread_sits():
+    """Gaussian data whose spread sits in one direction (a photo background's brightness): the rule rises above
+    12 x the per-coordinate scale to the level at which the pooled lag-1 sum l sqrt(l / (l + S^2)) / sum l of an exact
+    restart move is 0.2, estimated from 256 chains within 15% of the exact spectrum's level; isotropic data keeps 12 x
+    the scale (its spectral level is lower), and so does a run of two chains (no spectrum to read)."""
+    g = torch.Generator().manual_seed(0)
+    dim, spike = 768, 8.0  # one direction of std 8 among 767 of std 0.3 (the photo-digits training images: 8.2, 0.42)
+    direction = torch.randn(dim, generator=g)
+    direction /= direction.norm()
+    x = 0.3 * torch.randn(256, dim, generator=g) + spike * torch.randn(256, 1, generator=g) * direction
+    lam = torch.tensor([spike**2 + 0.09] + [0.09] * (dim - 1), dtype=torch.float64)
+
+    def pooled_lag1(S: float) -> float:
+        return float((lam * (lam / (lam + S * S)).sqrt()).sum() / lam.sum())
+
+    exact = brentq(lambda S: pooled_lag1(S) - TARGET_LAG1, 0.1, 1000.0)
+    assert spectral_level(x) == pytest.approx(exact, rel=0.15)
+    assert restart_rule(x) == spectral_level(x) > 3 * RESTART_SCALE * _data_scale(x)
+    iso = torch.randn(64, dim, generator=g)
+    assert spectral_level(iso) < RESTART_SCALE * _data_scale(iso) == restart_rule(iso)
+    assert restart_rule(x[:2]) == RESTART_SCALE * _data_scale(x[:2])
+
+
+def test_the_sampler_lifts_to_the_rule_of_its_warmed_up_chains():
+    """``restart_sigma=None`` is the rule of the warmed-up chains (capped at sigma_max), here (three modes far apart in
+    16-d) its spectral level, above 12 x the data scale; a given level is kept."""
+    mix = GaussianMixture.random(3, 16, 8.0, 0.5, seed=3)
+    levels = NoiseLevels(0.01, 80.0, 1000)
+    s = DLGSampler(mix.score, mix.noise_posterior(levels), levels, shape=(16,), num_chains=32, denoise_steps=4, seed=0)
+    s.warm_up()
+    assert s.restart_sigma == pytest.approx(min(restart_rule(s.x), 80.0))
+    assert s.restart_sigma == pytest.approx(spectral_level(s.x)) and s.restart_sigma > RESTART_SCALE * _data_scale(s.x)
+    given = DLGSampler(mix.score, mix.noise_posterior(levels), levels, shape=(16,), num_chains=32, denoise_steps=4,
+                       restart_sigma=5.0, seed=0)
+    given.warm_up()
+    assert given.restart_sigma == 5.0

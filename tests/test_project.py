@@ -131,7 +131,7 @@ for name in {CIRCLES!r}:
         del sys.modules[loaded]
     importlib.import_module(name)
 from dlg_sampler.integrators import CountedScore, Score, append_dims, check_sigma_start, check_steps, randn_like
-from dlg_sampler.sampler import RESTART_SCALE, _data_scale
+from dlg_sampler.restart import RESTART_SCALE, _data_scale, restart_rule
 from dlg_sampler.models import CLASSIFIER_FILES, load_classifier
 from dlg_sampler.bench.runs import make_scheduler, write_json
 from dlg_sampler.bench.workloads import class_proportions

@@ -21,7 +21,8 @@ from ..diagnostics import ess_fraction
 from ..integrators import INTEGRATORS, count_nfe, integrate, steps_for_nfe
 from ..models import make_integrator
 from ..parallel import cpu_processes, process_seed
-from ..sampler import KERNELS, RESTART_SCALE, DLGSampler, micro_batched
+from ..restart import RULE
+from ..sampler import KERNELS, DLGSampler, micro_batched
 from ..tuning import full_batches_note
 from .common import (DEFAULT_NFE, ArgumentParser, HelpFormatter, add_batching_arguments, add_device_argument,
                      add_model_arguments, budget_error, check_batching, check_device, check_image_path,
@@ -74,8 +75,7 @@ def sample_parser() -> argparse.ArgumentParser:
                    help="chain kernel: restart (the default: lift each chain to S exactly, denoise back) or gibbs "
                         "(the paper's Langevin-Gibbs sweeps and min-sigma selection)")
     k.add_argument("--restart-sigma", type=float, default=None,
-                   help=f"restart kernel: the lift level S (default: {RESTART_SCALE:g} x the data scale the warm-up "
-                        "measures, raised where a short pilot on the model says consecutive outputs would keep a "
+                   help=f"restart kernel: the lift level S (default: {RULE}, raised where a short pilot on the model says consecutive outputs would keep a "
                         "lag-1 autocorrelation above 0.2; no pilot when --n is too small for one)")
     k.add_argument("--step-size", type=float, default=None,
                    help=f"gibbs kernel: Langevin step size eta (default {sampler_defaults['step_size'].default:g}, "
@@ -390,10 +390,10 @@ def _settings_line(sampler: DLGSampler, integrator: str, summary: dict, world: i
     if sampler.kernel == "restart":
         pilot = sampler.tuning["pilot"]
         source = ("given" if pilot is None else
-                  f"{RESTART_SCALE:g} x the warm-up's data scale; n too small for a pilot" if not pilot["chains"] else
+                  f"{RULE}; n too small for a pilot" if not pilot["chains"] else
                   f"raised by the pilot to lag-1 {pilot['lag1']:.2f} on {pilot['chains']} chains"
                   if pilot["restart_sigma"] > pilot["rule_of_thumb"] else
-                  f"{RESTART_SCALE:g} x the warm-up's data scale, checked by the pilot: lag-1 {pilot['lag1']:.2f} on "
+                  f"{RULE}, checked by the pilot: lag-1 {pilot['lag1']:.2f} on "
                   f"{pilot['chains']} chains")
         kernel = f"restart kernel, S {sampler.restart_sigma:.3g} ({source})"
     else:

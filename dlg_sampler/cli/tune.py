@@ -9,7 +9,8 @@ import sys
 import torch
 from tqdm.auto import tqdm
 
-from ..sampler import RESTART_SCALE, DLGSampler
+from ..restart import RULE
+from ..sampler import DLGSampler
 from .common import (DEFAULT_NFE, ArgumentParser, HelpFormatter, add_device_argument, add_model_arguments, budget_error,
                      check_device, check_model_flags, choose_threads, load, positive)
 
@@ -95,7 +96,7 @@ def _tune(argv: list[str] | None) -> None:
                                                                       else "") for c in pilot["candidates"]))
         mixing = "no fit" if pilot["mixing_level"] is None else f"{pilot['mixing_level']:.4g}"
         why = "raised to where the fitted curve reaches" if pilot["restart_sigma"] > pilot["rule_of_thumb"] else \
-            f"the rule of thumb, {RESTART_SCALE:g} x the data scale; the fitted curve reaches"
+            f"the rule of thumb, {RULE}; the fitted curve reaches"
         print(f"  chosen S {pilot['restart_sigma']:.4g} ({why} target lag-1 {pilot['target_lag1']:g} at {mixing}): "
               f"lag-1 {_fmt(pilot['lag1'])}, agreement {pilot['agreement']:.3g} (RMS to twice the denoising steps, "
               f"in data scales), {pilot['diverged']} diverged")
