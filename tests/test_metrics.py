@@ -2,12 +2,13 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from dlg_sampler import GaussianMixture
-from dlg_sampler.metrics import (class_coverage, frechet_distance, mode_weight_error, precision_recall,
-                                 sliced_wasserstein)
+from dlg_sampler.metrics import (KernelDistance, class_coverage, frechet_distance, kernel_distance, mode_weight_error,
+                                 precision_recall, sliced_wasserstein)
 
 
 def gauss(n: int, dim: int, seed: int, shift: float = 0.0, scale: float = 1.0) -> torch.Tensor:
@@ -92,3 +93,26 @@ def test_mode_weight_error_is_total_variation():
     assert mode_weight_error(mixture.mode_weights(x), mixture.weights) < 0.02
     with pytest.raises(ValueError, match="sum to 1"):
         mode_weight_error([2.0, 0.0], [0.5, 0.5])
+
+
+def test_kernel_distance_is_the_unbiased_mmd_and_its_error_is_right_where_sets_differ():
+    """Against the all-pairs formula; centred on 0 for two samples of one distribution (where the FD is not: it
+    carries an offset from the sets' sizes); and ``se`` tracks the spread of the estimate over fresh sample and
+    reference draws where the distributions differ."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 8, dtype=torch.float64, generator=g)
+    y = torch.randn(400, 8, dtype=torch.float64, generator=g) + 0.3
+    k = lambda u, v: (u @ v.T / 8 + 1) ** 3  # noqa: E731
+    kxx, kyy = k(x, x), k(y, y)
+    formula = ((kxx.sum() - kxx.diagonal().sum()) / (300 * 299) + (kyy.sum() - kyy.diagonal().sum()) / (400 * 399)
+               - 2 * k(x, y).mean())
+    assert kernel_distance(x, y)[0] == pytest.approx(float(formula), rel=1e-9)
+    same = [kernel_distance(torch.randn(200, 8, generator=g), torch.randn(400, 8, generator=g)) for _ in range(30)]
+    fds = [frechet_distance(torch.randn(200, 8, generator=g), torch.randn(400, 8, generator=g)) for _ in range(30)]
+    spread = np.std([v for v, _ in same])
+    assert abs(np.mean([v for v, _ in same])) < 3 * spread / 30**0.5 < np.mean(fds) / 10
+    apart = [kernel_distance(torch.randn(300, 8, generator=g) + 0.3, torch.randn(600, 8, generator=g))
+             for _ in range(30)]
+    assert 0.6 < np.mean([se for _, se in apart]) / np.std([v for v, _ in apart]) < 1.6
+    with pytest.raises(ValueError, match="feature sizes differ"):
+        KernelDistance(y)(torch.zeros(5, 3))
