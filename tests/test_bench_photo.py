@@ -11,9 +11,8 @@ from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 
 from dlg_sampler import digits, photo_digits
-from dlg_sampler.bench import cli, reference, report, runs
+from dlg_sampler.bench import cli, reference, report, workloads
 from dlg_sampler.bench import registry as R
-from dlg_sampler.bench.workloads import build_workload
 from dlg_sampler.models import load_model
 from dlg_sampler.shards import sha256
 
@@ -132,6 +131,25 @@ def test_photo_digits_plan_runs_its_peers_budgets_lever_and_paper_sweeps_only(mo
     assert f"{len(plan)} runs planned" in capsys.readouterr().out
 
 
+# 5000: the photo-digits reference made (or being made) with the default command is n5000.
+@pytest.mark.parametrize("argv, n", [([], 5000), (["--quick"], reference.QUICK_REFERENCE_N),
+                                     (["--reference-n", "300"], 300)])
+def test_photo_digits_run_asks_for_its_own_reference(argv, n, tmp_path, monkeypatch):
+    """``dlg-bench --workloads photo-digits`` scores against the photo-digits reference of the workload's size (the
+    one ``dlg-bench reference --workloads photo-digits`` makes), in --reference-dir."""
+    asked = []
+
+    def ensure(*args):
+        asked.append(args)
+        raise KeyboardInterrupt  # stop before loading anything
+
+    monkeypatch.setattr(workloads, "ensure_reference", ensure)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["--workloads", "photo-digits", "--seeds", "0", "--samplers", "UniPC", "--levers", "--configs",
+                  "--reference-dir", str(tmp_path / "ref"), "--out", str(tmp_path / "out")] + argv)
+    assert asked == [(n, 0, tmp_path / "ref", "photo-digits")]
+
+
 def test_tiny_photo_digits_bench_scores_its_runs_and_reports_a_verdict(tmp_path, cheap):
     """A vanilla peer, the chosen DLG point and the tuned sampler on the photo-digits model, scored against its own
     (tiny) reference by its evaluator; RESULTS.md has its section and verdict table."""
@@ -167,4 +185,5 @@ def test_train_classifier_on_photo_digits(tmp_path, monkeypatch):
     ac = DDPMScheduler.from_pretrained(photo_digits.PIPELINE_DIR / "scheduler").alphas_cumprod.double()
     sigmas = ((1 - ac) / ac).sqrt()
     assert config["sample_shape"] == list(PHOTO_SHAPE)
-    assert config["sigma_min"] == pytest.approx(float(sigmas[0])) and config["sigma_max"] == pytest.approx(float(sigmas[-1]))
+    assert config["sigma_min"] == pytest.approx(float(sigmas[0]))
+    assert config["sigma_max"] == pytest.approx(float(sigmas[-1]))
