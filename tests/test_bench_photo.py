@@ -78,6 +78,12 @@ def test_reference_command_makes_the_photo_digits_reference_check_and_statistics
     assert meta["n"] == "8" and "--workloads photo-digits" in meta["made_by"] and meta["sha256"] == info["sha256"]
 
 
+def test_ensure_reference_defaults_to_the_preset_workloads_size(tmp_path, monkeypatch):
+    monkeypatch.setattr(reference, "make_reference", lambda n, seed, folder, preset: (n, preset))
+    assert reference.ensure_reference(None, 0, tmp_path, "photo-digits") == (5000, "photo-digits")
+    assert reference.ensure_reference(None, 0, tmp_path) == (reference.REFERENCE_N, "digits")
+
+
 def test_corrupt_photo_digits_reference_names_its_workload_in_the_remake_command(tmp_path):
     path = tmp_path / f"{reference.reference_name(6, 0, 'photo-digits')}.safetensors"
     reference.save_reference(torch.randn(6, *PHOTO_SHAPE), path, {"n": 6, "seed": 0})

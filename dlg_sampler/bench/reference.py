@@ -231,9 +231,9 @@ def convergence_check(reference: torch.Tensor, model, n: int, seed: int, folder:
 
 def ensure_reference(n: int | None = None, seed: int = 0, reference_dir: Path | None = None, preset: str = "digits"
                      ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """The preset's reference (``n``: default ``REFERENCE_N``), made first (announcing its cost, adopting chunks
-    already drawn) if it does not exist yet; never regenerated otherwise."""
-    n = n or REFERENCE_N
+    """The preset's reference (``n``: default the ``reference_n`` of the workload named after it), made first
+    (announcing its cost, adopting chunks already drawn) if it does not exist yet; never regenerated otherwise."""
+    n = n or WORKLOADS[preset].reference_n
     try:
         return load_reference(n, seed, reference_dir, preset)
     except FileNotFoundError:
