@@ -2,9 +2,9 @@
 
 - :mod:`.registry`: workloads, vanilla samplers, budgets, the chosen DLG point per workload, named DLG configs and
   levers (all data; adding one is one line).
-- :mod:`.workloads`: exact Gaussian mixtures and the digits model, with their metrics.
+- :mod:`.workloads`: exact Gaussian mixtures and the shipped preset models (digits, photo-digits), with their metrics.
 - :mod:`.runs`: one run with every model call counted, the plan, the resumable ``results.jsonl`` store.
-- :mod:`.reference`: the digits model reference (made once, cached, checksummed).
+- :mod:`.reference`: a preset's model reference (made once, cached, checksummed).
 - :mod:`.report`: ``RESULTS.md`` and plots from stored rows.
 """
 

@@ -21,13 +21,18 @@ from .workloads import Workload, build_workload
 DESCRIPTION = """\
 Quality versus total NFE per sample: DLG against the vanilla core integrators and diffusers schedulers, at
 equal total NFE (every model evaluation a run makes, DLG's warm-up included, / samples returned), paired by
-seed, on exact Gaussian mixtures and the shipped digits model.
+seed, on exact Gaussian mixtures and the shipped digits and photo-digits models.
 
 commands:
   run        (default) every planned run missing from OUT/results.jsonl, then RESULTS.md and plots in OUT;
              rerunning the same command resumes
-  reference  make, finish or verify the digits model reference and record its convergence check
+  reference  make, finish or verify a preset's model reference (--workloads, default digits) and record its
+             convergence check
   report     rebuild RESULTS.md and the plots in OUT from the stored rows (no sampling)
+
+photo-digits (3x16x16 colour, ~4x the cost of digits per model evaluation) is not in the default workloads nor in
+--quick: run it by name, dlg-bench --workloads photo-digits --out OUT (its 5000-sample reference is made first if
+missing; dlg-bench reference --workloads photo-digits makes it and records its convergence check).
 
 Workloads, samplers, budgets, DLG configs and levers live in dlg_sampler/bench/registry.py."""
 
@@ -35,7 +40,9 @@ EPILOG = """\
 examples:
   dlg-bench --quick --out bench-quick                smoke run, a few minutes on 2 CPUs
   dlg-bench reference                                the 10k-sample digits reference (slow, once)
-  dlg-bench --out benchmarks                         the full benchmark
+  dlg-bench reference --workloads photo-digits       the 5k-sample photo-digits reference (slow, once)
+  dlg-bench --out benchmarks                         the full benchmark (all workloads but photo-digits)
+  dlg-bench --workloads photo-digits --out bench-photo   the photo-digits benchmark
   dlg-bench report --out benchmarks                  tables and plots again, no sampling"""
 
 
@@ -50,16 +57,17 @@ def parser() -> argparse.ArgumentParser:
                    help=f"smoke run: seeds {R.QUICK_SEEDS}, small n, samplers {R.QUICK_VANILLA}, budgets "
                         f"{R.QUICK_BUDGETS}, levers {R.QUICK_LEVERS}, a {QUICK_REFERENCE_N}-sample digits reference")
     run = p.add_argument_group("run")
-    run.add_argument("--workloads", nargs="+", choices=list(R.WORKLOADS), default=list(R.WORKLOADS),
-                     metavar="NAME", help="workloads of the registry (default: all: %(default)s)")
+    run.add_argument("--workloads", nargs="+", choices=list(R.WORKLOADS), default=None, metavar="NAME",
+                     help=f"workloads of the registry, {', '.join(R.WORKLOADS)} (default: all but photo-digits, "
+                          f"{', '.join(R.DEFAULT_WORKLOADS)}; reference command: digits)")
     run.add_argument("--seeds", nargs="+", type=int, default=None,
                      help=f"seeds, the same for every sampler (default: {R.SEEDS}; --quick: {R.QUICK_SEEDS})")
     run.add_argument("--n", type=int, default=None,
-                     help="samples per run for every workload (default: the registry's, 20000 per mixture and 5000 "
-                          "for digits; --quick: 2000 and 500)")
+                     help="samples per run for every workload (default: the registry's, 20000 per mixture, 5000 "
+                          "for digits, 2000 for photo-digits; --quick: 2000, 500, 300)")
     run.add_argument("--nfe", nargs="+", type=int, default=None,
                      help=f"total-NFE budgets of the vanilla samplers, the chosen DLG point and the tuned sampler (default: "
-                          f"{R.BUDGETS}, digits {R.BUDGETS_BY_WORKLOAD['digits']};"
+                          f"{R.BUDGETS}, digits and photo-digits {R.BUDGETS_BY_WORKLOAD['digits']};"
                           f" --quick: {R.QUICK_BUDGETS})")
     run.add_argument("--lever-nfe", nargs="+", type=int, default=None,
                      help=f"budgets of lever points and named DLG configs (default: {R.LEVER_BUDGETS}; --quick: "
@@ -76,19 +84,21 @@ def parser() -> argparse.ArgumentParser:
                      help=f"named DLG configs, none if given empty (default: all, {', '.join(R.DLG_CONFIGS)}; "
                           "--quick: none)")
     add_threads_argument(run)
-    ref = p.add_argument_group("digits model reference")
+    ref = p.add_argument_group("model reference (digits, photo-digits)")
     ref.add_argument("--reference-dir", type=Path, default=default_reference_dir(),
                      help="where references are kept (default: $XDG_CACHE_HOME/dlg-sampler/reference, here "
                           "%(default)s)")
     ref.add_argument("--reference-n", type=int, default=None,
-                     help=f"reference samples (default: {REFERENCE_N}; --quick: {QUICK_REFERENCE_N})")
+                     help=f"reference samples (default: the workload's, digits {REFERENCE_N}, photo-digits "
+                          f"{R.WORKLOADS['photo-digits'].reference_n}; --quick: {QUICK_REFERENCE_N})")
     ref.add_argument("--reference-seed", type=int, default=0, help="reference seed (default: %(default)s)")
     ref.add_argument("--stats-out", type=Path, default=None,
-                     help="also write the reference's digit-feature mean and covariance here (the shipped "
-                          "dlg_sampler/weights/digits/reference_stats.safetensors is made this way; default: %(default)s)")
+                     help="reference command, one workload: also write the reference's feature mean and covariance "
+                          "under its preset's evaluator here (the shipped dlg_sampler/weights/<preset>/"
+                          "reference_stats.safetensors is made this way; default: %(default)s)")
     ref.add_argument("--check-n", type=int, default=None,
-                     help="reference command: samples of its convergence check, 0 to skip (default: 5000, the "
-                          "digits runs' n; --quick: 0)")
+                     help="reference command: samples of its convergence check, 0 to skip (default: the workload "
+                          "runs' n, digits 5000, photo-digits 2000; --quick: 0)")
     return p
 
 
@@ -100,6 +110,7 @@ def machine() -> str:
 def run(args: argparse.Namespace, argv: list[str]) -> None:
     """Plan, run what is missing (each row stored as it finishes), report."""
     quick, out = args.quick, args.out
+    args.workloads = args.workloads or list(R.DEFAULT_WORKLOADS)
     out.mkdir(parents=True, exist_ok=True)
     if not have_matplotlib():
         print(f"{PLOTS_HINT}; writing {RESULTS} and RESULTS.md only.")
@@ -130,7 +141,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
 
     def build(name: str) -> Workload:
         w = build_workload(name, ns[name], quick, args.reference_dir,
-                           args.reference_n or (QUICK_REFERENCE_N if quick else REFERENCE_N), args.reference_seed)
+                           args.reference_n or (QUICK_REFERENCE_N if quick else None), args.reference_seed)
 
         def record_workload(meta: dict[str, Any]) -> None:
             meta.setdefault("workloads", {})[name] = {**w.info, "n": ns[name]}
@@ -143,6 +154,34 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
     print(f"{made} runs in {time.perf_counter() - start:.0f} s; wrote {report(out)}")
 
 
+def make_references(args: argparse.Namespace) -> None:
+    """``dlg-bench reference``: make, finish or verify the model reference of each workload named (default digits),
+    with its convergence check; ``--stats-out`` (one workload) also writes its feature statistics."""
+    names = args.workloads or ["digits"]
+    wrong = [w for w in names if not isinstance(R.WORKLOADS[w], R.DigitsSpec)]
+    if wrong:
+        models = [w for w in R.WORKLOADS if isinstance(R.WORKLOADS[w], R.DigitsSpec)]
+        sys.exit(f"dlg-bench reference: {', '.join(wrong)} has no model reference (exact samples score it); pass "
+                 f"--workloads with one of {', '.join(models)}.")
+    if args.stats_out is not None and len(names) > 1:
+        sys.exit(f"dlg-bench reference: --stats-out writes one workload's statistics, got {', '.join(names)}; run "
+                 "it once per workload.")
+    for name in names:
+        spec = R.WORKLOADS[name]
+        check_n = args.check_n if args.check_n is not None else (0 if args.quick else spec.n)
+        samples, info = make_reference(args.reference_n or (QUICK_REFERENCE_N if args.quick else spec.reference_n),
+                                       args.reference_seed, args.reference_dir, check_n=check_n, preset=spec.preset)
+        print(f"{name} model reference {info['path']} (sha256 {info['sha256'][:12]}), check: {info.get('check')}")
+        if args.stats_out is not None:  # the shipped statistics dlg-sample's summary scores against
+            from ..presets import PRESETS
+
+            PRESETS[spec.preset].evaluator().save_reference_stats(samples, args.stats_out, {
+                "reference": Path(info["path"]).name, "sha256": info["sha256"], "sampler": f"{info['sampler']} "
+                f"{info['steps']} steps ({info['nfe']} NFE) from sigma_max", "made_by": "dlg-bench reference "
+                f"--workloads {name} --stats-out"})
+            print(f"wrote its feature statistics to {args.stats_out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser().parse_args(argv)
@@ -152,16 +191,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "report":
         print(f"wrote {report(args.out)}")
     elif args.command == "reference":
-        check_n = args.check_n if args.check_n is not None else (0 if args.quick else R.WORKLOADS["digits"].n)
-        samples, info = make_reference(args.reference_n or (QUICK_REFERENCE_N if args.quick else REFERENCE_N),
-                                       args.reference_seed, args.reference_dir, check_n=check_n)
-        print(f"digits model reference {info['path']} (sha256 {info['sha256'][:12]}), check: {info.get('check')}")
-        if args.stats_out is not None:  # the shipped statistics dlg-sample's summary scores against
-            from ..digits import DigitsEvaluator
-
-            DigitsEvaluator().save_reference_stats(samples, args.stats_out, {
-                "reference": Path(info["path"]).name, "sha256": info["sha256"], "sampler": "karras_heun 100 steps "
-                "(199 NFE) from sigma_max", "made_by": "dlg-bench reference --stats-out"})
-            print(f"wrote its feature statistics to {args.stats_out}")
+        make_references(args)
     else:
         run(args, argv)

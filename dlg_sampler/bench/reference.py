@@ -1,11 +1,11 @@
-"""The digits model reference: many samples of the shipped digits model from an accurate sampler.
+"""A preset's model reference: many samples of its model (``digits``, ``photo-digits``) from an accurate sampler.
 
-Made once by ``dlg-bench reference`` (or by the bench when missing), written in chunks so that a killed run
-continues, then kept as ``<name>.safetensors`` (``samples [N, 1, 8, 8]``, metadata: sampler, steps, NFE, n, seed,
-model checksum, torch version) beside ``<name>.json`` (its SHA-256, the metadata and the convergence check), in
-``$XDG_CACHE_HOME/dlg-sampler/reference`` (default ``~/.cache/...``). ``<name>`` encodes the digits model's weights
-checksum, the sampler, n and the seed, so a retrained model never meets an old reference. Every load verifies
-the checksum.
+Made once by ``dlg-bench reference [--workloads NAME]`` (or by the bench when missing), written in chunks so that a
+killed run continues, then kept as ``<name>.safetensors`` (``samples [N, *shape]``, metadata: sampler, steps, NFE,
+n, seed, model checksum, torch version) beside ``<name>.json`` (its SHA-256, the metadata and the convergence
+check), in ``$XDG_CACHE_HOME/dlg-sampler/reference`` (default ``~/.cache/...``). ``<name>`` encodes the preset, its
+model's weights checksum, the sampler, n and the seed, so a retrained model never meets an old reference. Every load
+verifies the checksum.
 """
 
 from __future__ import annotations
@@ -27,11 +27,13 @@ from tqdm.auto import tqdm
 from ..integrators import count_nfe, integrate
 from ..shards import save_tensors, sha256
 from .common import class_proportions, make_scheduler, write_json
+from .registry import WORKLOADS
 
 #: The reference sampler: vanilla Karras Heun, 100 steps from sigma_max (199 NFE).
 REFERENCE_SAMPLER, REFERENCE_STEPS = "karras_heun", 100
-#: Samples in a full reference and in the ``--quick`` one (enough for a smoke run, not for conclusions).
-REFERENCE_N, QUICK_REFERENCE_N = 10000, 2000
+#: Samples in a full digits reference (each workload's: its ``reference_n``) and in the ``--quick`` one (enough for a
+#: smoke run, not for conclusions).
+REFERENCE_N, QUICK_REFERENCE_N = WORKLOADS["digits"].reference_n, 2000
 #: Samples per chunk file (one batch).
 CHUNK = 500
 #: The convergence check: a different accurate sampler and its steps.
@@ -47,20 +49,27 @@ def default_reference_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dlg-sampler" / "reference"
 
 
-def model_checksum() -> str:
-    """SHA-256 of the shipped digits model's weights (12 hex digits name the reference)."""
-    from ..digits import PIPELINE_DIR
+def _pipeline_dir(preset: str) -> Path:
+    """The model folder of ``preset`` in use (the shipped one unless its environment variable names another)."""
+    from ..presets import pipeline_path
 
-    files = sorted((PIPELINE_DIR / "unet").glob("*.safetensors"))
+    return pipeline_path(preset)
+
+
+def model_checksum(preset: str = "digits") -> str:
+    """SHA-256 of the preset model's weights, ``pipeline/unet/*.safetensors`` (12 hex digits name the reference)."""
+    files = sorted((_pipeline_dir(preset) / "unet").glob("*.safetensors"))
     return hashlib.sha256("".join(sha256(f) for f in files).encode()).hexdigest()
 
 
-def reference_name(n: int, seed: int) -> str:
-    return f"digits-{model_checksum()[:12]}-{REFERENCE_SAMPLER}{REFERENCE_STEPS}-n{n}-seed{seed}"
+def reference_name(n: int, seed: int, preset: str = "digits") -> str:
+    return f"{preset}-{model_checksum(preset)[:12]}-{REFERENCE_SAMPLER}{REFERENCE_STEPS}-n{n}-seed{seed}"
 
 
-def remake_command(n: int, seed: int, folder: Path) -> str:
-    return f"dlg-bench reference --reference-n {n} --reference-seed {seed} --reference-dir {folder}"
+def remake_command(n: int, seed: int, folder: Path, preset: str = "digits") -> str:
+    """The command that makes the reference (the preset's workload of the registry bears its name)."""
+    return (f"dlg-bench reference --reference-n {n} --reference-seed {seed} --reference-dir {folder} "
+            f"--workloads {preset}")
 
 
 def chunk_seed(kind: str, seed: int, index: int) -> int:
@@ -108,11 +117,10 @@ def _vanilla_draw(model, integrator, steps: int) -> Callable[[int, torch.Generat
     return draw
 
 
-def _load_digits_model():
-    from ..digits import PIPELINE_DIR
+def _load_model(preset: str):
     from ..models import load_model
 
-    return load_model(str(PIPELINE_DIR))
+    return load_model(str(_pipeline_dir(preset)))
 
 
 def _announce(model, n: int, nfe: int, what: str) -> None:
@@ -134,40 +142,42 @@ def save_reference(samples: torch.Tensor, path: Path, meta: dict[str, Any]) -> d
     return info
 
 
-def load_reference(n: int = REFERENCE_N, seed: int = 0, reference_dir: Path | None = None
+def load_reference(n: int = REFERENCE_N, seed: int = 0, reference_dir: Path | None = None, preset: str = "digits"
                    ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """The reference samples ``[n, 1, 8, 8]`` (raw, unclamped) and its sidecar, after verifying the checksum.
+    """The preset's reference samples ``[n, *shape]`` (raw, unclamped) and its sidecar, after verifying the checksum.
 
     Raises ``FileNotFoundError`` if it was never made and :class:`ReferenceError` (naming the file and the command
     that remakes it) if its sidecar is missing or the SHA-256 does not match.
     """
     folder = Path(reference_dir or default_reference_dir())
-    path = folder / f"{reference_name(n, seed)}.safetensors"
+    path = folder / f"{reference_name(n, seed, preset)}.safetensors"
+    remake = remake_command(n, seed, folder, preset)
     if not path.exists():
-        raise FileNotFoundError(f"no digits model reference at {path}: make it with {remake_command(n, seed, folder)}")
+        raise FileNotFoundError(f"no {preset} model reference at {path}: make it with {remake}")
     sidecar = path.with_suffix(".json")
     if not sidecar.exists():
-        raise ReferenceError(f"the digits model reference {path} has no checksum file {sidecar.name}; remake it "
-                             f"with: {remake_command(n, seed, folder)}")
+        raise ReferenceError(f"the {preset} model reference {path} has no checksum file {sidecar.name}; remake it "
+                             f"with: {remake}")
     info = json.loads(sidecar.read_text())
     got = sha256(path)
     if got != info.get("sha256"):
-        raise ReferenceError(f"the digits model reference {path} fails its SHA-256 check (expected "
+        raise ReferenceError(f"the {preset} model reference {path} fails its SHA-256 check (expected "
                              f"{str(info.get('sha256'))[:16]}..., got {got[:16]}...): the file is corrupt or was "
-                             f"changed. Remake it with: {remake_command(n, seed, folder)}")
+                             f"changed. Remake it with: {remake}")
     return load_file(path)["samples"], {**info, "path": str(path)}
 
 
 def make_reference(n: int = REFERENCE_N, seed: int = 0, reference_dir: Path | None = None,
-                   check_n: int = 0) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Make (or finish, or verify) the reference of ``n`` samples; with ``check_n``, also record its convergence
-    check at ``check_n`` samples: FD of ``CHECK_SAMPLER`` at ``CHECK_STEPS`` steps against it, and the FD floor
-    (fresh reference-sampler samples, another seed). A reference failing its checksum is remade."""
+                   check_n: int = 0, preset: str = "digits") -> tuple[torch.Tensor, dict[str, Any]]:
+    """Make (or finish, or verify) the preset's reference of ``n`` samples; with ``check_n``, also record its
+    convergence check at ``check_n`` samples: FD of ``CHECK_SAMPLER`` at ``CHECK_STEPS`` steps against it, and the
+    FD floor (fresh reference-sampler samples, another seed). A reference failing its checksum is remade; chunks
+    already drawn (``<name>.chunks``) are adopted."""
     folder = Path(reference_dir or default_reference_dir())
-    name = reference_name(n, seed)
+    name = reference_name(n, seed, preset)
     path, sidecar = folder / f"{name}.safetensors", folder / f"{name}.json"
     try:
-        samples, info = load_reference(n, seed, folder)
+        samples, info = load_reference(n, seed, folder, preset)
     except ReferenceError as err:
         print(f"{err}\nremaking it.", flush=True)
         samples = None
@@ -175,30 +185,32 @@ def make_reference(n: int = REFERENCE_N, seed: int = 0, reference_dir: Path | No
         samples = None
     model = None
     if samples is None:
-        model = _load_digits_model()
+        model = _load_model(preset)
         nfe = count_nfe(REFERENCE_SAMPLER, REFERENCE_STEPS, dlg=False)
-        _announce(model, n, nfe, f"making the digits model reference {path}")
+        _announce(model, n, nfe, f"making the {preset} model reference {path}")
         draw = _vanilla_draw(model, REFERENCE_SAMPLER, REFERENCE_STEPS)
         samples = sample_in_chunks(draw, n, "reference", seed, folder / f"{name}.chunks", "reference")
         info = save_reference(samples, path, {
-            "sampler": REFERENCE_SAMPLER, "steps": REFERENCE_STEPS, "nfe": nfe, "n": n, "seed": seed,
-            "model_sha256": model_checksum(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-            "start": f"sigma_max, batches of {CHUNK}"})
+            "preset": preset, "sampler": REFERENCE_SAMPLER, "steps": REFERENCE_STEPS, "nfe": nfe, "n": n,
+            "seed": seed, "model_sha256": model_checksum(preset), "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d"), "start": f"sigma_max, batches of {CHUNK}"})
         shutil.rmtree(folder / f"{name}.chunks")
     if check_n and info.get("check", {}).get("n") != check_n:
-        info["check"] = convergence_check(samples, model or _load_digits_model(), check_n, seed, folder, name)
+        info["check"] = convergence_check(samples, model or _load_model(preset), check_n, seed, folder, name, preset)
         write_json({k: v for k, v in info.items() if k != "path"}, sidecar)
     return samples, {**info, "path": str(path)}
 
 
-def convergence_check(reference: torch.Tensor, model, n: int, seed: int, folder: Path, name: str) -> dict[str, Any]:
+def convergence_check(reference: torch.Tensor, model, n: int, seed: int, folder: Path, name: str,
+                      preset: str = "digits") -> dict[str, Any]:
     """``n`` samples of ``CHECK_SAMPLER`` and ``n`` fresh reference-sampler samples (another seed: the floor any run
     of ``n`` samples sits on), scored against the reference as the bench scores runs (clamped to [-1, 1]): FD in
-    the digit-feature space and total variation of the predicted-class proportions. Chunks in ``folder``."""
-    from ..digits import DigitsEvaluator
+    the preset evaluator's feature space and total variation of the predicted-class proportions. Chunks in
+    ``folder``."""
     from ..metrics import frechet_distance
+    from ..presets import PRESETS
 
-    evaluator = DigitsEvaluator()
+    evaluator = PRESETS[preset].evaluator()
     classes = evaluator.net.head.out_features
     ref = reference.clamp(-1, 1)
     ref_feats, ref_props = evaluator.features(ref), class_proportions(evaluator.predict(ref), classes)
@@ -217,11 +229,12 @@ def convergence_check(reference: torch.Tensor, model, n: int, seed: int, folder:
     return result
 
 
-def ensure_reference(n: int | None = None, seed: int = 0, reference_dir: Path | None = None
+def ensure_reference(n: int | None = None, seed: int = 0, reference_dir: Path | None = None, preset: str = "digits"
                      ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """The reference, made first (announcing its cost) if it does not exist yet; never regenerated otherwise."""
-    n = n or REFERENCE_N
+    """The preset's reference (``n``: default the ``reference_n`` of the workload named after it), made first
+    (announcing its cost, adopting chunks already drawn) if it does not exist yet; never regenerated otherwise."""
+    n = n or WORKLOADS[preset].reference_n
     try:
-        return load_reference(n, seed, reference_dir)
+        return load_reference(n, seed, reference_dir, preset)
     except FileNotFoundError:
-        return make_reference(n, seed, reference_dir)
+        return make_reference(n, seed, reference_dir, preset=preset)

@@ -36,10 +36,13 @@ class MixtureSpec:
 
 @dataclass(frozen=True)
 class DigitsSpec:
-    """The shipped digits model, scored against its own model reference (``dlg-bench reference``)."""
+    """A shipped preset's model (:data:`dlg_sampler.presets.PRESETS`, default ``digits``) with its noise classifier,
+    scored by its evaluator against its own model reference of ``reference_n`` samples (``dlg-bench reference``)."""
 
     n: int = 5000
     quick_n: int = 500
+    preset: str = "digits"
+    reference_n: int = 10000
 
 
 #: Workloads by name. Mixture scores are cheap: 20k samples put the floor row well below the differences.
@@ -49,7 +52,12 @@ WORKLOADS: dict[str, MixtureSpec | DigitsSpec] = {
     "separated": MixtureSpec(modes=5, dim=12, spread=3.0, std=0.3, seed=1),  # modes ~50 std apart
     "wide": MixtureSpec(modes=6, dim=32, spread=8.0, std=2.0, sigma_min=0.04, sigma_max=150.0, seed=2),
     "digits": DigitsSpec(),
+    # 3x16x16 colour digits: each evaluation costs ~2 ms of one CPU thread (4x digits), so fewer samples and runs.
+    "photo-digits": DigitsSpec(preset="photo-digits", n=2000, quick_n=300, reference_n=5000),
 }
+#: Workloads of a plain ``dlg-bench`` run and of ``--quick``: all but photo-digits, whose runs (and quick reference
+#: alone, ~15 min) cost too much for them; run it by name (``--workloads photo-digits``).
+DEFAULT_WORKLOADS = tuple(name for name in WORKLOADS if name != "photo-digits")
 
 #: diffusers schedulers: label -> (class name, config overrides); run with trailing spacing from sigma_max. The
 #: stronger peers take the schedule their authors use at few steps, fixed (never picked by the bench's metric):
@@ -83,16 +91,18 @@ PEERS = ("DPM++2M", "DPM++3M", "UniPC", "UniPC-3", "DPM++3M-logSNR", "DEIS-3") +
 #: core peer.
 VANILLA = tuple(name for name in INTEGRATORS if name != "ode_rk45") + tuple(SCHEDULERS) + tuple(CORE_PEERS)
 #: Per-workload vanilla samplers where not all: the trained-classifier mixture has the exact one's vanilla rows;
-#: digits runs the peers and DLG's own denoiser (each digits evaluation costs ~0.5 ms of one CPU thread).
+#: digits runs the peers and DLG's own denoiser (each digits evaluation costs ~0.5 ms of one CPU thread); photo-digits
+#: (~2 ms) the peers strongest on digits.
 VANILLA_BY_WORKLOAD = {"mixture-trained": ("karras_heun",) + PEERS,
-                       "digits": ("unipc",) + PEERS}
+                       "digits": ("unipc",) + PEERS,
+                       "photo-digits": ("UniPC", "UniPC-3", "DPM++2M", "DPM++3M-logSNR", "DEIS-3")}
 #: ``--quick`` vanilla samplers.
 QUICK_VANILLA = ("karras_heun", "DPM++2M", "UniPC", "UniPC-3", "iPNDM", "Restart")
 
 #: Total-NFE budgets per sample: vanilla samplers, the chosen DLG point and the tuned sampler run at each.
 BUDGETS = (5, 6, 8, 10, 12, 15, 20, 40)
 #: Per-workload budgets where not ``BUDGETS`` (digits: the peers' few-step range; 40 NFE costs an hour there).
-BUDGETS_BY_WORKLOAD = {"digits": (6, 8, 10, 12, 15, 20)}
+BUDGETS_BY_WORKLOAD = {"digits": (6, 8, 10, 12, 15, 20), "photo-digits": (6, 8, 10, 12, 15, 20)}
 #: Budgets at which lever points and named configs run (each costs seeds x values x budgets runs).
 LEVER_BUDGETS = (10, 12, 15)
 #: ``--quick`` budgets and seeds.
@@ -110,7 +120,7 @@ DEFAULT_DLG: dict[str, dict[str, Any]] = {name: {"kernel": "restart", "integrato
 class Lever:
     """A family of DLG configs: the workload's default (with ``base`` over it) and ``param`` set to each of ``values``.
 
-    ``workloads``: where it applies (``None``: everywhere).
+    ``workloads``: where it applies (``None``: everywhere; the registry's levers all name theirs).
     """
 
     param: str
@@ -119,18 +129,24 @@ class Lever:
     base: dict[str, Any] | None = None  # settings laid over the default before ``param`` (e.g. another kernel)
 
 
+#: Where the workload-wide levers and diagnostics run: not on photo-digits (each costs seeds x values x budgets runs at
+#: ~2 ms per evaluation there; it runs its restart lever and paper-sweeps only).
+EVERY_LEVER = tuple(name for name in WORKLOADS if name != "photo-digits")
+
 #: The paper's Langevin-Gibbs kernel as a lever family (its step size sets the working level).
 GIBBS = {"kernel": "gibbs", "integrator": "karras_heun", "gibbs_steps": 2}
 
 #: Levers: one quality-vs-total-NFE frontier each. One line per lever. Restart levels are absolute: each workload's
-#: values bracket what the default derives (12 x the data scale: digits ~7, mixture ~24, separated ~36, wide ~100).
+#: values bracket what the default derives (12 x the data scale: digits ~7, photo-digits ~23-26, mixture ~24, separated
+#: ~36, wide ~100).
 LEVERS: dict[str, Lever] = {
     "restart_sigma-digits": Lever("restart_sigma", (3.0, 5.0, 10.0, 20.0), ("digits",)),
+    "restart_sigma-photo-digits": Lever("restart_sigma", (6.0, 12.0, 48.0), ("photo-digits",)),
     "restart_sigma-mixture": Lever("restart_sigma", (6.0, 12.0, 48.0), ("mixture", "mixture-trained")),
     "restart_sigma-separated": Lever("restart_sigma", (9.0, 18.0, 72.0), ("separated",)),
     "restart_sigma-wide": Lever("restart_sigma", (25.0, 50.0, 149.0), ("wide",)),
-    "integrator": Lever("integrator", ("dpmpp_2m", "karras_heun", "UniPC")),
-    "outputs_per_chain": Lever("outputs_per_chain", (100,)),
+    "integrator": Lever("integrator", ("dpmpp_2m", "karras_heun", "UniPC"), EVERY_LEVER),
+    "outputs_per_chain": Lever("outputs_per_chain", (100,), EVERY_LEVER),
     "gibbs_step_size": Lever("step_size", (0.05, 0.3, 1.0), ("mixture", "mixture-trained", "separated"), GIBBS),
     "gibbs_step_size-wide": Lever("step_size", (0.3, 1.0, 3.0), ("wide",), GIBBS),
     "gibbs_step_size-digits": Lever("step_size", (0.3, 0.8), ("digits",), {**GIBBS, "gibbs_steps": 4}),
@@ -152,6 +168,6 @@ class DLGConfig:
 
 #: Named DLG configs, run at ``LEVER_BUDGETS`` (or once, placed at their measured NFE, with ``denoise_steps``).
 DLG_CONFIGS: dict[str, DLGConfig] = {
-    "one-chain-per-sample": DLGConfig({"outputs_per_chain": 1, "denoise_steps": 9}, diagnostic=True),
-    "paper-sweeps": DLGConfig({**GIBBS, "step_size": 0.8, "gibbs_steps": 10}, ("digits",)),
+    "one-chain-per-sample": DLGConfig({"outputs_per_chain": 1, "denoise_steps": 9}, EVERY_LEVER, diagnostic=True),
+    "paper-sweeps": DLGConfig({**GIBBS, "step_size": 0.8, "gibbs_steps": 10}, ("digits", "photo-digits")),
 }

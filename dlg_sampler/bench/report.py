@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .registry import PEERS
+from .registry import PEERS, WORKLOADS
 from .runs import Store, read_json
 
 RESULTS, META = "results.jsonl", "meta.json"
@@ -180,7 +180,8 @@ def workload_section(name: str, groups: list[Group], info: dict[str, Any], plots
     lines = [f"## {name}", "", f"{any_row['n']} samples per run, seeds {_seed_list(common)} for every sampler{extra}; "
              "mean [min-max] over seeds, lower is better. NFE = every model evaluation the run made / samples "
              "returned (DLG: warm-up included, its share in brackets)."]
-    lines += [""] + [f"- {k}: {v}" for k, v in _info_lines(info)]
+    full_n = getattr(WORKLOADS.get(name), "reference_n", 0)  # a preset workload's full reference
+    lines += [""] + [f"- {k}: {v}" for k, v in _info_lines(info, full_n)]
     floor = [g for g in groups if g.kind == "exact"]
     if floor:
         lines += ["", "Floor (exact samples scored the same way): " + ", ".join(
@@ -213,14 +214,16 @@ def _seed_list(seeds: list[int]) -> str:
     return ", ".join(map(str, seeds))
 
 
-def _info_lines(info: dict[str, Any]) -> list[tuple[str, str]]:
+def _info_lines(info: dict[str, Any], reference_n: int) -> list[tuple[str, str]]:
+    """``(key, text)`` lines of a workload's ``info``; a model reference under the workload's full ``reference_n``
+    samples is marked as a quick one."""
     out = []
     for k, v in info.items():
         if k == "n":
             continue
         if k == "reference" and isinstance(v, dict):
             quick = " (a quick reference: too small to resolve differences, for smoke runs only)" \
-                if v.get("n", 0) < 10000 else ""
+                if v.get("n", 0) < reference_n else ""
             out.append(("model reference", f"{v.get('n')} samples, {v.get('sampler')} {v.get('steps')} steps "
                         f"({v.get('nfe')} NFE) from sigma_max, seed {v.get('seed')}, sha256 "
                         f"{str(v.get('sha256'))[:12]}{quick}"))

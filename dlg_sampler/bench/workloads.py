@@ -1,4 +1,5 @@
-"""What a sampler runs on and how its samples are scored: exact Gaussian mixtures and the shipped digits model."""
+"""What a sampler runs on and how its samples are scored: exact Gaussian mixtures and the shipped preset models
+(digits, photo-digits)."""
 
 from __future__ import annotations
 
@@ -110,17 +111,19 @@ def mixture_workload(name: str, spec: MixtureSpec, n: int, quick: bool = False) 
                     exact=lambda m, g: mixture.sample(m, generator=g), info=info)
 
 
-# ----------------------------------------------------------------------------- digits
-def digits_workload(n: int, reference: torch.Tensor, reference_info: dict[str, Any]) -> Workload:
-    """The shipped digits model and classifier. Samples are clamped to ``[-1, 1]`` (as the reference is) and
-    scored in the digit-feature space: ``fd_ref`` against the model reference, ``fd_real`` against the held-out
-    digits, ``class_tv``: total variation of the predicted-class proportions to the reference's."""
-    from .. import digits
+# ----------------------------------------------------------------------------- digits presets
+def digits_workload(n: int, reference: torch.Tensor, reference_info: dict[str, Any], preset: str = "digits",
+                    name: str | None = None) -> Workload:
+    """A shipped preset's model and noise classifier (default the digits'), as workload ``name`` (default the
+    preset's). Samples ``[N, *shape]`` are clamped to ``[-1, 1]`` (as the reference is) and scored in the preset
+    evaluator's feature space: ``fd_ref`` against the model reference, ``fd_real`` against the held-out split,
+    ``class_tv``: total variation of the predicted-class proportions to the reference's."""
     from ..models import load_classifier, load_model
+    from ..presets import PRESETS, pipeline_path
 
-    model = load_model(str(digits.PIPELINE_DIR))
-    clf = load_classifier(digits.CLASSIFIER_DIR)
-    evaluator = digits.DigitsEvaluator()
+    model = load_model(str(pipeline_path(preset)))
+    clf = load_classifier(PRESETS[preset].classifier_dir)
+    evaluator = PRESETS[preset].evaluator()
     postprocess = lambda x: x.clamp(-1, 1)  # noqa: E731
     ref = postprocess(reference)
     ref_feats, classes = evaluator.features(ref), evaluator.net.head.out_features
@@ -135,16 +138,17 @@ def digits_workload(n: int, reference: torch.Tensor, reference_info: dict[str, A
 
     info = {"reference": reference_info, "FD held-out vs training digits": evaluator.real_fd_floor(),
             "FD model reference vs held-out digits": frechet_distance(ref_feats, evaluator.real_features("test"))}
-    return Workload("digits", model.score, clf, clf.levels, model.shape, dict(model.pipeline.scheduler.config), n,
+    return Workload(name or preset, model.score, clf, clf.levels, model.shape, dict(model.pipeline.scheduler.config), n,
                     evaluate, ("fd_ref", "fd_real", "class_tv"), postprocess=postprocess, info=info)
 
 
 def build_workload(name: str, n: int | None, quick: bool, reference_dir: Path | None = None,
                    reference_n: int | None = None, reference_seed: int = 0) -> Workload:
-    """Workload ``name`` of ``WORKLOADS`` with ``n`` samples per run (default: the registry's); digits makes its
-    model reference first if it is missing (announcing the cost)."""
+    """Workload ``name`` of ``WORKLOADS`` with ``n`` samples per run (default: the registry's); a preset workload
+    makes its model reference of ``reference_n`` samples (default: the registry's) first if it is missing
+    (announcing the cost)."""
     spec = WORKLOADS[name]
     if isinstance(spec, DigitsSpec):
-        samples, info = ensure_reference(reference_n, reference_seed, reference_dir)
-        return digits_workload(n or spec.n, samples, info)
+        samples, info = ensure_reference(reference_n or spec.reference_n, reference_seed, reference_dir, spec.preset)
+        return digits_workload(n or spec.n, samples, info, spec.preset, name)
     return mixture_workload(name, spec, n or spec.n, quick)
