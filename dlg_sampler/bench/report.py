@@ -17,6 +17,7 @@ RESULTS, META = "results.jsonl", "meta.json"
 #: Metric names in tables and plots (all: lower is better).
 METRIC_NAMES = {"sw": "sliced W2", "mode_tv": "mode-weight TV", "mean_err": "mode mean error (std)",
                 "cov_err": "mode cov error (rel.)", "fd_ref": "FD vs model reference",
+                "kid_ref": "KID vs model reference", "kid_ref_se": "KID s.e.",
                 "fd_real": "FD vs held-out digits", "class_tv": "class-proportion TV"}
 #: Metrics DLG is judged on against the peers, per workload kind (the first one found in the rows is the headline).
 VERDICT_METRICS = (("fd_ref", "class_tv"), ("sw", "mode_tv"))

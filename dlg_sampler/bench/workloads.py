@@ -12,7 +12,7 @@ import torch
 from ..gibbs import NoisePosterior
 from ..integrators import Score
 from ..levels import NoiseLevels
-from ..metrics import SlicedWasserstein, frechet_distance
+from ..metrics import KernelDistance, SlicedWasserstein, frechet_distance
 from ..mixture import GaussianMixture
 from .common import class_proportions
 from .reference import ensure_reference
@@ -117,6 +117,7 @@ def digits_workload(n: int, reference: torch.Tensor, reference_info: dict[str, A
     """A shipped preset's model and noise classifier (default the digits'), as workload ``name`` (default the
     preset's). Samples ``[N, *shape]`` are clamped to ``[-1, 1]`` (as the reference is) and scored in the preset
     evaluator's feature space: ``fd_ref`` against the model reference, ``fd_real`` against the held-out split,
+    ``kid_ref``: the kernel distance (KID, unbiased) to the model reference, with its standard error ``kid_ref_se``;
     ``class_tv``: total variation of the predicted-class proportions to the reference's."""
     from ..models import load_classifier, load_model
     from ..presets import PRESETS, pipeline_path
@@ -128,18 +129,20 @@ def digits_workload(n: int, reference: torch.Tensor, reference_info: dict[str, A
     ref = postprocess(reference)
     ref_feats, classes = evaluator.features(ref), evaluator.net.head.out_features
     ref_props = class_proportions(evaluator.predict(ref), classes)
+    kid = KernelDistance(ref_feats)
 
     def evaluate(x: torch.Tensor) -> dict[str, float]:
         feats = evaluator.features(x)
         props = class_proportions(evaluator.predict(x), classes)
-        return {"fd_ref": frechet_distance(feats, ref_feats),
+        kid_ref, kid_se = kid(feats)
+        return {"fd_ref": frechet_distance(feats, ref_feats), "kid_ref": kid_ref, "kid_ref_se": kid_se,
                 "fd_real": frechet_distance(feats, evaluator.real_features("test")),
                 "class_tv": float(0.5 * (props - ref_props).abs().sum())}
 
     info = {"reference": reference_info, "FD held-out vs training digits": evaluator.real_fd_floor(),
             "FD model reference vs held-out digits": frechet_distance(ref_feats, evaluator.real_features("test"))}
     return Workload(name or preset, model.score, clf, clf.levels, model.shape, dict(model.pipeline.scheduler.config), n,
-                    evaluate, ("fd_ref", "fd_real", "class_tv"), postprocess=postprocess, info=info)
+                    evaluate, ("fd_ref", "kid_ref", "fd_real", "class_tv"), postprocess=postprocess, info=info)
 
 
 def build_workload(name: str, n: int | None, quick: bool, reference_dir: Path | None = None,
