@@ -53,6 +53,8 @@ def test_photo_digits_preset_ships_whole():
     assert presets.names() == ["digits", "photo-digits"]
     p = presets.load("photo-digits")
     assert p.shape == SHAPE and p.pipeline.unet.config.sample_size == 16 and isinstance(p.evaluator, PhotoDigitsEvaluator)
+    mu, cov = p.evaluator.model_reference_stats()  # the model's own samples: dlg-sample's "FD vs the model's own"
+    assert mu.shape == (64,) and cov.shape == (64, 64)
     clf = load_classifier(p.classifier_dir)
     assert tuple(clf.sample_shape) == SHAPE and clf.levels.sigma_max == pytest.approx(
         load_model(str(PIPELINE_DIR)).sigma_max, rel=1e-6)
