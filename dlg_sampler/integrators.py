@@ -34,6 +34,8 @@ SIGMA_END = 0.01
 
 #: Time schedules: Karras et al.'s ramp (``rho``) or uniform in log-SNR (``-2 log sigma``: geometric in sigma).
 SCHEDULES = ("karras", "logsnr")
+#: ``integrate``'s schedule fitted to the model for the steps (GITS-style, :mod:`dlg_sampler.schedules`).
+FITTED = "fitted"
 
 #: How a solve to 0 ends: ``"tweedie"``: the schedule's last positive level is ``sigma_end`` (the paper's Tweedie
 #: level), evaluated once more for the step to 0; ``"solver"``: the same ramp with one more level, whose last one
@@ -442,29 +444,57 @@ _GEOMETRIC = {"reverse_diffusion", "pc", "euler_maruyama"}
 
 
 def get_schedule(name: str, steps: int, sigma_start: torch.Tensor, sigma_end: float = SIGMA_END,
-                 append_zero: bool = True, rho: float = 7.0, *, schedule: str | None = None,
+                 append_zero: bool = True, rho: float = 7.0, *, schedule: str | torch.Tensor | None = None,
                  final_step: str = "tweedie") -> torch.Tensor:
     """The per-sample schedule ``[steps + 1, B]`` integrator ``name`` walks: ``steps`` intervals from ``sigma_start``.
 
     ``schedule``: ``"karras"`` (rho ramp) or ``"logsnr"`` (geometric); default: the integrator's own (the score_sde
-    integrators walk the VE SDE's geometric grid, the others Karras'). With ``append_zero`` the last interval steps
+    integrators walk the VE SDE's geometric grid, the others Karras'); or the levels themselves, a descending tensor
+    of the :func:`schedule_levels` positive levels from ``sigma_start`` (e.g. :func:`dlg_sampler.schedules.fit_schedule`'s),
+    shared by every sample. With ``append_zero`` the last interval steps
     to 0: from ``sigma_end`` (``final_step="tweedie"``, the Tweedie step) or from the level above it on a ramp one
     level longer (``final_step="solver"``, see ``FINAL_STEPS``); otherwise the schedule ends at
     ``min(sigma_start, sigma_end)``.
     """
-    if schedule not in (None, *SCHEDULES):
-        raise ValueError(f"schedule must be one of {SCHEDULES} (or None: the integrator's own), got {schedule!r}.")
     if final_step not in FINAL_STEPS:
         raise ValueError(f"final_step must be one of {FINAL_STEPS}, got {final_step!r}.")
     solver_end = append_zero and final_step == "solver"
-    n = steps + 1 if solver_end or not append_zero else steps
-    if schedule == "logsnr" or (schedule is None and name in _GEOMETRIC):
+    n = schedule_levels(steps, append_zero, final_step)
+    if isinstance(schedule, torch.Tensor):
+        sigmas = _given_levels(schedule, n, sigma_start)
+        sigmas = torch.cat([sigmas, torch.zeros_like(sigmas[:1])]) if append_zero and not solver_end else sigmas
+    elif schedule not in (None, *SCHEDULES):
+        raise ValueError(f"schedule must be one of {SCHEDULES}, a tensor of levels (or None: the integrator's own), "
+                         f"got {schedule!r}.")
+    elif schedule == "logsnr" or (schedule is None and name in _GEOMETRIC):
         sigmas = get_sigmas_geometric(n, sigma_start, sigma_end, append_zero and not solver_end)
     else:
         sigmas = get_sigmas_karras(n, sigma_start, sigma_end, rho, append_zero and not solver_end)
     if solver_end:  # the last level (sigma_end) becomes 0: the solver's own step to 0, no evaluation there
         sigmas = torch.cat([sigmas[:-1], torch.zeros_like(sigmas[:1])])
     return sigmas
+
+
+def schedule_levels(steps: int, append_zero: bool = True, final_step: str = "tweedie") -> int:
+    """How many positive levels a schedule of ``steps`` intervals builds its ramp from: ``steps`` where the last
+    interval is the Tweedie step to 0, ``steps + 1`` where it ends at ``sigma_end`` or (``final_step="solver"``) its
+    last level is replaced by 0."""
+    return steps if append_zero and final_step == "tweedie" else steps + 1
+
+
+def _given_levels(levels: torch.Tensor, n: int, sigma_start: torch.Tensor) -> torch.Tensor:
+    """Levels ``[n]`` given as data, checked (descending, positive, starting at every sample's ``sigma_start [B]``)
+    and shared: ``[n, B]``."""
+    levels = levels.to(sigma_start.device, sigma_start.dtype)
+    if levels.shape != (n,):
+        raise ValueError(f"a schedule given as levels must have {n} of them here (the steps and the final step set "
+                         f"it), got shape {tuple(levels.shape)}: fit it for this many steps.")
+    if not (torch.isfinite(levels).all() and (levels > 0).all() and (levels[1:] < levels[:-1]).all()):
+        raise ValueError("a schedule given as levels must be positive, finite and strictly descending.")
+    if not torch.allclose(sigma_start, levels[0].expand_as(sigma_start), rtol=1e-5):
+        raise ValueError(f"the schedule starts at {float(levels[0]):g} but the samples sit at other levels: a given "
+                         "schedule serves samples that all start at its first level (fit it from their level).")
+    return levels[:, None].expand(-1, len(sigma_start))
 
 
 def check_integrator(name) -> None:
@@ -481,9 +511,9 @@ def check_integrator(name) -> None:
 
 
 def integrate(name, score: Score, x: torch.Tensor, sigma_start, steps: int, *, generator: torch.Generator | None = None,
-              sigma_end: float = SIGMA_END, rho: float = 7.0, schedule: str | None = None,
-              final_step: str = "tweedie", callback=None, disable: bool = True,
-              **kwargs) -> tuple[torch.Tensor, int]:
+              sigma_end: float = SIGMA_END, rho: float = 7.0, schedule: str | torch.Tensor | None = None,
+              final_step: str = "tweedie", fit_samples: int | None = None, callback=None, disable: bool = True,
+              **kwargs) -> tuple[torch.Tensor, float]:
     """Integrate the reverse S/ODE from ``x [B, *shape]`` at levels ``sigma_start [B]`` to clean samples.
 
     Args:
@@ -497,22 +527,45 @@ def integrate(name, score: Score, x: torch.Tensor, sigma_start, steps: int, *, g
         generator: randomness for the stochastic integrators.
         sigma_end: last positive level of the schedule (ignored by schedulers).
         schedule, final_step: the time schedule and how the solve ends (core integrators; see
-            :func:`get_schedule`, ``SCHEDULES`` and ``FINAL_STEPS``).
+            :func:`get_schedule`, ``SCHEDULES`` and ``FINAL_STEPS``). ``schedule="fitted"``: the levels are first
+            fitted for these steps on the first ``fit_samples`` samples (default ``FIT_SAMPLES``; every sample must
+            start at one level), :func:`dlg_sampler.schedules.fit_schedule`, whose model evaluations are counted in
+            ``nfe``, shared over the batch.
         kwargs: integrator knobs (``snr``, ``S_churn``, ``rtol`` ...).
 
     Returns:
-        ``(x0 [B, *shape], nfe)`` with ``nfe`` the score evaluations per sample.
+        ``(x0 [B, *shape], nfe)`` with ``nfe`` the score evaluations per sample (with a fit, its share included).
     """
     check_integrator(name)
     steps = check_steps(steps)
     sigma_start = check_sigma_start(sigma_start, x)
     if not torch.isfinite(x).all():
         raise ValueError("x contains NaN or Inf: pass finite initial samples (check the upstream sampler or data).")
+    fitted = isinstance(schedule, str) and schedule == FITTED
+    if fitted and not isinstance(name, str):
+        raise ValueError("schedule='fitted' needs a core integrator: a diffusers scheduler sets its own levels.")
+    if fit_samples is not None and not fitted:
+        raise ValueError("fit_samples is the size of a schedule fit: pass it with schedule='fitted'.")
     if not isinstance(name, str):
         return warm_start(name, score, x, sigma_start, steps, generator=generator, **kwargs)
+    fit_nfe = 0.0
+    if fitted:
+        from .schedules import FIT_SAMPLES, fit_schedule  # it walks these integrators
+
+        fit_samples = check_steps(FIT_SAMPLES if fit_samples is None else fit_samples, "fit_samples")
+        hops = schedule_levels(steps, final_step=final_step) - 1
+        if not torch.allclose(sigma_start, sigma_start[:1].expand_as(sigma_start)):
+            raise ValueError("schedule='fitted' fits one schedule for the batch: every sample must start at one level.")
+        if hops == 0:  # one Tweedie step: no level to choose
+            schedule = sigma_start[:1]
+        else:
+            counted = CountedScore(score)
+            schedule = fit_schedule(counted, x[:fit_samples], float(sigma_start[0]), sigma_end, hops)
+            fit_nfe = counted.nfe * len(x[:fit_samples]) / len(x)
     sigmas = get_schedule(name, steps, sigma_start, sigma_end, append_zero=True, rho=rho, schedule=schedule,
                           final_step=final_step)
-    return INTEGRATORS[name](score, x, sigmas, generator=generator, callback=callback, disable=disable, **kwargs)
+    x, nfe = INTEGRATORS[name](score, x, sigmas, generator=generator, callback=callback, disable=disable, **kwargs)
+    return x, nfe + fit_nfe if fitted else nfe
 
 
 #: Model evaluations per solver step of the fixed-step integrators (``pc``: one corrector and one predictor
@@ -541,6 +594,9 @@ def count_nfe(integrator, steps: int, *, dlg: bool, final_step: str = "tweedie",
     iPNDM, DEIS, Restart, diffusers schedulers) by running them on a zero score.
     """
     steps = check_steps(steps)
+    knobs.pop("fit_samples", None)  # the levels (given or fitted) do not change the solve's count; a fit's own cost
+    if not (isinstance(knobs.get("schedule"), str) and knobs["schedule"] in SCHEDULES):  # is its caller's to add
+        knobs.pop("schedule", None)
     per = _closed_form(integrator, final_step, knobs)
     if per is not None:
         return per * steps + 1 if dlg else per * (steps - 1) + _EVALS_TO_ZERO.get(integrator, 1)
