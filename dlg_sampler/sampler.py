@@ -14,14 +14,20 @@ from tqdm.auto import tqdm
 from . import tuning
 from .diagnostics import CORRELATION_WARNING, OutputCorrelation, ess_fraction
 from .gibbs import SIGMA_MODES, NoisePosterior, diverged, langevin_step, sample_sigma_index
-from .integrators import (FINAL_STEP, FINAL_STEPS, INTEGRATORS, CountedScore, Score, append_dims, check_integrator,
-                          check_steps, count_nfe, get_schedule, integrate, randn_like)
+from .integrators import (FINAL_STEP, FINAL_STEPS, FITTED, INTEGRATORS, SCHEDULES, CountedScore, Score, append_dims,
+                          check_integrator, check_steps, count_nfe, get_schedule, integrate, randn_like)
 from .levels import NoiseLevels
 from .restart import restart_rule
+from .schedules import FIT_SAMPLES, fit_evaluations, fit_schedule
 
 #: Chain kernels: ``"restart"`` (exact lift to ``restart_sigma``, then the denoising solve back; the default, measured
 #: to mix in one output on the digits model and the mixtures) and ``"gibbs"`` (the paper's Langevin-Gibbs sweeps).
 KERNELS = ("restart", "gibbs")
+
+#: The denoising solve's levels: ``None`` (the integrator's own ramp), a ramp of ``SCHEDULES``, or ``"fitted"``: fitted
+#: once to the model for the restart kernel's interval ``[tweedie_sigma, restart_sigma]`` and the denoising steps
+#: (:func:`dlg_sampler.schedules.fit_schedule`, counted as ``pilot``).
+DENOISE_SCHEDULES = (None, *SCHEDULES, FITTED)
 
 #: Warm-started schedulers denoise the batch in this many groups of similar sigma (measured on the exact mixture,
 #: levels 0.2-5, 4 steps: sliced W1 0.48 -> 0.14 for DPM-Solver++ 2M, 0.32 -> 0.09 for Euler; same NFE per sample).
@@ -155,6 +161,12 @@ class DLGSampler:
         final_step: how each solve ends (core integrators): ``"tweedie"`` (the paper's: to ``tweedie_sigma``, then
             the Tweedie step there) or ``"solver"`` (the Tweedie evaluation spent on one more solver level, whose
             last step to 0 uses the solver's own data prediction; same NFE). Default ``FINAL_STEP``.
+        denoise_schedule: the denoising solve's levels (core integrators): ``None`` (the integrator's own ramp),
+            ``"karras"``, ``"logsnr"`` or ``"fitted"`` (restart kernel): before the first output, the levels from
+            ``restart_sigma`` to ``tweedie_sigma`` for ``denoise_steps`` steps are fitted on the first
+            ``fit_samples`` warmed-up chains lifted there (GITS-style: a fine teacher solve and dynamic programming,
+            :func:`dlg_sampler.schedules.fit_schedule`), once for the run; its model evaluations are counted as
+            ``pilot``. Other solves (warm-up, a ``for_budget`` pilot's ladder) keep the integrator's ramp.
         warmup_integrator, warmup_steps: the warm-up solve from ``sigma_max`` (default: ``unipc`` with 10 steps for
             the restart kernel; the paper's Karras Alg. 2 with 20 steps for the Gibbs kernel).
         burn_in: restart moves per chain after the warm-up whose outputs are discarded (restart kernel; on the
@@ -179,6 +191,7 @@ class DLGSampler:
                  num_chains: int = 128, kernel: str = "restart", restart_sigma: float | None = None,
                  integrator="unipc", denoise_steps: int = 9, gibbs_steps: int = 10, step_size: float = 0.8,
                  sigma_mode: str = "argmax", tweedie_sigma: float | None = None, final_step: str = FINAL_STEP,
+                 denoise_schedule: str | None = None, fit_samples: int = FIT_SAMPLES,
                  integrator_kwargs: dict[str, Any] | None = None, warmup_integrator: str | None = None,
                  warmup_steps: int | None = None, burn_in: int = 0, warmup_noise: float = 0.5,
                  warmup_sweeps: tuple[int, int] = (10, 10), warmup_step_size: float | None = None,
@@ -222,6 +235,18 @@ class DLGSampler:
         if final_step not in FINAL_STEPS:
             raise ValueError(f"final_step must be one of {FINAL_STEPS}, got {final_step!r}.")
         self.final_step = final_step
+        if denoise_schedule not in DENOISE_SCHEDULES:
+            raise ValueError(f"denoise_schedule must be one of {DENOISE_SCHEDULES}, got {denoise_schedule!r}.")
+        if denoise_schedule is not None and not isinstance(integrator, str):
+            raise ValueError("denoise_schedule needs a core integrator: a diffusers scheduler sets its own levels; "
+                             "pass integrator='unipc' (or another core name) or leave denoise_schedule unset.")
+        if denoise_schedule == FITTED and gibbs:
+            raise ValueError("denoise_schedule='fitted' fits one schedule for solves that all start at one level, the "
+                             "restart kernel's: use kernel='restart' or another denoise_schedule.")
+        self.denoise_schedule = denoise_schedule
+        self.fit_samples = check_steps(fit_samples, "fit_samples")
+        #: The fitted denoising levels and what they were fitted for (``denoise_schedule="fitted"``), else ``None``.
+        self.schedule_fit: dict[str, Any] | None = None
         self.warmup_integrator = warmup_integrator
         self.warmup_steps = check_steps(warmup_steps or (20 if gibbs else 10), "warmup_steps")
         if isinstance(burn_in, bool) or not isinstance(burn_in, int) or burn_in < 0:
@@ -342,12 +367,53 @@ class DLGSampler:
             self.warm_up(g)
         self._counts["batches"] += 1
         if self.kernel == "restart":
+            if self.denoise_schedule == FITTED and self._fitted_levels() is None:
+                self.fit_denoise_schedule(g)
             chains = torch.arange(self.num_chains, device=self.device)
             x, sigma = self._lift(chains, g)
             self._batch_chains = chains
             self._record_selected(sigma)
             return x, sigma
         return self._gibbs_sweeps(g)
+
+    @torch.no_grad()
+    def fit_denoise_schedule(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Fit the denoising levels ``[denoise_steps + 1]`` from ``restart_sigma`` to ``tweedie_sigma`` on the first
+        ``fit_samples`` chains lifted to ``restart_sigma`` (warmed up first if due); counted as ``pilot``. The chains
+        are left as they are; :meth:`denoise` follows the levels from then on."""
+        g = generator or self.generator
+        if self.x is None:
+            self.warm_up(g)
+        chains = torch.arange(min(self.fit_samples, self.num_chains), device=self.device)
+        lifted, _ = self._lift(chains, g)
+        phase, self.score.phase = self.score.phase, "pilot"
+        before = self._counts["pilot"]
+        try:
+            levels = fit_schedule(self.score, lifted, self.restart_sigma, self.tweedie_sigma, self.denoise_steps)
+        finally:
+            self.score.phase = phase
+        self.schedule_fit = {"levels": levels.cpu().double(), "restart_sigma": self.restart_sigma,
+                             "tweedie_sigma": self.tweedie_sigma, "steps": self.denoise_steps, "samples": len(chains),
+                             "evaluations": self._counts["pilot"] - before}
+        return levels
+
+    def _fitted_levels(self) -> torch.Tensor | None:
+        """The fitted levels where they were fitted for the current level, Tweedie level and steps, else ``None``."""
+        fit = self.schedule_fit
+        if fit is None or (fit["restart_sigma"], fit["tweedie_sigma"], fit["steps"]) != (
+                self.restart_sigma, self.tweedie_sigma, self.denoise_steps):
+            return None
+        return fit["levels"]
+
+    def _levels(self, sigma: torch.Tensor, steps: int) -> str | torch.Tensor | None:
+        """The ``schedule`` of a denoising solve from ``sigma [k]`` in ``steps`` steps: the fitted levels where they
+        serve it (every chain at ``restart_sigma``, the fitted steps), else the ramp of ``denoise_schedule``."""
+        if self.denoise_schedule != FITTED:
+            return self.denoise_schedule
+        levels = self._fitted_levels()
+        if levels is None or steps != self.denoise_steps or not bool((sigma == self.restart_sigma).all()):
+            return None
+        return levels
 
     def _lift(self, chains: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Restart move: ``x + sqrt(S^2 - sigma^2) z`` for chains ``chains``, an exact draw of ``p_S``."""
@@ -414,11 +480,13 @@ class DLGSampler:
         self.score.phase = phases[0]
         if isinstance(self.integrator, str) and tweedie and self.final_step == "solver":
             # Denoising to 0: the solver's last step from the level above tweedie_sigma uses its own data prediction.
-            sigmas = get_schedule(self.integrator, steps, sigma, self.tweedie_sigma, final_step="solver")
+            sigmas = get_schedule(self.integrator, steps, sigma, self.tweedie_sigma, final_step="solver",
+                                  schedule=self._levels(sigma, steps))
             x, _ = INTEGRATORS[self.integrator](self.score, x, sigmas, generator=g, **self.integrator_kwargs)
         elif isinstance(self.integrator, str):
             # Denoising: integrate from each chain's own sigma down to the Tweedie level.
-            sigmas = get_schedule(self.integrator, steps, sigma, self.tweedie_sigma, append_zero=False)
+            sigmas = get_schedule(self.integrator, steps, sigma, self.tweedie_sigma, append_zero=False,
+                                  schedule=self._levels(sigma, steps))
             x, _ = INTEGRATORS[self.integrator](self.score, x, sigmas, generator=g, **self.integrator_kwargs)
             if tweedie:  # Tweedie step: D(x, sigma_end) = x + sigma_end^2 s(x, sigma_end).
                 self.score.phase = phases[1]
@@ -486,6 +554,8 @@ class DLGSampler:
         if self.kernel == "gibbs":
             per_batch += self.gibbs_steps
         total = batches * per_batch * self.num_chains
+        if self.denoise_schedule == FITTED and self._fitted_levels() is None and batches:
+            total += fit_evaluations(min(self.fit_samples, self.num_chains))
         if self.x is None:
             warm = count_nfe(self.warmup_integrator, self.warmup_steps, dlg=False, final_step=self.final_step)
             warm += per_batch * self.burn_in if self.kernel == "restart" else sum(self.warmup_sweeps)
@@ -556,6 +626,8 @@ class DLGSampler:
             "correlation": self.correlation.state_dict(), "restart_sigma": self.restart_sigma,
             "generator": self.generator.get_state(), "shape": self.shape, "num_chains": self.num_chains,
             "levels": self.levels.config, "kernel": self.kernel, "tuning": self.tuning,
+            "schedule_fit": None if self.schedule_fit is None else {**self.schedule_fit,
+                                                                    "levels": self.schedule_fit["levels"].clone()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -574,4 +646,6 @@ class DLGSampler:
         self._selected_hist = state["selected_hist"].clone()
         self.correlation.load_state_dict(state["correlation"])
         self.restart_sigma, self.tuning = state["restart_sigma"], state.get("tuning")
+        fit = state.get("schedule_fit")
+        self.schedule_fit = None if fit is None else {**fit, "levels": fit["levels"].clone()}
         self.generator.set_state(state["generator"])

@@ -25,9 +25,11 @@ solved across the same interval (DLG's restart kernel: from ``S`` to ``sigma_min
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from .integrators import INTEGRATORS, count_nfe, get_sigmas_karras
+from .integrators import FITTED, INTEGRATORS, count_nfe, get_sigmas_karras, steps_for_nfe
 from .restart import _data_scale
 from .scores import Score, check_steps
 
@@ -35,6 +37,9 @@ from .scores import Score, check_steps
 FIT_GRID = 64
 #: Samples the teacher solves by default: trajectories are regular enough that a few fix the schedule.
 FIT_SAMPLES = 8
+#: A vanilla run's fit takes at most this share of its evaluations (fewer samples where ``FIT_SAMPLES`` would take
+#: more), as DLG's pilot does (:data:`dlg_sampler.tuning.PILOT_SHARE`).
+FIT_SHARE = 0.05
 #: Solvers that can serve as the teacher: deterministic, and each reports its denoiser output at the very state it
 #: steps from (UniPC's corrector moves the state after its evaluation, so it cannot).
 TEACHERS = ("dpmpp_2m", "karras_heun", "ipndm", "deis")
@@ -132,3 +137,20 @@ def fit_schedule(score: Score, x: torch.Tensor, sigma_hi: float, sigma_lo: float
     states, denoised = teacher_trajectory(score, x, levels, teacher)
     path = cheapest_path(hop_costs(levels, states, denoised), steps)
     return levels[path].to(x.dtype)
+
+
+
+def vanilla_plan(integrator, budget: float, n: int, **knobs) -> tuple[int | None, dict]:
+    """The most steps of a vanilla solve (:func:`~dlg_sampler.integrators.integrate` with ``knobs``) of ``n``
+    samples whose model evaluations per sample fit ``budget`` (``None``: not one), and the knobs to run it with.
+
+    Without a fit: :func:`~dlg_sampler.integrators.steps_for_nfe`. With ``schedule="fitted"`` the fit is paid from
+    the budget first, amortised over ``n``: on ``fit_samples`` of the samples (default: ``FIT_SAMPLES``, fewer where
+    that would take more than ``FIT_SHARE`` of the run's evaluations, at least one), which the knobs then name."""
+    fit = 0.0
+    if knobs.get("schedule") == FITTED:
+        affordable = int(FIT_SHARE * budget * n // fit_evaluations(1))
+        knobs = {**knobs, "fit_samples": knobs.get("fit_samples") or max(1, min(FIT_SAMPLES, affordable, n))}
+        fit = fit_evaluations(knobs["fit_samples"]) / n
+    left = math.floor(budget - fit + 1e-9)
+    return (steps_for_nfe(integrator, left, dlg=False, **knobs) if left >= 1 else None), knobs

@@ -40,9 +40,10 @@ import torch
 
 from .diagnostics import OutputCorrelation
 from .gibbs import diverged
-from .integrators import FINAL_STEP, check_steps, count_nfe, steps_for_nfe
+from .integrators import FINAL_STEP, FITTED, check_steps, count_nfe, steps_for_nfe
 from .levels import NoiseLevels
 from .restart import RESTART_SCALE, TARGET_LAG1, _data_scale
+from .schedules import FIT_SAMPLES, fit_evaluations
 
 if TYPE_CHECKING:  # the sampler calls this module; the class is passed in
     from .sampler import DLGSampler
@@ -113,6 +114,11 @@ def plan_budget(nfe: float, n: int, *, num_chains: int | None = None, outputs_pe
     dlg = isinstance(integrator, str)
     final_step = overrides.get("final_step", FINAL_STEP)
     knobs = dict(overrides.get("integrator_kwargs") or {}) if dlg else {}  # e.g. restarts: they change the count
+    fitted = kernel == "restart" and overrides.get("denoise_schedule") == FITTED
+
+    def fit_cost(chains: int) -> int:
+        """Model evaluations of the denoising schedule's fit on the first chains (``denoise_schedule="fitted"``)."""
+        return fit_evaluations(min(overrides.get("fit_samples", FIT_SAMPLES), chains)) if fitted else 0
 
     @functools.cache
     def warm(steps: int) -> int:
@@ -135,10 +141,11 @@ def plan_budget(nfe: float, n: int, *, num_chains: int | None = None, outputs_pe
                            + count_nfe(integrator, 2 * steps, dlg=dlg, final_step=final_step, **knobs))
 
         def cost(chains: int, pilot: int, warmup: int) -> float:
-            """NFE per sample: every batch of outputs (the last one whole), the warm-up and the pilot, over ``n``."""
+            """NFE per sample: every batch of outputs (the last one whole), the warm-up, the pilot and the schedule's
+            fit, over ``n``."""
             outputs = math.ceil(n / chains) * chains
             per_chain = warm(warmup) + (overrides.get("burn_in", 0) * per_output(steps) if kernel == "restart" else 0)
-            return (outputs * per_output(steps) + chains * per_chain + pilot * per_pilot_chain) / n
+            return (outputs * per_output(steps) + chains * per_chain + pilot * per_pilot_chain + fit_cost(chains)) / n
 
         top = chain_counts[0]
         pilot = min(MAX_PILOT_CHAINS, top, int(PILOT_SHARE * n * nfe // per_pilot_chain)) if search else 0
@@ -252,7 +259,9 @@ def for_budget(cls: type[DLGSampler], score, noise_posterior, *, shape: tuple[in
     if search:
         if progress_bar is not None and progress_bar.total is None:
             progress_bar.total = ((sampler.planned_nfe(0) if plan["pilot_chains"] else 0)
-                                  + plan["pilot_chains"] * _pilot_cost(sampler))
+                                  + plan["pilot_chains"] * _pilot_cost(sampler)
+                                  + (fit_evaluations(min(sampler.fit_samples, sampler.num_chains))
+                                     if sampler.denoise_schedule == FITTED else 0))
         sampler.score.bar = progress_bar
         try:
             if plan["pilot_chains"]:
@@ -262,6 +271,14 @@ def for_budget(cls: type[DLGSampler], score, noise_posterior, *, shape: tuple[in
             sampler.score.bar = None
         if pilot["restart_sigma"] is not None:
             sampler.restart_sigma = pilot["restart_sigma"]
+    schedule_fit = None
+    if sampler.denoise_schedule == FITTED:  # fitted once at the level chosen, on the pilot's first chains
+        sampler.score.bar = progress_bar
+        try:
+            sampler.fit_denoise_schedule()
+        finally:
+            sampler.score.bar = None
+        schedule_fit = {**sampler.schedule_fit, "levels": sampler.schedule_fit["levels"].tolist()}
     integrator = settings["integrator"]
     sampler.tuning = {
         "budget": {"nfe": nfe, "n": n},
@@ -270,7 +287,7 @@ def for_budget(cls: type[DLGSampler], score, noise_posterior, *, shape: tuple[in
                      "integrator": integrator if isinstance(integrator, str) else type(integrator).__name__,
                      "restart_sigma": sampler.restart_sigma},
         "predicted_nfe_per_sample": plan["predicted_nfe_per_sample"], "pilot": pilot,
-        "full_batches": plan["full_batches"],
+        "schedule_fit": schedule_fit, "full_batches": plan["full_batches"],
     }
     return sampler
 

@@ -26,6 +26,7 @@ from ..diagnostics import OutputCorrelation
 from ..diagnostics import ess_fraction as _ess_fraction
 from ..integrators import integrate, steps_for_nfe
 from ..sampler import FINAL_STEP, DLGSampler
+from ..schedules import vanilla_plan
 from .common import make_scheduler, write_json
 from .registry import BUDGETS_BY_WORKLOAD, CORE_PEERS, DEFAULT_DLG, DLG_CONFIGS, LEVERS, SCHEDULERS, DLGConfig, Lever
 from .workloads import Workload
@@ -97,7 +98,7 @@ def run_exact(w: Workload, seed: int, n: int) -> tuple[torch.Tensor, dict[str, A
 def run_vanilla(w: Workload, label: str, budget: int, seed: int, n: int) -> tuple[torch.Tensor | None, dict]:
     """``label`` from pure noise at the grid's sigma_max with the most steps whose NFE fits ``budget``."""
     integrator, knobs = resolve_integrator(label, w), CORE_PEERS.get(label, (None, {}))[1]
-    steps = steps_for_nfe(integrator, budget, dlg=False, **knobs)
+    steps, knobs = vanilla_plan(integrator, budget, n, **knobs)  # a fitted schedule's fit paid from the budget
     if steps is None:
         return None, {"skipped": f"one step of {label} needs more than {budget} NFE"}
     g = torch.Generator().manual_seed(seed)
