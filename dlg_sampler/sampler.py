@@ -29,6 +29,9 @@ KERNELS = ("restart", "gibbs")
 #: (:func:`dlg_sampler.schedules.fit_schedule`, counted as ``pilot``).
 DENOISE_SCHEDULES = (None, *SCHEDULES, FITTED)
 
+#: The fit's lift noise is seeded this far from the sampler's seed (its own stream: the run's draws stay the same).
+FIT_SEED_OFFSET = 7919
+
 #: Warm-started schedulers denoise the batch in this many groups of similar sigma (measured on the exact mixture,
 #: levels 0.2-5, 4 steps: sliced W1 0.48 -> 0.14 for DPM-Solver++ 2M, 0.32 -> 0.09 for Euler; same NFE per sample).
 SCHEDULER_GROUPS = 4
@@ -368,7 +371,7 @@ class DLGSampler:
         self._counts["batches"] += 1
         if self.kernel == "restart":
             if self.denoise_schedule == FITTED and self._fitted_levels() is None:
-                self.fit_denoise_schedule(g)
+                self.fit_denoise_schedule()
             chains = torch.arange(self.num_chains, device=self.device)
             x, sigma = self._lift(chains, g)
             self._batch_chains = chains
@@ -380,10 +383,12 @@ class DLGSampler:
     def fit_denoise_schedule(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """Fit the denoising levels ``[denoise_steps + 1]`` from ``restart_sigma`` to ``tweedie_sigma`` on the first
         ``fit_samples`` chains lifted to ``restart_sigma`` (warmed up first if due); counted as ``pilot``. The chains
-        are left as they are; :meth:`denoise` follows the levels from then on."""
-        g = generator or self.generator
+        are left as they are; :meth:`denoise` follows the levels from then on. The lift's noise comes from
+        ``generator``, by default one seeded from the sampler's seed (``FIT_SEED_OFFSET`` on): the run's own random
+        stream is left as it is, so a run with the fitted levels and one without draw the same noise."""
         if self.x is None:
-            self.warm_up(g)
+            self.warm_up(generator)
+        g = generator or torch.Generator(self.device).manual_seed(self.generator.initial_seed() + FIT_SEED_OFFSET)
         chains = torch.arange(min(self.fit_samples, self.num_chains), device=self.device)
         lifted, _ = self._lift(chains, g)
         phase, self.score.phase = self.score.phase, "pilot"

@@ -25,7 +25,11 @@ counted: warm-up and this pilot included) and the number of samples wanted. The 
   and reports its cost. (Aiming at the target itself, the lowest level that mixes, was tried: it picks lower levels
   than the rule of thumb, which scored worse on digits and no better on the mixtures; docs/design.md.)
 
-The pilot's moves are counted as ``pilot`` (the warm-up it starts from is the run's own, counted as ``warmup``).
+With ``denoise_schedule="fitted"`` the denoising levels are fitted once after the pilot, at the level it chose, on
+the first chains (:meth:`DLGSampler.fit_denoise_schedule`); the fit's cost is in the budget's arithmetic.
+
+The pilot's moves and the fit are counted as ``pilot`` (the warm-up it starts from is the run's own, counted as
+``warmup``).
 Where even the smallest pilot is more than ``PILOT_SHARE`` of the run it is skipped and ``S`` falls back to
 ``RESTART_SCALE`` times the measured data scale (said in ``sampler.tuning``).
 """
@@ -114,11 +118,11 @@ def plan_budget(nfe: float, n: int, *, num_chains: int | None = None, outputs_pe
     dlg = isinstance(integrator, str)
     final_step = overrides.get("final_step", FINAL_STEP)
     knobs = dict(overrides.get("integrator_kwargs") or {}) if dlg else {}  # e.g. restarts: they change the count
-    fitted = kernel == "restart" and overrides.get("denoise_schedule") == FITTED
+    fits_levels = kernel == "restart" and overrides.get("denoise_schedule") == FITTED
 
     def fit_cost(chains: int) -> int:
         """Model evaluations of the denoising schedule's fit on the first chains (``denoise_schedule="fitted"``)."""
-        return fit_evaluations(min(overrides.get("fit_samples", FIT_SAMPLES), chains)) if fitted else 0
+        return fit_evaluations(min(overrides.get("fit_samples", FIT_SAMPLES), chains)) if fits_levels else 0
 
     @functools.cache
     def warm(steps: int) -> int:
