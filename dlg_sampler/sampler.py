@@ -14,11 +14,11 @@ from tqdm.auto import tqdm
 from . import tuning
 from .diagnostics import CORRELATION_WARNING, OutputCorrelation, ess_fraction
 from .gibbs import SIGMA_MODES, NoisePosterior, diverged, langevin_step, sample_sigma_index
-from .integrators import (FINAL_STEP, FINAL_STEPS, FITTED, INTEGRATORS, SCHEDULES, CountedScore, Score, append_dims,
-                          check_integrator, check_steps, count_nfe, get_schedule, integrate, randn_like)
+from .integrators import (FINAL_STEP, FINAL_STEPS, FIT_SAMPLES, FITTED, INTEGRATORS, SCHEDULES, CountedScore, Score,
+                          append_dims, check_integrator, check_steps, count_nfe, fit_evaluations, fit_schedule,
+                          get_schedule, integrate, randn_like)
 from .levels import NoiseLevels
 from .restart import restart_rule
-from .schedules import FIT_SAMPLES, fit_evaluations, fit_schedule
 
 #: Chain kernels: ``"restart"`` (exact lift to ``restart_sigma``, then the denoising solve back; the default, measured
 #: to mix in one output on the digits model and the mixtures) and ``"gibbs"`` (the paper's Langevin-Gibbs sweeps).
@@ -26,7 +26,7 @@ KERNELS = ("restart", "gibbs")
 
 #: The denoising solve's levels: ``None`` (the integrator's own ramp), a ramp of ``SCHEDULES``, or ``"fitted"``: fitted
 #: once to the model for the restart kernel's interval ``[tweedie_sigma, restart_sigma]`` and the denoising steps
-#: (:func:`dlg_sampler.schedules.fit_schedule`, counted as ``pilot``).
+#: (:func:`dlg_sampler.integrators.fit_schedule`, counted as ``pilot``).
 DENOISE_SCHEDULES = (None, *SCHEDULES, FITTED)
 
 #: The fit's lift noise is seeded this far from the sampler's seed (its own stream: the run's draws stay the same).
@@ -168,7 +168,7 @@ class DLGSampler:
             ``"karras"``, ``"logsnr"`` or ``"fitted"`` (restart kernel): before the first output, the levels from
             ``restart_sigma`` to ``tweedie_sigma`` for ``denoise_steps`` steps are fitted on the first
             ``fit_samples`` warmed-up chains lifted there (GITS-style: a fine teacher solve and dynamic programming,
-            :func:`dlg_sampler.schedules.fit_schedule`), once for the run; its model evaluations are counted as
+            :func:`dlg_sampler.integrators.fit_schedule`), once for the run; its model evaluations are counted as
             ``pilot``. Other solves (warm-up, a ``for_budget`` pilot's ladder) keep the integrator's ramp.
         warmup_integrator, warmup_steps: the warm-up solve from ``sigma_max`` (default: ``unipc`` with 10 steps for
             the restart kernel; the paper's Karras Alg. 2 with 20 steps for the Gibbs kernel).

@@ -44,10 +44,9 @@ import torch
 
 from .diagnostics import OutputCorrelation
 from .gibbs import diverged
-from .integrators import FINAL_STEP, FITTED, check_steps, count_nfe, steps_for_nfe
+from .integrators import FINAL_STEP, FIT_SAMPLES, FITTED, check_steps, count_nfe, fit_evaluations, steps_for_nfe
 from .levels import NoiseLevels
 from .restart import RESTART_SCALE, TARGET_LAG1, _data_scale
-from .schedules import FIT_SAMPLES, fit_evaluations
 
 if TYPE_CHECKING:  # the sampler calls this module; the class is passed in
     from .sampler import DLGSampler

@@ -1,4 +1,4 @@
-"""Fitted denoising schedules (GITS-style, dlg_sampler.schedules): the fit itself, its use by every fixed-step
+"""Fitted denoising schedules (GITS-style, dlg_sampler.integrators.fit_schedule): the fit itself, its use by every fixed-step
 integrator, DLG's fitted restart solve and the vanilla peer that fits its own, with every model call counted."""
 
 import itertools
@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from dlg_sampler import DLGSampler
-from dlg_sampler.integrators import count_nfe, get_schedule, get_sigmas_karras, integrate
 from dlg_sampler.levels import NoiseLevels
 from dlg_sampler.mixture import GaussianMixture
-from dlg_sampler.schedules import (candidate_grid, cheapest_path, fit_evaluations, fit_schedule, hop_costs, path_cost,
-                                   teacher_trajectory, vanilla_plan)
+from dlg_sampler.integrators import (candidate_grid, cheapest_path, count_nfe, fit_evaluations, fit_schedule,
+                                     get_schedule, get_sigmas_karras, hop_costs, integrate, path_cost,
+                                     teacher_trajectory, vanilla_plan)
 from dlg_sampler.testing import CountingScore
 
 MIXTURE = GaussianMixture.random(4, 8, spread=3.0, std=0.3, seed=0)
@@ -161,3 +161,11 @@ def test_a_fitted_schedule_is_refused_where_it_cannot_serve():
                   schedule="fitted")
     with pytest.raises(ValueError, match="teacher must be one of"):
         fit_schedule(MIXTURE.score, _noise(4, 10.0, 0), 10.0, 0.01, 3, teacher="unipc")
+
+
+@pytest.mark.parametrize("teacher", ["dpmpp_2m", "karras_heun", "ipndm", "deis"])
+def test_each_teacher_costs_what_fit_evaluations_says_and_ends_on_the_grid(teacher):
+    counted = CountingScore(MIXTURE.score)
+    levels = fit_schedule(counted, _noise(3, 20.0, 0), 20.0, 0.05, 3, grid=16, teacher=teacher)
+    assert counted.evaluations == fit_evaluations(3, grid=16, teacher=teacher)
+    assert torch.isin(levels.double(), candidate_grid(20.0, 0.05, 16).to(levels.dtype).double()).all()

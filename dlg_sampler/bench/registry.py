@@ -80,7 +80,7 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
 #: with its paper's interval [0.06, 0.30] and one restart of two Heun steps. Each ends with the solver's own step to 0
 #: (``final_step="solver"``: the Tweedie evaluation at sigma_min is spent on one more solver level, docs/mixing.md).
 #: UniPC-GITS: the core UniPC on levels fitted to the model for its steps on 8 of its samples
-#: (:mod:`dlg_sampler.schedules`), the fit's model evaluations paid from its budget (amortised over n).
+#: (:func:`~dlg_sampler.integrators.fit_schedule`), the fit's model evaluations paid from its budget (amortised over n).
 CORE_PEERS: dict[str, tuple[str, dict[str, Any]]] = {
     "iPNDM": ("ipndm", {"schedule": "karras", "final_step": "solver"}),
     "DEIS-tAB3": ("deis", {"order": 3, "schedule": "karras", "final_step": "solver"}),

@@ -24,9 +24,8 @@ from tqdm.auto import tqdm
 
 from ..diagnostics import OutputCorrelation
 from ..diagnostics import ess_fraction as _ess_fraction
-from ..integrators import integrate, steps_for_nfe
+from ..integrators import integrate, steps_for_nfe, vanilla_plan
 from ..sampler import FINAL_STEP, DLGSampler
-from ..schedules import vanilla_plan
 from .common import make_scheduler, write_json
 from .registry import BUDGETS_BY_WORKLOAD, CORE_PEERS, DEFAULT_DLG, DLG_CONFIGS, LEVERS, SCHEDULERS, DLGConfig, Lever
 from .workloads import Workload
