@@ -14,7 +14,8 @@ counted: warm-up and this pilot included) and the number of samples wanted. The 
   outputs per chain; n = 256: 86 chains, 3 rounds), their warm-up shortened to the most steps (at least
   ``MIN_WARMUP_STEPS``) that fit. That may cost one of the protocol's denoising steps, never more, and is not
   made where fewer than ``FULL_BATCH_MIN_STEPS`` would remain: a step weighs more there;
-- **restart level** ``S``: ``RESTART_SCALE`` times the data scale the run's warm-up measures, checked by the pilot,
+- **restart level** ``S``: the rule of thumb (:func:`dlg_sampler.restart.restart_rule`: ``RESTART_SCALE`` times the
+  data scale the run's warm-up measures, or more where the chains' spread sits in few directions), checked by the pilot,
   run on the first warmed-up chains of the run itself, without data. Each level of a small ladder (in units of the
   data scale) makes one restart move with the chosen denoiser; the lag-1 autocorrelation between a chain's state and
   its output says how much consecutive outputs would share. Those noisy estimates are pooled through the curve an
@@ -30,8 +31,8 @@ the first chains (:meth:`DLGSampler.fit_denoise_schedule`); the fit's cost is in
 
 The pilot's moves and the fit are counted as ``pilot`` (the warm-up it starts from is the run's own, counted as
 ``warmup``).
-Where even the smallest pilot is more than ``PILOT_SHARE`` of the run it is skipped and ``S`` falls back to
-``RESTART_SCALE`` times the measured data scale (said in ``sampler.tuning``).
+Where even the smallest pilot is more than ``PILOT_SHARE`` of the run it is skipped and ``S`` is the rule of thumb
+(:func:`dlg_sampler.restart.restart_rule`; said in ``sampler.tuning``).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from .diagnostics import OutputCorrelation
 from .gibbs import diverged
 from .integrators import FINAL_STEP, FIT_SAMPLES, FITTED, check_steps, count_nfe, fit_evaluations, steps_for_nfe
 from .levels import NoiseLevels
-from .restart import RESTART_SCALE, TARGET_LAG1, _data_scale
+from .restart import RESTART_SCALE, RULE, TARGET_LAG1, _data_scale
 
 if TYPE_CHECKING:  # the sampler calls this module; the class is passed in
     from .sampler import DLGSampler
@@ -317,7 +318,7 @@ def _pilot(sampler: DLGSampler, chains: int, target_lag1: float, seed: int | Non
     if chains == 0:
         return {"chains": 0, "evaluations": 0, "restart_sigma": None,
                 "skipped": f"n too small to amortise a pilot within {PILOT_SHARE:.0%} of the budget: restart_sigma = "
-                           f"{RESTART_SCALE:g} x the data scale measured at the warm-up"}
+                           f"the rule of thumb, {RULE}"}
     levels, device = sampler.levels, sampler.device
     base = 0 if seed is None else seed + 1
     sampler.score.phase = "pilot"
