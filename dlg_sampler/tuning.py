@@ -47,7 +47,7 @@ from .diagnostics import OutputCorrelation
 from .gibbs import diverged
 from .integrators import FINAL_STEP, FIT_SAMPLES, FITTED, check_steps, count_nfe, fit_evaluations, steps_for_nfe
 from .levels import NoiseLevels
-from .restart import RESTART_SCALE, RULE, TARGET_LAG1, _data_scale
+from .restart import RULE, TARGET_LAG1, _data_scale
 
 if TYPE_CHECKING:  # the sampler calls this module; the class is passed in
     from .sampler import DLGSampler
