@@ -103,6 +103,42 @@ def test_tiny_run_writes_rows_report_and_plots(tiny_run):
     assert (tiny_run / "separated-frontier.png").stat().st_size > 10_000
 
 
+def test_processes_sharing_an_out_folder_skip_what_another_finished(tmp_path, monkeypatch):
+    """Two processes planned the same runs on one --out: while this one runs, the other finishes the next one (rows
+    appended to the same results.jsonl); this one skips those it sees finished and does the rest once. A row still
+    being written when the file is read is taken in the next time."""
+    path = tmp_path / report.RESULTS
+    other = runs.Store(path)
+    perform, calls = runs.perform, []
+
+    def beside(w, run, warm):
+        calls.append(run.key)
+        row = perform(w, run, warm)
+        later = [r for r in plan if r.key not in other.rows and r.key not in calls]
+        if later:  # the other process finishes the next run meanwhile
+            other.append({**row, "key": later[0].key})
+        return row
+
+    monkeypatch.setattr(runs, "perform", beside)
+    plan = runs.plan_runs({"separated": 40}, (0,), {"separated": ("karras_heun", "UniPC")}, (8, 12), (12,), 10, (),
+                          (), floors=[], budgets_given=True)
+    store = runs.Store(path)
+    build = lambda name: mixture_workload(name, WORKLOADS[name], 40)  # noqa: E731
+    made = runs.execute(plan, store, build, progress=False)
+    finished = {json.loads(line)["key"] for line in path.read_text().splitlines() if line.endswith("}")}
+    assert made == len(calls) < len(plan) and finished == {r.key for r in plan}
+    assert len(set(calls)) == len(calls) and not set(calls) & (finished - set(calls))
+    row = json.dumps({**json.loads(path.read_text().splitlines()[0]), "key": "late"}) + "\n"
+    with open(path, "a") as f:
+        f.write(row[:20])
+        f.flush()
+        store.refresh()
+        assert "late" not in store.rows
+        f.write(row[20:])
+    store.refresh()
+    assert "late" in store.rows
+
+
 def test_resume_after_a_failure_runs_only_what_is_missing(tmp_path, monkeypatch):
     """An exception after 5 rows keeps those rows; the same command then runs only the rest, and a row cut off
     by a kill is redone."""

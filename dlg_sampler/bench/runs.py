@@ -336,6 +336,21 @@ class Store:
                 os.replace(tmp, self.path)
                 continue
             self.rows[row["key"]] = row
+        self._read = self.path.stat().st_size if self.path.exists() else 0  # bytes seen (refresh reads what follows)
+
+    def refresh(self) -> None:
+        """Take in the whole rows other processes appended since this store last read the file (several ``dlg-bench``
+        processes on one ``--out`` share the plan: a run one of them finished is skipped by the others)."""
+        if not self.path.exists() or self.path.stat().st_size <= self._read:
+            return
+        with open(self.path, "rb") as f:
+            f.seek(self._read)
+            new = f.read()
+        complete = new[:new.rfind(b"\n") + 1]  # a line still being written is read next time
+        for line in complete.decode().splitlines():
+            row = json.loads(line)
+            self.rows[row["key"]] = row
+        self._read += len(complete)
 
     def append(self, row: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -364,17 +379,22 @@ def perform(w: Workload, run: Run, warm: dict) -> dict[str, Any]:
 
 def execute(plan: list[Run], store: Store, build: Callable[[str], Workload], progress: bool = True) -> int:
     """Run what ``store`` lacks, workload by workload (each built only if it has runs left), one tqdm bar over all
-    of them; refresh the tags of finished rows a new plan puts in more curves. Returns the number of runs made."""
+    of them; refresh the tags of finished rows a new plan puts in more curves. Before each run the store takes in what
+    other processes on the same folder finished, and skips it. Returns the number of runs made here."""
     todo = [r for r in plan if r.key not in store.rows]
     for run in plan:
         row = store.rows.get(run.key)
         if row is not None and not set(run.tags) <= set(row["tags"]):
             store.append({**row, "tags": sorted(set(row["tags"]) | set(run.tags))})
+    made = 0
     with tqdm(total=len(todo), unit="run", disable=not progress, dynamic_ncols=True) as bar:
         for name in dict.fromkeys(r.workload for r in todo):
             w, warm = build(name), {}
             for run in (r for r in todo if r.workload == name):
-                bar.set_description(f"{name} {run.label} @{run.budget} seed {run.seed}")
-                store.append(perform(w, run, warm))
+                store.refresh()
+                if run.key not in store.rows:  # else another process on the same --out has done it
+                    bar.set_description(f"{name} {run.label} @{run.budget} seed {run.seed}")
+                    store.append(perform(w, run, warm))
+                    made += 1
                 bar.update()
-    return len(todo)
+    return made
