@@ -182,19 +182,20 @@ def test_preset_summary_counts_every_evaluation_and_compares_at_the_same_total_n
     total, split, evaluations, samples = re.search(
         r"^DLG: NFE/sample ([\d.]+) in total, warm-up and pilot included \((.*); (\d+) model evaluations / (\d+) "
         r"samples\)", out, re.M).groups()
-    runs = re.findall(r"^(vanilla unipc from sigma_max|peer ([^(]+) \([^)]+\)), (\d+) steps: NFE/sample (\d+), "
+    runs = re.findall(r"^(vanilla unipc from sigma_max|peer ([^(]+) \([^)]+\)), (\d+) steps: NFE/sample ([\d.]+), "
                       r"wall [\d.]+s; FD vs the model's own samples ([\d.]+)", out, re.M)
     assert [peer for _, peer, *_ in runs[1:]] == list(sample_cli.PEERS) and int(samples) == n
     fds = {peer: float(fd) for _, peer, _, _, fd in runs[1:]}
     strongest = re.search(r"^strongest peer at (\d+) NFE by FD vs the model's own samples: (.+) ([\d.]+); DLG", out, re.M)
     assert strongest.group(2) == min(fds, key=fds.get) and float(strongest.group(3)) == min(fds.values())
-    vanilla = sum(int(used) * n for _, _, _, used, _ in runs)
+    vanilla = sum(round(float(used) * n) for _, _, _, used, _ in runs)  # the fitted peer's fit included
     assert int(evaluations) == scores[0].evaluations - vanilla  # DLG's printed count is every evaluation it made
     assert total == f"{int(evaluations) / n:.2f}"
     assert re.search(r"warmup (\d+\.\d+)", split) and float(re.search(r"warmup ([\d.]+)", split).group(1)) > 0
-    # the most steps that fit DLG's total (Restart sampling's NFE moves in steps of 2)
-    assert all(int(used) <= float(total) < int(used) + (2 if peer == "Restart sampling" else 1)
+    # the most steps that fit DLG's total (Restart sampling's NFE moves in steps of 2; the fitted peer pays its fit)
+    assert all(float(used) <= float(total) < float(used) + (2 if peer == "Restart sampling" else 1)
                for _, peer, _, used, _ in runs)
+    assert float(dict((peer, used) for _, peer, _, used, _ in runs)["UniPC, fitted levels"]) % 1 > 0
     assert len(scored) == 1 + len(runs) and all(-1 <= float(x.min()) and float(x.max()) <= 1 for x in scored)
 
 

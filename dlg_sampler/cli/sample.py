@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .. import presets
 from ..diagnostics import ess_fraction
-from ..integrators import INTEGRATORS, count_nfe, integrate, steps_for_nfe
+from ..integrators import INTEGRATORS, count_nfe, integrate, vanilla_plan
 from ..models import make_integrator
 from ..parallel import cpu_processes, process_seed
 from ..restart import RULE
@@ -39,7 +39,9 @@ PEERS = {"DPM-Solver++ 2M": ("DPM++2M", "diffusers, trailing spacing"),
          "DEIS order 3": ("DEIS-3", "diffusers, Karras sigmas"),
          "iPNDM": ("iPNDM", "core, Karras rho=7, solver's own step to 0"),
          "DEIS tAB3": ("DEIS-tAB3", "core, Karras rho=7, solver's own step to 0"),
-         "Restart sampling": ("Restart", "core, Heun with one restart in [0.06, 0.3]")}
+         "Restart sampling": ("Restart", "core, Heun with one restart in [0.06, 0.3]"),
+         "UniPC, fitted levels": ("UniPC-GITS", "core, levels fitted to the model on 8 of its samples, the fit paid "
+                                                "from the budget")}
 
 
 #: The sampler's setting names in its advice, and the flags that set them.
@@ -467,7 +469,7 @@ def _compare(model, integrator, args: argparse.Namespace, dlg_nfe: float, evalua
     print(f"at DLG's total NFE ({budget} per sample, the most steps that fit {_down(dlg_nfe)}):")
     scored = []  # (FD, peer name) of the peers
     for line_label, peer, sampler, knobs in runs:
-        steps = steps_for_nfe(sampler, budget, dlg=False, **knobs)
+        steps, knobs = vanilla_plan(sampler, budget, args.n, **knobs)  # a fitted schedule's fit paid first
         if steps is None:
             print(f"{line_label}: cannot run within {budget} NFE per sample")
             continue
@@ -476,7 +478,7 @@ def _compare(model, integrator, args: argparse.Namespace, dlg_nfe: float, evalua
         start = time.perf_counter()
         x0, used = integrate(sampler, micro_batched(model.score, args.batch_size), x, model.sigma_max, steps,
                              generator=g, **knobs)
-        line = f"{line_label}, {steps} steps: NFE/sample {used}, wall {time.perf_counter() - start:.1f}s"
+        line = f"{line_label}, {steps} steps: NFE/sample {used:g}, wall {time.perf_counter() - start:.1f}s"
         if evaluator is not None:
             q = evaluator.evaluate(_images(model, x0, device, args.batch_size).cpu())
             line += "; " + _quality(q)
