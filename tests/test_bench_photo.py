@@ -125,17 +125,19 @@ def test_photo_digits_plan_runs_its_peers_budgets_lever_and_paper_sweeps_only(mo
     spec = R.WORKLOADS["photo-digits"]
     assert {r.workload for r in plan} == {"photo-digits"} and {r.n for r in plan} == {spec.n}
     vanilla = {r.spec["sampler"] for r in plan if r.spec["kind"] == "vanilla"}
-    assert vanilla == {"UniPC", "UniPC-3", "DPM++2M", "DPM++3M-logSNR", "DEIS-3"} and vanilla <= set(R.PEERS)
+    assert vanilla == {"UniPC", "UniPC-3", "DPM++2M", "DPM++3M-logSNR", "DEIS-3", "UniPC-GITS"}
+    assert vanilla <= set(R.PEERS)
     assert {r.budget for r in plan if r.spec["kind"] == "vanilla"} == {6, 8, 10, 12, 15, 20}
     assert {r.budget for r in plan if "chosen" in r.tags} == {r.budget for r in plan if "tuned" in r.tags} \
         == {6, 8, 10, 12, 15, 20}
     extra = {t.split("=")[0] for r in plan for t in r.tags if t.startswith(("lever:", "config:"))}
-    assert extra == {"lever:restart_sigma-photo-digits", "config:paper-sweeps"}
+    assert extra == {"lever:restart_sigma-photo-digits", "config:paper-sweeps", "config:fitted-schedule"}
     sigmas = {r.spec["config"]["restart_sigma"] for r in plan if "restart_sigma" in r.spec.get("config", {})}
     assert sigmas == {6.0, 12.0, 48.0}
     assert {r.budget for r in plan if any(t.startswith("lever:") for t in r.tags)} == set(R.LEVER_BUDGETS)
     # the paper's protocol fixes its denoising steps: one run per seed, placed at its measured whole cost
-    assert {r.budget for r in plan if any(t.startswith("config:") for t in r.tags)} == {None}
+    assert {r.budget for r in plan if any(t.startswith("config:paper") for t in r.tags)} == {None}
+    assert {r.budget for r in plan if any(t.startswith("config:fitted") for t in r.tags)} == set(R.LEVER_BUDGETS)
     assert f"{len(plan)} runs planned" in capsys.readouterr().out
 
 

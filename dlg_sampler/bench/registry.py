@@ -98,7 +98,7 @@ VANILLA = tuple(name for name in INTEGRATORS if name != "ode_rk45") + tuple(SCHE
 #: (~2 ms) the peers strongest on digits.
 VANILLA_BY_WORKLOAD = {"mixture-trained": ("karras_heun",) + PEERS,
                        "digits": ("unipc",) + PEERS,
-                       "photo-digits": ("UniPC", "UniPC-3", "DPM++2M", "DPM++3M-logSNR", "DEIS-3")}
+                       "photo-digits": ("UniPC", "UniPC-3", "DPM++2M", "DPM++3M-logSNR", "DEIS-3", "UniPC-GITS")}
 #: ``--quick`` vanilla samplers.
 QUICK_VANILLA = ("karras_heun", "DPM++2M", "UniPC", "UniPC-3", "iPNDM", "Restart")
 
@@ -174,6 +174,9 @@ DLG_CONFIGS: dict[str, DLGConfig] = {
     "one-chain-per-sample": DLGConfig({"outputs_per_chain": 1, "denoise_steps": 9}, EVERY_LEVER, diagnostic=True),
     # The paper's protocol at its whole cost: 10 Langevin-Gibbs sweeps per output, then 2 Karras Heun steps from the
     # selected level and the Tweedie step (about 15 NFE with the warm-up); fitted to 10-15 NFE it would not fit.
+    # The restart solve on levels fitted to the model once per run (GITS-style, counted as pilot; UniPC-GITS is the
+    # vanilla peer with the same fit).
+    "fitted-schedule": DLGConfig({"denoise_schedule": "fitted"}, ("digits", "photo-digits")),
     "paper-sweeps": DLGConfig({**GIBBS, "step_size": 0.8, "gibbs_steps": 10, "denoise_steps": 2},
                               ("digits", "photo-digits")),
 }
