@@ -255,3 +255,23 @@ def test_bad_input_is_a_clear_error(tmp_path, args, message):
     assert done.returncode != 0
     assert message in done.stderr, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
+
+
+def test_denoise_schedule_fitted_from_the_command_line(counted, capsys):
+    """``--denoise-schedule fitted``: the solve runs on fitted levels (said in the summary), the fit's evaluations
+    are in the printed total; refused with the Gibbs kernel or a diffusers scheduler as the denoiser, before any
+    model is loaded."""
+    scores, _ = counted
+    n = 256
+    dlg_cli.sample_main(["--n", str(n), "--no-compare", "--denoise-schedule", "fitted"])
+    out = capsys.readouterr().out
+    assert re.search(r"unipc \d+ steps on fitted levels \+ Tweedie", out)
+    evaluations = int(re.search(r"(\d+) model evaluations / 256 samples", out).group(1))
+    assert evaluations == scores[0].evaluations and float(re.search(r"\(pilot ([\d.]+)", out).group(1)) > 0
+    assert float(re.search(r"NFE/sample ([\d.]+) in total", out).group(1)) <= 10
+    for extra, message in ((["--kernel", "gibbs"], "--denoise-schedule sets the restart kernel"),
+                           (["--integrator", "UniPCMultistepScheduler"], "sets its own: pass a core --integrator")):
+        with pytest.raises(SystemExit):
+            dlg_cli.sample_main(["--n", "8", "--denoise-schedule", "fitted", *extra])
+        assert message in capsys.readouterr().err
+    assert len(scores) == 1

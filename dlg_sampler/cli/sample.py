@@ -88,6 +88,9 @@ def sample_parser() -> argparse.ArgumentParser:
     k.add_argument("--integrator", default="unipc",
                    help="denoising integrator: one of the core names or a diffusers scheduler class name "
                         "(configured from the pipeline's scheduler), e.g. UniPCMultistepScheduler")
+    k.add_argument("--denoise-schedule", choices=("fitted",), default=None,
+                   help="restart kernel: 'fitted' fits the denoising solve's levels to the model once per run "
+                        "(GITS-style, on 8 lifted chains, counted in the budget); default: the integrator's own ramp")
     k.add_argument("--chains", type=int, default=None,
                    help="persistent chains (default: n / 20, few chains with many outputs each, as in the paper)")
     p.add_argument("--n", type=int, default=256, help="number of samples")
@@ -119,15 +122,19 @@ def _kernel_overrides(args: argparse.Namespace, parser: argparse.ArgumentParser)
     other kernel."""
     kernel = args.kernel or "restart"
     other = {"restart": [("--step-size", args.step_size), ("--gibbs-steps", args.gibbs_steps)],
-             "gibbs": [("--restart-sigma", args.restart_sigma)]}[kernel]
+             "gibbs": [("--restart-sigma", args.restart_sigma), ("--denoise-schedule", args.denoise_schedule)]}[kernel]
     given = [flag for flag, value in other if value is not None]
     if given:
         parser.error(f"{' and '.join(given)} set{'s' if len(given) == 1 else ''} the "
                      f"{'gibbs' if kernel == 'restart' else 'restart'} kernel, but the {kernel} kernel is used: "
                      f"add --kernel {'gibbs' if kernel == 'restart' else 'restart'}, or drop "
                      f"{'it' if len(given) == 1 else 'them'}")
+    if args.denoise_schedule is not None and args.integrator not in INTEGRATORS:
+        parser.error(f"--denoise-schedule fits the levels of a core integrator, and {args.integrator} sets its own: "
+                     "pass a core --integrator (e.g. unipc, the default), or drop --denoise-schedule")
     flags = {"kernel": args.kernel, "restart_sigma": args.restart_sigma, "step_size": args.step_size,
-             "gibbs_steps": args.gibbs_steps, "denoise_steps": args.denoise_steps, "integrator": args.integrator}
+             "gibbs_steps": args.gibbs_steps, "denoise_steps": args.denoise_steps, "integrator": args.integrator,
+             "denoise_schedule": args.denoise_schedule}
     return {k: v for k, v in flags.items() if v is not None}
 
 
@@ -267,7 +274,8 @@ def _sample(argv: list[str] | None) -> None:
                   "denoise_steps": args.denoise_steps, "integrator": args.integrator, "chains": args.chains,
                   "n": args.n, "seed": args.seed, "shard_size": args.shard_size, "processes": world, "tuning": None,
                   "latents": getattr(model.pipeline, "vae", None) is not None,
-                  **({} if args.dtype == "float32" else {"dtype": args.dtype})}  # absent: float32, as before --dtype
+                  **({} if args.dtype == "float32" else {"dtype": args.dtype}),
+                  **({} if args.denoise_schedule is None else {"denoise_schedule": args.denoise_schedule})}  # absent: float32, as before --dtype
         try:
             writer = ShardWriter(args.out_dir, config, derived=("tuning", "latents"), overwrite=args.overwrite,
                                  prefix="" if world == 1 else f"p{rank}-", format=fmt, images=range(first, first + n))
@@ -387,8 +395,9 @@ def _settings_line(sampler: DLGSampler, integrator: str, summary: dict, world: i
     """What ran: the kernel and its level, the denoiser, samples, chains and outputs per chain, and why the chains
     are not n / 20 where the budget raised them to fill the model's calls (of process 0 under accelerate)."""
     tweedie = integrator in INTEGRATORS and sampler.final_step == "tweedie"
-    steps = f"{integrator} {sampler.denoise_steps} steps" + (" + Tweedie" if tweedie else
-                                                          " to 0" if integrator in INTEGRATORS else "")
+    fitted = " on fitted levels" if sampler.schedule_fit else ""
+    steps = f"{integrator} {sampler.denoise_steps} steps{fitted}" + (" + Tweedie" if tweedie else
+                                                                  " to 0" if integrator in INTEGRATORS else "")
     if sampler.kernel == "restart":
         pilot = sampler.tuning["pilot"]
         source = ("given" if pilot is None else
