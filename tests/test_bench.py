@@ -284,6 +284,33 @@ def test_verdicts_are_paired_by_seed_and_the_frontier_keeps_improvements():
     assert report.pareto([(10, 3.0), (8, 4.0), (12, 3.5), (15, 1.0)]) == [(8, 4.0), (10, 3.0), (15, 1.0)]
 
 
+def test_the_verdict_table_names_the_best_peer_and_stands_only_where_both_references_agree():
+    def group(label, kind, budget, ref, ref2, tags=()):
+        spec = {"kind": kind, "sampler": label} if kind == "vanilla" else {"kind": kind}
+        return report.Group(label, spec, budget, list(tags), {s: {"nfe": budget - 0.5, "fd_ref": a, "fd_ref2": b,
+                                                                   "class_tv": 0.1} for s, (a, b) in
+                                                               enumerate(zip(ref, ref2))})
+
+    digits = [group("UniPC", "vanilla", 8, [2, 2, 2], [2, 2, 2]), group("UniPC-3", "vanilla", 8, [3, 3, 3], [1, 1, 1]),
+              group("DLG", "dlg", 8, [9, 9, 9], [9, 9, 9], ["chosen"]),  # the tuned row speaks where it ran
+              group("DLG tuned", "tuned", 8, [1, 1, 1], [1.5, 1.5, 0.5], ["tuned"]),
+              group("UniPC", "vanilla", 10, [2, 2, 2], [2, 2, 2]), group("DLG", "dlg", 10, [1, 1, 3], [1, 1, 3],
+                                                                         ["chosen"])]
+    text = "\n".join(report.overview({"digits": digits}))
+    assert "| digits (FD vs model reference and FD vs 2nd-family reference) |" in text
+    # At 8 the references name different best peers and disagree: no verdict; at 10 both say 2 of 3 seeds.
+    assert ("undecided: FD vs model reference wins 3/3 vs UniPC; FD vs 2nd-family reference mixed 1/3 vs "
+            "UniPC-3") in text  # UniPC-3 has the better mean on the second reference (1 < 2)
+    assert "| mixed 2/3 vs UniPC, 2 references agree |" in text
+    mixture = [group("iPNDM", "vanilla", 8, [2, 2], [2, 2]), group("DLG", "dlg", 8, [1, 1], [1, 1], ["chosen"])]
+    for g in mixture:
+        for r in g.rows.values():
+            r["sw"] = r.pop("fd_ref")
+            del r["fd_ref2"], r["class_tv"]
+    both = "\n".join(report.overview({"mixture": mixture, "digits": digits}))
+    assert "| mixture (sliced W2; the sampler's defaults: for_budget did not run) | wins 2/2 vs iPNDM | - |" in both
+
+
 def test_the_tuned_target_compares_over_the_tuned_seeds_and_says_what_it_leaves_out():
     """A setting run on fewer seeds than the tuned sampler is not its yardstick (it is counted instead), a sticky
     one (lag-1 > 0.2) is named apart, and the section says which rows ran more seeds."""

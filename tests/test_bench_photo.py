@@ -78,8 +78,44 @@ def test_reference_command_makes_the_photo_digits_reference_check_and_statistics
     assert meta["n"] == "8" and "--workloads photo-digits" in meta["made_by"] and meta["sha256"] == info["sha256"]
 
 
+def test_second_family_reference_has_its_own_name_noise_and_convergence_check(tmp_path, cheap):
+    """``--reference-sampler DPM++2M``: another file, chunks drawn from their own noise (no sample shared with the
+    primary), its NFE counted for its sampler, and a convergence check made with the primary's sampler."""
+    ref = tmp_path / "ref"
+    for extra in ([], ["--reference-sampler", "DPM++2M", "--reference-steps", "4"]):
+        cli.main(["reference", "--workloads", "photo-digits", "--reference-n", "6", "--check-n", "6",
+                  "--reference-dir", str(ref)] + extra)
+    first, info1 = reference.load_reference(6, 0, ref, "photo-digits")
+    second, info2 = reference.load_reference(6, 0, ref, "photo-digits", "DPM++2M", 4)
+    assert "DPM++2M4-n6" in reference.reference_name(6, 0, "photo-digits", "DPM++2M", 4)
+    assert info2["sampler"] == "DPM++2M" and info2["steps"] == 4 and info2["nfe"] == 4 and info1["nfe"] == 5
+    assert info2["check"]["sampler"].startswith("karras_heun") and info1["check"]["sampler"].startswith("DPM++2M")
+    assert reference.chunk_kind("DPM++2M") != reference.chunk_kind() == "reference"
+    assert torch.cdist(first.flatten(1), second.flatten(1)).min() > 1.0  # independent draws, not one path twice
+    with pytest.raises(reference.ReferenceError, match="--reference-sampler DPM\\+\\+2M --reference-steps 4"):
+        path = ref / f"{reference.reference_name(6, 0, 'photo-digits', 'DPM++2M', 4)}.json"
+        path.write_text(path.read_text().replace(info2["sha256"], "0" * 64))
+        reference.load_reference(6, 0, ref, "photo-digits", "DPM++2M", 4)
+
+
+def test_second_reference_scores_every_row_and_is_not_made_where_the_workload_has_none(tmp_path, monkeypatch,
+                                                                                       cheap):
+    """A preset workload given a second reference reports ``fd_ref2`` beside ``fd_ref`` (and how far the two
+    references are apart); photo-digits has none by default, so the reference command asks for --reference-n."""
+    x = torch.rand(10, *PHOTO_SHAPE) * 2 - 1
+    w = workloads.digits_workload(10, x, {"n": 10}, "photo-digits", second=(x.flip(0) * 0.9, {"n": 10}))
+    scores = w.evaluate(x)
+    assert w.metrics[:2] == ("fd_ref", "fd_ref2") and scores["fd_ref2"] > scores["fd_ref"]
+    assert w.info["second reference"] == {"n": 10} and w.info["FD second reference vs model reference"] > 0
+    assert "fd_ref2" not in workloads.digits_workload(10, x, {"n": 10}, "photo-digits").evaluate(x)
+    monkeypatch.setattr(cli, "make_reference", lambda *a, **k: pytest.fail("must refuse first"))
+    assert R.WORKLOADS["photo-digits"].second_reference_n == 0 and R.WORKLOADS["digits"].second_reference_n > 0
+    with pytest.raises(SystemExit, match="no DPM\\+\\+2M reference"):
+        cli.main(["reference", "--workloads", "photo-digits", "--reference-sampler", "DPM++2M"])
+
+
 def test_ensure_reference_defaults_to_the_preset_workloads_size(tmp_path, monkeypatch):
-    monkeypatch.setattr(reference, "make_reference", lambda n, seed, folder, preset: (n, preset))
+    monkeypatch.setattr(reference, "make_reference", lambda n, seed, folder, preset, sampler, steps: (n, preset))
     assert reference.ensure_reference(None, 0, tmp_path, "photo-digits") == (5000, "photo-digits")
     assert reference.ensure_reference(None, 0, tmp_path) == (reference.REFERENCE_N, "digits")
 

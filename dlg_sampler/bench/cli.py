@@ -13,7 +13,8 @@ import torch
 
 from ..cli.common import add_threads_argument, choose_threads
 from . import registry as R
-from .reference import QUICK_REFERENCE_N, REFERENCE_N, default_reference_dir, make_reference
+from .reference import (QUICK_REFERENCE_N, REFERENCE_N, REFERENCE_SAMPLER, REFERENCE_STEPS, SECOND_SAMPLER,
+                        SECOND_STEPS, default_reference_dir, make_reference)
 from .report import META, PLOTS_HINT, RESULTS, have_matplotlib, report
 from .runs import Store, execute, plan_runs, update_json
 from .workloads import Workload, build_workload
@@ -92,6 +93,13 @@ def parser() -> argparse.ArgumentParser:
                      help=f"reference samples (default: the workload's, digits {REFERENCE_N}, photo-digits "
                           f"{R.WORKLOADS['photo-digits'].reference_n}; --quick: {QUICK_REFERENCE_N})")
     ref.add_argument("--reference-seed", type=int, default=0, help="reference seed (default: %(default)s)")
+    ref.add_argument("--reference-sampler", choices=(REFERENCE_SAMPLER, SECOND_SAMPLER), default=REFERENCE_SAMPLER,
+                     help=f"reference command: which reference, {REFERENCE_SAMPLER} (the primary) or {SECOND_SAMPLER} "
+                          "(the second solver family, which digits runs are also scored against; its --reference-n "
+                          "defaults to the workload's second_reference_n) (default: %(default)s)")
+    ref.add_argument("--reference-steps", type=int, default=None,
+                     help=f"reference command: steps of --reference-sampler (default: {REFERENCE_STEPS}, "
+                          f"{SECOND_SAMPLER} {SECOND_STEPS})")
     ref.add_argument("--stats-out", type=Path, default=None,
                      help="reference command, one workload: also write the reference's feature mean and covariance "
                           "under its preset's evaluator here (the shipped dlg_sampler/weights/<preset>/"
@@ -169,8 +177,14 @@ def make_references(args: argparse.Namespace) -> None:
     for name in names:
         spec = R.WORKLOADS[name]
         check_n = args.check_n if args.check_n is not None else (0 if args.quick else spec.n)
-        samples, info = make_reference(args.reference_n or (QUICK_REFERENCE_N if args.quick else spec.reference_n),
-                                       args.reference_seed, args.reference_dir, check_n=check_n, preset=spec.preset)
+        second = args.reference_sampler == SECOND_SAMPLER
+        n = args.reference_n or (QUICK_REFERENCE_N if args.quick else
+                                 spec.second_reference_n if second else spec.reference_n)
+        if not n:
+            sys.exit(f"dlg-bench reference: the {name} workload has no {SECOND_SAMPLER} reference "
+                     "(second_reference_n 0); pass --reference-n to make one anyway.")
+        samples, info = make_reference(n, args.reference_seed, args.reference_dir, check_n=check_n,
+                                       preset=spec.preset, sampler=args.reference_sampler, steps=args.reference_steps)
         print(f"{name} model reference {info['path']} (sha256 {info['sha256'][:12]}), check: {info.get('check')}")
         if args.stats_out is not None:  # the shipped statistics dlg-sample's summary scores against
             from ..presets import PRESETS

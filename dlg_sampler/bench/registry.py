@@ -37,12 +37,15 @@ class MixtureSpec:
 @dataclass(frozen=True)
 class DigitsSpec:
     """A shipped preset's model (:data:`dlg_sampler.presets.PRESETS`, default ``digits``) with its noise classifier,
-    scored by its evaluator against its own model reference of ``reference_n`` samples (``dlg-bench reference``)."""
+    scored by its evaluator against its own model reference of ``reference_n`` samples (``dlg-bench reference``)
+    and, where ``second_reference_n``, against a second one from another solver family (``dlg-bench reference
+    --reference-sampler DPM++2M``): a verdict stands where both agree."""
 
     n: int = 5000
     quick_n: int = 500
     preset: str = "digits"
-    reference_n: int = 10000
+    reference_n: int = 30000
+    second_reference_n: int = 0
 
 
 #: Workloads by name. Mixture scores are cheap: 20k samples put the floor row well below the differences.
@@ -51,7 +54,8 @@ WORKLOADS: dict[str, MixtureSpec | DigitsSpec] = {
     "mixture-trained": MixtureSpec(modes=8, dim=16, spread=2.0, std=0.5, trained=True),
     "separated": MixtureSpec(modes=5, dim=12, spread=3.0, std=0.3, seed=1),  # modes ~50 std apart
     "wide": MixtureSpec(modes=6, dim=32, spread=8.0, std=2.0, sigma_min=0.04, sigma_max=150.0, seed=2),
-    "digits": DigitsSpec(),
+    # 30k reference samples resolve FD differences of 0.1-0.3 (at 10k its own finite sample moved them by that much).
+    "digits": DigitsSpec(second_reference_n=10000),
     # 3x16x16 colour digits: each evaluation costs ~2 ms of one CPU thread (4x digits), so fewer samples and runs.
     "photo-digits": DigitsSpec(preset="photo-digits", n=2000, quick_n=300, reference_n=5000),
 }
@@ -169,14 +173,23 @@ class DLGConfig:
     diagnostic: bool = False
 
 
+#: Where the few-step denoiser configs run: the mixtures with an exact posterior and digits.
+FEW_STEP = ("mixture", "separated", "wide", "digits")
 #: Named DLG configs, run at ``LEVER_BUDGETS`` (or once, placed at their measured NFE, with ``denoise_steps``).
 DLG_CONFIGS: dict[str, DLGConfig] = {
     "one-chain-per-sample": DLGConfig({"outputs_per_chain": 1, "denoise_steps": 9}, EVERY_LEVER, diagnostic=True),
-    # The paper's protocol at its whole cost: 10 Langevin-Gibbs sweeps per output, then 2 Karras Heun steps from the
-    # selected level and the Tweedie step (about 15 NFE with the warm-up); fitted to 10-15 NFE it would not fit.
     # The restart solve on levels fitted to the model once per run (GITS-style, counted as pilot; UniPC-GITS is the
     # vanilla peer with the same fit).
-    "fitted-schedule": DLGConfig({"denoise_schedule": "fitted"}, ("digits", "photo-digits")),
+    "fitted-schedule": DLGConfig({"denoise_schedule": "fitted"}, FEW_STEP + ("photo-digits",)),
+    # The denoisers the budget's choice was measured against (docs/mixing.md, "The budget's denoiser"): each solve
+    # ending with the solver's own step to 0 instead of the Tweedie evaluation (same NFE), with UniPC on its ramp or
+    # on fitted levels, and iPNDM on its Karras ramp or on fitted levels (``for_budget``'s choice).
+    "solver-end": DLGConfig({"final_step": "solver"}, FEW_STEP),
+    "fitted-solver-end": DLGConfig({"denoise_schedule": "fitted", "final_step": "solver"}, FEW_STEP),
+    "ipndm": DLGConfig({"integrator": "ipndm", "final_step": "solver"}, FEW_STEP),
+    "ipndm-fitted": DLGConfig({"integrator": "ipndm", "denoise_schedule": "fitted", "final_step": "solver"}, FEW_STEP),
+    # The paper's protocol at its whole cost: 10 Langevin-Gibbs sweeps per output, then 2 Karras Heun steps from the
+    # selected level and the Tweedie step (about 15 NFE with the warm-up); fitted to 10-15 NFE it would not fit.
     "paper-sweeps": DLGConfig({**GIBBS, "step_size": 0.8, "gibbs_steps": 10, "denoise_steps": 2},
                               ("digits", "photo-digits")),
 }

@@ -17,10 +17,11 @@ RESULTS, META = "results.jsonl", "meta.json"
 #: Metric names in tables and plots (all: lower is better).
 METRIC_NAMES = {"sw": "sliced W2", "mode_tv": "mode-weight TV", "mean_err": "mode mean error (std)",
                 "cov_err": "mode cov error (rel.)", "fd_ref": "FD vs model reference",
+                "fd_ref2": "FD vs 2nd-family reference",
                 "kid_ref": "KID vs model reference", "kid_ref_se": "KID s.e.",
                 "fd_real": "FD vs held-out digits", "class_tv": "class-proportion TV"}
 #: Metrics DLG is judged on against the peers, per workload kind (the first one found in the rows is the headline).
-VERDICT_METRICS = (("fd_ref", "class_tv"), ("sw", "mode_tv"))
+VERDICT_METRICS = (("fd_ref", "fd_ref2", "class_tv"), ("fd_ref", "class_tv"), ("sw", "mode_tv"))
 PLOTS_HINT = 'plots need matplotlib: pip install "dlg-sampler[bench]"'
 
 
@@ -106,9 +107,10 @@ def metrics_of(groups: list[Group]) -> list[str]:
     return [m for m in METRIC_NAMES if any(m in r for g in groups for r in g.rows.values())]
 
 
-def verdict_metrics(groups: list[Group]) -> tuple[str, str]:
+def verdict_metrics(groups: list[Group]) -> tuple[str, ...]:
+    """The first ``VERDICT_METRICS`` entry whose metrics all ran (headline first)."""
     present = set(metrics_of(groups))
-    return next((v for v in VERDICT_METRICS if v[0] in present), VERDICT_METRICS[-1])
+    return next((v for v in VERDICT_METRICS if present.issuperset(v)), VERDICT_METRICS[-1])
 
 
 def is_dlg(g: Group) -> bool:
@@ -222,16 +224,17 @@ def _info_lines(info: dict[str, Any], reference_n: int) -> list[tuple[str, str]]
     for k, v in info.items():
         if k == "n":
             continue
-        if k == "reference" and isinstance(v, dict):
+        if k in ("reference", "second reference") and isinstance(v, dict):
+            title = "model reference" if k == "reference" else "second model reference (another solver family)"
             quick = " (a quick reference: too small to resolve differences, for smoke runs only)" \
-                if v.get("n", 0) < reference_n else ""
-            out.append(("model reference", f"{v.get('n')} samples, {v.get('sampler')} {v.get('steps')} steps "
+                if k == "reference" and v.get("n", 0) < reference_n else ""
+            out.append((title, f"{v.get('n')} samples, {v.get('sampler')} {v.get('steps')} steps "
                         f"({v.get('nfe')} NFE) from sigma_max, seed {v.get('seed')}, sha256 "
                         f"{str(v.get('sha256'))[:12]}{quick}"))
             check = v.get("check")
-            out.append(("reference convergence check", "not recorded (run `dlg-bench reference`)" if not check else
+            out.append((f"{title}: convergence check", "not recorded (run `dlg-bench reference`)" if not check else
                         f"at {check['n']} samples: {check['sampler']} FD {check['fd_check']:.4g}, class TV "
-                        f"{check['class_tv_check']:.3g}; floor (reference sampler, other seed) FD "
+                        f"{check['class_tv_check']:.3g}; floor (its own sampler, other seed) FD "
                         f"{check['fd_floor']:.4g}, class TV {check['class_tv_floor']:.3g}"))
         elif isinstance(v, float):
             out.append((k, f"{v:.4g}"))
@@ -272,6 +275,52 @@ def wins_and_losses(groups: list[Group]) -> list[str]:
         lines.append(f"- {METRIC_NAMES[m]}: the chosen DLG point " + ("; ".join(parts) or "has no comparable row")
                      + ".")
     return lines
+
+
+def _verdict_cell(groups: list[Group], budget: int, metrics: tuple[str, ...]) -> str:
+    """DLG as ``for_budget`` configures it (the tuned row; the chosen point where none ran) against the best peer at
+    ``budget`` under each of ``metrics`` (the headline FD, and the FD against the second reference where it ran):
+    one verdict where they agree, both counts where they do not."""
+    chosen = next((g for g in groups if "tuned" in g.tags and g.budget == budget), None) or \
+        next((g for g in groups if "chosen" in g.tags and g.budget == budget), None)
+    found = []
+    for m in metrics:
+        peer = best_peer(groups, budget, m)
+        c, p = paired(chosen, peer)
+        k, n = better_on(c, p, m)
+        if n:
+            found.append(("wins" if k == n else "loses" if k == 0 else "mixed", f"{k}/{n}", peer.label))
+    if not found:
+        return "-"
+    if len({(w, peer) for w, _, peer in found}) == 1:
+        word, count, peer = found[0]
+        both = f", {len(found)} references agree" if len(found) > 1 else ""
+        return f"{word} {count} vs {peer}{both}"
+    return "undecided: " + "; ".join(f"{METRIC_NAMES[m]} {w} {c} vs {p}" for m, (w, c, p) in zip(metrics, found))
+
+
+def overview(by_workload: dict[str, list[Group]]) -> list[str]:
+    """One verdict table: per workload and budget, DLG as ``for_budget`` configures it (what ``dlg-sample`` runs)
+    against the best of every peer that ran there, paired by seed, on the workload's headline metric (digits: FD
+    against both references)."""
+    budgets = sorted({g.budget for gs in by_workload.values() for g in gs
+                      if g.kind == "vanilla" and g.spec["sampler"] in PEERS and g.budget is not None})
+    lines = []
+    for name, groups in by_workload.items():
+        vm = verdict_metrics(groups)
+        metrics = tuple(m for m in vm if m.startswith("fd_ref")) or vm[:1]
+        cells = [_verdict_cell(groups, b, metrics) for b in budgets]
+        which = "" if any("tuned" in g.tags for g in groups) else "; the sampler's defaults: for_budget did not run"
+        if any(c != "-" for c in cells):
+            lines.append([f"{name} ({' and '.join(METRIC_NAMES[m] for m in metrics)}{which})"] + cells)
+    if not lines:
+        return []
+    return (["## Verdict: DLG against the best peer at equal total NFE", "",
+             "DLG as `DLGSampler.for_budget` configures it for the budget and n (what `dlg-sample` runs; the tuned "
+             "rows below) against the best peer at each budget (the best mean of every peer that ran there; wins / "
+             "loses: better / worse on every paired seed, with the count; details per workload below). "
+             "Where a workload has two references (another solver family), a verdict stands only where both agree.",
+             ""] + _table(["workload (metric)"] + [f"{b} NFE" for b in budgets], lines) + [""])
 
 
 def targets(by_workload: dict[str, list[Group]]) -> list[list[str]]:
@@ -340,6 +389,7 @@ def write_markdown(by_workload: dict[str, list[Group]], meta: dict[str, Any], pl
     lines += [f"- sampling wall time of all rows: {wall:.0f} s", ""]
     if not any(plots.values()):
         lines += [f"No plots: {PLOTS_HINT}.", ""]
+    lines += overview(by_workload)
     for name, groups in by_workload.items():
         lines += workload_section(name, groups, meta.get("workloads", {}).get(name, {}), plots.get(name, []))
     lines += ["## Targets", ""] + _table(["target", "measured (mean [min-max] over seeds)", "met"],

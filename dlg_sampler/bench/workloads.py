@@ -15,7 +15,7 @@ from ..levels import NoiseLevels
 from ..metrics import KernelDistance, SlicedWasserstein, frechet_distance
 from ..mixture import GaussianMixture
 from .common import class_proportions
-from .reference import ensure_reference
+from .reference import SECOND_SAMPLER, SECOND_STEPS, ensure_reference
 from .registry import WORKLOADS, DigitsSpec, MixtureSpec
 
 #: Seed of the exact samples every mixture run is scored against (the floor rows draw with the run seed).
@@ -113,10 +113,11 @@ def mixture_workload(name: str, spec: MixtureSpec, n: int, quick: bool = False) 
 
 # ----------------------------------------------------------------------------- digits presets
 def digits_workload(n: int, reference: torch.Tensor, reference_info: dict[str, Any], preset: str = "digits",
-                    name: str | None = None) -> Workload:
+                    name: str | None = None, second: tuple[torch.Tensor, dict[str, Any]] | None = None) -> Workload:
     """A shipped preset's model and noise classifier (default the digits'), as workload ``name`` (default the
     preset's). Samples ``[N, *shape]`` are clamped to ``[-1, 1]`` (as the reference is) and scored in the preset
-    evaluator's feature space: ``fd_ref`` against the model reference, ``fd_real`` against the held-out split,
+    evaluator's feature space: ``fd_ref`` against the model reference, ``fd_ref2`` against the ``second`` reference
+    (``(samples, sidecar)`` of another solver family) where given, ``fd_real`` against the held-out split,
     ``kid_ref``: the kernel distance (KID, unbiased) to the model reference, with its standard error ``kid_ref_se``;
     ``class_tv``: total variation of the predicted-class proportions to the reference's."""
     from ..models import load_classifier, load_model
@@ -130,19 +131,26 @@ def digits_workload(n: int, reference: torch.Tensor, reference_info: dict[str, A
     ref_feats, classes = evaluator.features(ref), evaluator.net.head.out_features
     ref_props = class_proportions(evaluator.predict(ref), classes)
     kid = KernelDistance(ref_feats)
+    second_feats = None if second is None else evaluator.features(postprocess(second[0]))
 
     def evaluate(x: torch.Tensor) -> dict[str, float]:
         feats = evaluator.features(x)
         props = class_proportions(evaluator.predict(x), classes)
         kid_ref, kid_se = kid(feats)
-        return {"fd_ref": frechet_distance(feats, ref_feats), "kid_ref": kid_ref, "kid_ref_se": kid_se,
+        second_fd = {} if second_feats is None else {"fd_ref2": frechet_distance(feats, second_feats)}
+        return {"fd_ref": frechet_distance(feats, ref_feats), **second_fd, "kid_ref": kid_ref, "kid_ref_se": kid_se,
                 "fd_real": frechet_distance(feats, evaluator.real_features("test")),
                 "class_tv": float(0.5 * (props - ref_props).abs().sum())}
 
     info = {"reference": reference_info, "FD held-out vs training digits": evaluator.real_fd_floor(),
             "FD model reference vs held-out digits": frechet_distance(ref_feats, evaluator.real_features("test"))}
+    metrics = ("fd_ref", "kid_ref", "fd_real", "class_tv")
+    if second is not None:
+        info["second reference"] = second[1]
+        info["FD second reference vs model reference"] = frechet_distance(second_feats, ref_feats)
+        metrics = ("fd_ref", "fd_ref2") + metrics[1:]
     return Workload(name or preset, model.score, clf, clf.levels, model.shape, dict(model.pipeline.scheduler.config), n,
-                    evaluate, ("fd_ref", "kid_ref", "fd_real", "class_tv"), postprocess=postprocess, info=info)
+                    evaluate, metrics, postprocess=postprocess, info=info)
 
 
 def build_workload(name: str, n: int | None, quick: bool, reference_dir: Path | None = None,
@@ -153,5 +161,7 @@ def build_workload(name: str, n: int | None, quick: bool, reference_dir: Path | 
     spec = WORKLOADS[name]
     if isinstance(spec, DigitsSpec):
         samples, info = ensure_reference(reference_n or spec.reference_n, reference_seed, reference_dir, spec.preset)
-        return digits_workload(n or spec.n, samples, info, spec.preset, name)
+        second = None if quick or not spec.second_reference_n else ensure_reference(
+            spec.second_reference_n, reference_seed, reference_dir, spec.preset, SECOND_SAMPLER, SECOND_STEPS)
+        return digits_workload(n or spec.n, samples, info, spec.preset, name, second)
     return mixture_workload(name, spec, n or spec.n, quick)
