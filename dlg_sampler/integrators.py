@@ -570,14 +570,14 @@ def integrate(name, score: Score, x: torch.Tensor, sigma_start, steps: int, *, g
 #: Model evaluations per solver step of the fixed-step integrators (``pc``: one corrector and one predictor
 #: evaluation), and of their step to 0 where it differs (the Heun samplers' last step is one Euler = Tweedie step).
 EVALS_PER_STEP = {"reverse_diffusion": 1, "pc": 2, "euler_maruyama": 1, "karras_heun": 2, "karras_stochastic": 2,
-                  "dpmpp_2m": 1, "unipc": 1}
+                  "dpmpp_2m": 1, "unipc": 1, "ipndm": 1, "deis": 1}
 _EVALS_TO_ZERO = {"pc": 2}
 
 
 def _closed_form(integrator, final_step: str, knobs: dict) -> int | None:
-    """Evaluations per step of ``integrator`` where its count is arithmetic (a fixed-step integrator with the Tweedie
-    final step and no knob that changes the count), else ``None``."""
-    if isinstance(integrator, str) and integrator in EVALS_PER_STEP and final_step == "tweedie" \
+    """Evaluations per step of ``integrator`` where its count is arithmetic (a fixed-step integrator with no knob that
+    changes the count, either ending), else ``None``."""
+    if isinstance(integrator, str) and integrator in EVALS_PER_STEP and final_step in FINAL_STEPS \
             and not set(knobs) - {"schedule"}:
         return EVALS_PER_STEP[integrator]
     return None
@@ -597,8 +597,9 @@ def count_nfe(integrator, steps: int, *, dlg: bool, final_step: str = "tweedie",
     if not (isinstance(knobs.get("schedule"), str) and knobs["schedule"] in SCHEDULES):  # is its caller's to add
         knobs.pop("schedule", None)
     per = _closed_form(integrator, final_step, knobs)
-    if per is not None:
-        return per * steps + 1 if dlg else per * (steps - 1) + _EVALS_TO_ZERO.get(integrator, 1)
+    if per is not None:  # down to sigma_end and the Tweedie step; or the solver's own last step to 0
+        tweedie = dlg and final_step == "tweedie"
+        return per * steps + 1 if tweedie else per * (steps - 1) + _EVALS_TO_ZERO.get(integrator, 1)
     x, sigma = torch.zeros(1, 1), torch.ones(1)
     score = CountedScore(lambda x, sigma: torch.zeros_like(x))
     if isinstance(integrator, str) and dlg and final_step == "tweedie":
@@ -616,7 +617,8 @@ def steps_for_nfe(integrator, budget: int, *, dlg: bool, final_step: str = "twee
     budget costs a few counts, not one per step."""
     per = _closed_form(integrator, final_step, knobs)
     if per is not None:
-        steps = (budget - 1) // per if dlg else 1 + (budget - _EVALS_TO_ZERO.get(integrator, 1)) // per
+        tweedie = dlg and final_step == "tweedie"
+        steps = (budget - 1) // per if tweedie else 1 + (budget - _EVALS_TO_ZERO.get(integrator, 1)) // per
         return steps if steps >= 1 else None
 
     def fits(steps: int) -> bool:

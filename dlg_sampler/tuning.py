@@ -27,7 +27,8 @@ counted: warm-up and this pilot included) and the number of samples wanted. The 
   than the rule of thumb, which scored worse on digits and no better on the mixtures; docs/design.md.)
 
 With ``denoise_schedule="fitted"`` the denoising levels are fitted once after the pilot, at the level it chose, on
-the first chains (:meth:`DLGSampler.fit_denoise_schedule`); the fit's cost is in the budget's arithmetic.
+the first chains (:meth:`DLGSampler.fit_denoise_schedule`; with ``restart_sigma`` given, at the first output); the
+fit's cost is in the budget's arithmetic.
 
 The pilot's moves and the fit are counted as ``pilot`` (the warm-up it starts from is the run's own, counted as
 ``warmup``).
@@ -276,7 +277,9 @@ def for_budget(cls: type[DLGSampler], score, noise_posterior, *, shape: tuple[in
         if pilot["restart_sigma"] is not None:
             sampler.restart_sigma = pilot["restart_sigma"]
     schedule_fit = None
-    if sampler.denoise_schedule == FITTED:  # fitted once at the level chosen, on the pilot's first chains
+    # Fitted once at the level the pilot chose, on its first chains. Where S is given (a resumed run among them) the
+    # sampler fits at its first output instead, so a state loaded before then brings its fit and none is redone.
+    if sampler.denoise_schedule == FITTED and search:
         sampler.score.bar = progress_bar
         try:
             sampler.fit_denoise_schedule()

@@ -131,9 +131,9 @@ def mixture_run(monkeypatch, tmp_path):
 
     monkeypatch.setattr(cli.sample, "tqdm", KeptBar)
 
-    def sample(name: str) -> Path:
+    def sample(name: str, *extra: str) -> Path:
         cli.sample_main(["--model", "mixture", "--classifier", "exact", "--out-dir", str(tmp_path / name),
-                         "--n", "2000", "--shard-size", "500", "--seed", "3"])
+                         "--n", "2000", "--shard-size", "500", "--seed", "3", *extra])
         return tmp_path / name
 
     return sample, counter
@@ -145,16 +145,24 @@ def shard_state(path: Path) -> dict:
 
 
 def test_tuning_is_stored_with_the_shards_and_restored_on_resume(mixture_run, capsys):
+    """With the denoising levels fitted once per run (``--denoise-schedule fitted``): the fit is stored with the
+    tuning and the state, and a resumed run neither repeats the pilot nor the fit."""
     sample, counter = mixture_run
-    full = sample("full")
+    full = sample("full", "--denoise-schedule", "fitted")
     bar = counter["bars"].pop()  # one bar over the whole job, the pilot and the warm-up included, sized exactly
     assert bar.n == bar.total == counter["evaluations"] and bar.initial == 0  # from the warm-up's first evaluation
     manifest = json.loads((full / "manifest.json").read_text())
     tuning = manifest["config"]["tuning"]
-    assert tuning["pilot"]["chains"] >= 8 and tuning["settings"]["num_chains"] == 100  # n / 20
+    assert tuning["pilot"]["chains"] >= 8 and 2000 / 250 <= tuning["settings"]["num_chains"] <= 100  # <= n / 20
     last = shard_state(full / manifest["shards"][-1]["file"])
     assert tuning["settings"]["restart_sigma"] == last["restart_sigma"] == tuning["pilot"]["restart_sigma"]
-    assert last["tuning"] == tuning and last["counts"]["pilot"] == tuning["pilot"]["evaluations"]
+    # The budget's denoiser: its schedule fitted once, counted with the pilot, kept in every shard's state.
+    fit = tuning["schedule_fit"]
+    with safe_open(str(full / manifest["shards"][-1]["file"]), "pt") as f:
+        levels = f.get_tensor("state.schedule_fit.levels")
+    assert levels.tolist() == fit["levels"]
+    assert last["schedule_fit"]["evaluations"] == fit["evaluations"] == 8 * 63
+    assert last["tuning"] == tuning and last["counts"]["pilot"] == tuning["pilot"]["evaluations"] + fit["evaluations"]
     # Killed after two of four shards: the manifest lists two, the other shard files never landed.
     killed = full.parent / "killed"
     shutil.copytree(full, killed)
@@ -163,7 +171,7 @@ def test_tuning_is_stored_with_the_shards_and_restored_on_resume(mixture_run, ca
     (killed / "manifest.json").write_text(json.dumps({**manifest, "shards": manifest["shards"][:2], "count": 1000}))
     capsys.readouterr()
     counter["evaluations"] = 0
-    sample("killed")
+    sample("killed", "--denoise-schedule", "fitted")
     assert "resuming" in capsys.readouterr().out
     assert torch.equal(read_samples(killed), read_samples(full))
     assert json.loads((killed / "manifest.json").read_text())["config"] == manifest["config"]

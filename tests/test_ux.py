@@ -63,12 +63,16 @@ def test_closed_form_counts_are_the_solvers_own(name):
         sigmas = integrators.get_schedule(name, steps, torch.ones(1), append_zero=not dlg)
         return integrators.INTEGRATORS[name](score, torch.zeros(1, 1), sigmas)[1] + dlg
 
-    for dlg in (True, False):
-        counts = [run(k, dlg) for k in range(1, 8)]
-        assert [count_nfe(name, k, dlg=dlg) for k in range(1, 8)] == counts
+    def run_to_zero(steps: int) -> int:  # the solver's own last step to 0, as DLG and integrate run it
+        score = integrators.CountedScore(lambda x, sigma: torch.zeros_like(x))
+        return integrators.integrate(name, score, torch.zeros(1, 1), torch.ones(1), steps, final_step="solver")[1]
+
+    for dlg, final_step in ((True, "tweedie"), (False, "tweedie"), (True, "solver"), (False, "solver")):
+        counts = [run(k, dlg) if final_step == "tweedie" else run_to_zero(k) for k in range(1, 8)]
+        assert [count_nfe(name, k, dlg=dlg, final_step=final_step) for k in range(1, 8)] == counts
         for budget in range(0, counts[-1] + 1):
             fitting = [k for k, c in enumerate(counts, 1) if c <= budget]
-            assert steps_for_nfe(name, budget, dlg=dlg) == (max(fitting) if fitting else None)
+            assert steps_for_nfe(name, budget, dlg=dlg, final_step=final_step) == (max(fitting) if fitting else None)
 
 
 def test_dlg_sample_refuses_a_huge_budget_before_loading(counted_planner, no_loading, capsys):
