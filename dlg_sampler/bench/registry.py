@@ -181,9 +181,9 @@ DLG_CONFIGS: dict[str, DLGConfig] = {
     # The restart solve on levels fitted to the model once per run (GITS-style, counted as pilot; UniPC-GITS is the
     # vanilla peer with the same fit).
     "fitted-schedule": DLGConfig({"denoise_schedule": "fitted"}, FEW_STEP + ("photo-digits",)),
-    # The denoisers the budget's choice was measured against (docs/mixing.md, "The budget's denoiser"): each solve
-    # ending with the solver's own step to 0 instead of the Tweedie evaluation (same NFE), with UniPC on its ramp or
-    # on fitted levels, and iPNDM on its Karras ramp or on fitted levels (``for_budget``'s choice).
+    # Denoisers measured against the default (docs/mixing.md, "Other denoisers at 5-12 NFE"): each solve ending with
+    # the solver's own step to 0 instead of the Tweedie evaluation (same NFE), with UniPC on its ramp or on fitted
+    # levels, and iPNDM on its Karras ramp or on fitted levels.
     "solver-end": DLGConfig({"final_step": "solver"}, FEW_STEP),
     "fitted-solver-end": DLGConfig({"denoise_schedule": "fitted", "final_step": "solver"}, FEW_STEP),
     "ipndm": DLGConfig({"integrator": "ipndm", "final_step": "solver"}, FEW_STEP),

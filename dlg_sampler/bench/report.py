@@ -145,10 +145,12 @@ def better_on(dlg: Group | None, peer: Group | None, metric: str) -> tuple[int, 
 def verdict(dlg: Group | None, peer: Group | None, metric: str) -> str:
     """``wins`` / ``loses`` when every paired seed agrees, else ``mixed``; with the count of seeds DLG is better."""
     k, n = better_on(dlg, peer, metric)
-    if not n:
-        return "-"
-    word = "wins" if k == n else "loses" if k == 0 else "mixed"
-    return f"{word} ({k}/{n} seeds)"
+    return f"{_word(k, n)} ({k}/{n} seeds)" if n else "-"
+
+
+def _word(k: int, n: int) -> str:
+    """``wins`` / ``loses`` when all ``n`` paired seeds agree (``k`` of them better), else ``mixed``."""
+    return "wins" if k == n else "loses" if k == 0 else "mixed"
 
 
 # ----------------------------------------------------------------------------- markdown
@@ -289,14 +291,14 @@ def _verdict_cell(groups: list[Group], budget: int, metrics: tuple[str, ...]) ->
         c, p = paired(chosen, peer)
         k, n = better_on(c, p, m)
         if n:
-            found.append(("wins" if k == n else "loses" if k == 0 else "mixed", f"{k}/{n}", peer.label))
+            found.append((m, _word(k, n), f"{k}/{n}", peer.label))
     if not found:
         return "-"
-    if len({(w, peer) for w, _, peer in found}) == 1:
-        word, count, peer = found[0]
+    if len({(w, peer) for _, w, _, peer in found}) == 1:
+        _, word, count, peer = found[0]
         both = f", {len(found)} references agree" if len(found) > 1 else ""
         return f"{word} {count} vs {peer}{both}"
-    return "undecided: " + "; ".join(f"{METRIC_NAMES[m]} {w} {c} vs {p}" for m, (w, c, p) in zip(metrics, found))
+    return "undecided: " + "; ".join(f"{METRIC_NAMES[m]} {w} {c} vs {p}" for m, w, c, p in found)
 
 
 def overview(by_workload: dict[str, list[Group]]) -> list[str]:
