@@ -296,7 +296,7 @@ class DLGScheduler(SchedulerMixin, ConfigMixin):
                 kernel=c.kernel, integrator=c.integrator, denoise_steps=self.denoise_steps, seed=c.seed,
                 tweedie_sigma=self.score.sigma_min, device=device, restart_sigma=c.restart_sigma,
                 step_size=c.step_size, gibbs_steps=c.gibbs_steps, warmup_steps=c.warmup_steps,
-                max_batch_size=c.max_batch_size)
+                max_batch_size=c.max_batch_size, warmup_outputs=False)  # the pipeline Tweedie-steps every output
         sampler = self.samplers[batch]
         sampler.denoise_steps = self.denoise_steps
         return sampler

@@ -129,6 +129,10 @@ class DLGSampler:
     3. **Denoising** from ``S`` down to ``tweedie_sigma`` in ``denoise_steps`` steps, then the **Tweedie** step.
        The chain continues from its output, so consecutive outputs share only what survives the lift.
 
+    With ``warmup_outputs=True`` each chain's warm-up solve is its first output (it is a sample of the warm-up
+    solver, already paid for), and with ``extra_step_share`` a share of the output batches takes one denoising step
+    more, so that a budget between two step counts is spent whole (:meth:`for_budget` sets both).
+
     With ``kernel="gibbs"`` (the paper's Denoising Langevin Gibbs, Algorithm 1):
 
     1. **Warm-up**: integrate from ``sigma_max``, perturb by ``warmup_noise``, classify, burn in with Gibbs sweeps.
@@ -174,6 +178,11 @@ class DLGSampler:
             the restart kernel; the paper's Karras Alg. 2 with 20 steps for the Gibbs kernel).
         burn_in: restart moves per chain after the warm-up whose outputs are discarded (restart kernel; on the
             digits model one such move changed nothing measurable, docs/mixing.md).
+        warmup_outputs: restart kernel: return each chain's warm-up (after ``burn_in``) as its first output, from
+            :meth:`step` / :meth:`sample` (chains warmed up again after diverging are not returned).
+        extra_step_share: restart kernel, share in [0, 1) of the output batches denoised with ``denoise_steps + 1``
+            steps, spread evenly (batch ``b`` is longer where ``floor((b + 1) * share)`` steps up); not with
+            ``denoise_schedule="fitted"``, whose levels are fitted for ``denoise_steps``.
         warmup_noise: std of the perturbation after the warm-up integration (Gibbs kernel; paper: 0.5).
         warmup_sweeps: ``(k1, k2)`` burn-in sweeps: ``k1`` at ``warmup_step_size`` then ``k2`` at ``step_size``.
         warmup_step_size: step size of the first burn-in sweeps (paper: 0.5; default: ``step_size``).
@@ -196,7 +205,8 @@ class DLGSampler:
                  sigma_mode: str = "argmax", tweedie_sigma: float | None = None, final_step: str = FINAL_STEP,
                  denoise_schedule: str | None = None, fit_samples: int = FIT_SAMPLES,
                  integrator_kwargs: dict[str, Any] | None = None, warmup_integrator: str | None = None,
-                 warmup_steps: int | None = None, burn_in: int = 0, warmup_noise: float = 0.5,
+                 warmup_steps: int | None = None, burn_in: int = 0, warmup_outputs: bool = False,
+                 extra_step_share: float = 0.0, warmup_noise: float = 0.5,
                  warmup_sweeps: tuple[int, int] = (10, 10), warmup_step_size: float | None = None,
                  seed: int | None = None, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
                  max_batch_size: int | None = None, progress: bool = False):
@@ -255,6 +265,22 @@ class DLGSampler:
         if isinstance(burn_in, bool) or not isinstance(burn_in, int) or burn_in < 0:
             raise ValueError(f"burn_in must be a non-negative int, got {burn_in!r}.")
         self.burn_in = burn_in
+        if not isinstance(warmup_outputs, bool):
+            raise TypeError(f"warmup_outputs must be True or False, got {warmup_outputs!r}.")
+        if isinstance(extra_step_share, bool) or not isinstance(extra_step_share, (int, float)) \
+                or not 0 <= extra_step_share < 1:
+            raise ValueError(f"extra_step_share must be a share in [0, 1) of the output batches, got "
+                             f"{extra_step_share!r}; for one more step in every batch raise denoise_steps.")
+        if (warmup_outputs or extra_step_share) and gibbs:
+            raise ValueError("warmup_outputs and extra_step_share are restart-kernel settings: a Gibbs chain's warm-up "
+                             "ends in a perturbed state and its denoising starts at each chain's own level; use "
+                             "kernel='restart' or leave them unset.")
+        if extra_step_share and denoise_schedule == FITTED:
+            raise ValueError("extra_step_share needs a ramp schedule: fitted levels are fitted for denoise_steps only; "
+                             "leave extra_step_share at 0 or pass another denoise_schedule.")
+        self.warmup_outputs, self.extra_step_share = warmup_outputs, float(extra_step_share)
+        self._warmup_pending = False  # the warm-up's states are the chains' next outputs (warmup_outputs)
+        self._steps_now: int | None = None  # denoising steps of the batch gibbs_and_select handed out
         self.warmup_noise = float(warmup_noise)
         if len(warmup_sweeps) != 2 or any(k < 0 for k in warmup_sweeps):
             raise ValueError(f"warmup_sweeps must be two non-negative counts (k1, k2), got {warmup_sweeps!r}.")
@@ -340,6 +366,7 @@ class DLGSampler:
             for _ in range(self.burn_in):  # restart moves whose outputs are discarded
                 lifted, level = self._lift(idx, g)
                 self.x[idx] = self._denoise(lifted, level, g, phases=("warmup", "warmup"))
+            self._warmup_pending = self.warmup_outputs and chains is None
             return
         # Perturb and classify.
         x = x + self.warmup_noise * torch.randn(x.shape, generator=g, device=self.device, dtype=self.dtype)
@@ -355,8 +382,33 @@ class DLGSampler:
     def step(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """One output batch: returns ``[k, *shape]`` samples, one per chain that stayed finite (k <= C)."""
         g = generator or self.generator
+        if self.x is None:
+            self.warm_up(g)
+        if self._warmup_pending:
+            return self.warmup_batch(g)
         x, sigma = self.gibbs_and_select(g)
         return self.denoise(x, sigma, g)
+
+    @torch.no_grad()
+    def warmup_batch(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The chains' warm-up states as outputs ``[k, *shape]`` (``warmup_outputs``): each chain's first sample,
+        the warm-up solver's, already paid for; chains whose warm-up diverged are warmed up again, not returned."""
+        self._warmup_pending = False
+        chains = torch.arange(self.num_chains, device=self.device)
+        lost = diverged(self.x, self.levels)
+        x0 = self.x[~lost].clone()
+        self.correlation.update(chains[~lost], x0)
+        self._counts["samples"] += len(x0)
+        if lost.any():
+            self._reinitialise(chains[lost], generator or self.generator)
+        return x0
+
+    def batch_steps(self, batch: int) -> int:
+        """Denoising steps of output batch ``batch`` (0, 1, ...): ``denoise_steps``, one more where
+        ``floor((batch + 1) * extra_step_share)`` steps up (a share ``extra_step_share`` of the batches, evenly)."""
+        share = self.extra_step_share
+        longer = math.floor((batch + 1) * share + 1e-9) > math.floor(batch * share + 1e-9)
+        return self.denoise_steps + longer
 
     @torch.no_grad()
     def gibbs_and_select(self, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -372,6 +424,7 @@ class DLGSampler:
         if self.kernel == "restart":
             if self.denoise_schedule == FITTED and self._fitted_levels() is None:
                 self.fit_denoise_schedule()
+            self._steps_now = self.batch_steps(self._counts["batches"] - 1)
             chains = torch.arange(self.num_chains, device=self.device)
             x, sigma = self._lift(chains, g)
             self._batch_chains = chains
@@ -463,8 +516,8 @@ class DLGSampler:
         """
         if len(x) == 0:
             return x
-        x0 = self._denoise(x, sigma, generator, tweedie=tweedie)
-        chains, self._batch_chains = self._batch_chains, None
+        x0 = self._denoise(x, sigma, generator, tweedie=tweedie, steps=self._steps_now)
+        chains, self._batch_chains, self._steps_now = self._batch_chains, None, None
         if chains is not None and len(chains) == len(x0):
             if self.kernel == "restart":  # the chains continue from their outputs; diverged ones start afresh
                 lost = diverged(x0, self.levels)
@@ -552,13 +605,21 @@ class DLGSampler:
     def planned_nfe(self, n: int) -> int:
         """Model evaluations (all samples together) the next ``n`` samples will cost, warm-up included if due
         (samples already made and kept for the next call cost nothing)."""
-        batches = math.ceil(max(n - len(self._buffer), 0) / self.num_chains)
+        need = max(n - len(self._buffer), 0)
+        if n and self.warmup_outputs and (self.x is None or self._warmup_pending):
+            need = max(need - self.num_chains, 0)  # the warm-up's outputs come first
+        batches = math.ceil(need / self.num_chains)
         core = isinstance(self.integrator, str)  # a core integrator's knobs can change its count (restarts)
-        per_batch = count_nfe(self.integrator, self.denoise_steps, dlg=core, final_step=self.final_step,
-                              **(self.integrator_kwargs if core else {}))
-        if self.kernel == "gibbs":
-            per_batch += self.gibbs_steps
-        total = batches * per_batch * self.num_chains
+
+        def per_output(steps: int) -> int:
+            gibbs = self.gibbs_steps if self.kernel == "gibbs" else 0
+            return gibbs + count_nfe(self.integrator, steps, dlg=core, final_step=self.final_step,
+                                     **(self.integrator_kwargs if core else {}))
+
+        per_batch = per_output(self.denoise_steps)
+        first, share = self._counts["batches"], self.extra_step_share
+        longer = math.floor((first + batches) * share + 1e-9) - math.floor(first * share + 1e-9)
+        total = (batches * per_batch + longer * (per_output(self.denoise_steps + 1) - per_batch)) * self.num_chains
         if self.denoise_schedule == FITTED and self._fitted_levels() is None and batches:
             total += fit_evaluations(min(self.fit_samples, self.num_chains))
         if self.x is None:
@@ -630,6 +691,7 @@ class DLGSampler:
             "buffer": self._buffer.clone(), "counts": dict(self._counts), "selected_hist": self._selected_hist.clone(),
             "correlation": self.correlation.state_dict(), "restart_sigma": self.restart_sigma,
             "generator": self.generator.get_state(), "shape": self.shape, "num_chains": self.num_chains,
+            "warmup_pending": self._warmup_pending,
             "levels": self.levels.config, "kernel": self.kernel, "tuning": self.tuning,
             "schedule_fit": None if self.schedule_fit is None else {**self.schedule_fit,
                                                                     "levels": self.schedule_fit["levels"].clone()},
@@ -651,6 +713,7 @@ class DLGSampler:
         self._selected_hist = state["selected_hist"].clone()
         self.correlation.load_state_dict(state["correlation"])
         self.restart_sigma, self.tuning = state["restart_sigma"], state.get("tuning")
+        self._warmup_pending = state.get("warmup_pending", False)
         fit = state.get("schedule_fit")
         self.schedule_fit = None if fit is None else {**fit, "levels": fit["levels"].clone()}
         self.generator.set_state(state["generator"])

@@ -120,6 +120,10 @@ def plan_budget(nfe: float, n: int, *, num_chains: int | None = None, outputs_pe
     final_step = overrides.get("final_step", FINAL_STEP)
     knobs = dict(overrides.get("integrator_kwargs") or {}) if dlg else {}  # e.g. restarts: they change the count
     fits_levels = kernel == "restart" and overrides.get("denoise_schedule") == FITTED
+    # Each chain's warm-up is its first output (restart kernel), and the budget left below the next whole step buys
+    # one more step in a share of the output batches (not on fitted levels, fitted for one step count).
+    emit = kernel == "restart" and overrides.get("warmup_outputs", True)
+    dither = kernel == "restart" and not fits_levels and "extra_step_share" not in overrides
 
     def fit_cost(chains: int) -> int:
         """Model evaluations of the denoising schedule's fit on the first chains (``denoise_schedule="fitted"``)."""
@@ -146,11 +150,13 @@ def plan_budget(nfe: float, n: int, *, num_chains: int | None = None, outputs_pe
                            + count_nfe(integrator, 2 * steps, dlg=dlg, final_step=final_step, **knobs))
 
         def cost(chains: int, pilot: int, warmup: int) -> float:
-            """NFE per sample: every batch of outputs (the last one whole), the warm-up, the pilot and the schedule's
-            fit, over ``n``."""
-            outputs = math.ceil(n / chains) * chains
+            """NFE per sample: every batch of outputs (the last one whole; the warm-up's outputs first, where they
+            are returned), the warm-up, the pilot and the schedule's fit, over ``n``."""
+            batches = math.ceil(n / chains) - emit
+            longer = math.floor(batches * overrides.get("extra_step_share", 0) + 1e-9)
             per_chain = warm(warmup) + (overrides.get("burn_in", 0) * per_output(steps) if kernel == "restart" else 0)
-            return (outputs * per_output(steps) + chains * per_chain + pilot * per_pilot_chain + fit_cost(chains)) / n
+            return (batches * chains * per_output(steps) + longer * chains * (per_output(steps + 1) - per_output(steps))
+                    + chains * per_chain + pilot * per_pilot_chain + fit_cost(chains)) / n
 
         top = chain_counts[0]
         pilot = min(MAX_PILOT_CHAINS, top, int(PILOT_SHARE * n * nfe // per_pilot_chain)) if search else 0
@@ -170,14 +176,16 @@ def plan_budget(nfe: float, n: int, *, num_chains: int | None = None, outputs_pe
     protocol = (sorted({math.ceil(n / b) for b in range(math.ceil(n / most), math.ceil(n / fewest) + 1)},
                        reverse=True), [warmup_steps])
     # Full batches first where n is small: their warm-up the longest that fits beside the steps.
-    raised = ([full], [warmup_steps] if overrides.get("warmup_steps") else
+    raised = ([full], [warmup_steps] if overrides.get("warmup_steps") or emit else  # a returned warm-up stays whole
               list(range(warmup_steps, MIN_WARMUP_STEPS - 1, -1)))
     steps = protocol_steps = overrides.get("denoise_steps")
     if steps is not None:  # steps given: the protocol's chains and warm-up, whatever they cost
         fitted = fit(steps, [most], [warmup_steps], strict=False)
     else:  # the most denoising steps that fit the protocol, from the most one output alone can take
-        top = min(MAX_DENOISE_STEPS, steps_for_nfe(integrator, math.floor(nfe) - gibbs_steps, dlg=dlg,
-                                                   final_step=final_step, **knobs) or 0)
+        # An output alone fits the budget; where the warm-up's outputs come first (at least one of every
+        # MIN_OUTPUTS_PER_CHAIN), the others may take up to twice it.
+        top = min(MAX_DENOISE_STEPS, steps_for_nfe(integrator, math.floor(nfe * (2 if emit else 1)) - gibbs_steps,
+                                                   dlg=dlg, final_step=final_step, **knobs) or 0)
         if top == MAX_DENOISE_STEPS:
             burn_in = overrides.get("burn_in", 0) * per_output(top) if kernel == "restart" else 0
             most_nfe = most_useful_nfe(per_output(top), warm(warmup_steps) + burn_in, n, most)
@@ -189,18 +197,30 @@ def plan_budget(nfe: float, n: int, *, num_chains: int | None = None, outputs_pe
                                  f"{most_nfe} or less.")
         steps = protocol_steps = next((k for k in range(top, 0, -1) if fit(k, *protocol)), None)
         fitted = fit(steps, *protocol) if steps else None
-        # Full batches where n is small, at the same steps or one fewer, as long as FULL_BATCH_MIN_STEPS remain.
-        traded = [k for k in (steps, steps - 1) if k >= FULL_BATCH_MIN_STEPS] if steps and full > most else []
-        steps, fitted = next(((k, f) for k in traded if (f := fit(k, *raised))), (steps, fitted))
+        # Full batches where n is small: the longest warm-up, then the most steps that fit beside it (returned
+        # warm-ups can make room), at worst one fewer than the protocol's and at least FULL_BATCH_MIN_STEPS.
+        traded = [k for k in range(top, steps - 2, -1) if k >= FULL_BATCH_MIN_STEPS] if steps and full > most else []
+        steps, fitted = next(((k, f) for w in raised[1] for k in traded if (f := fit(k, raised[0], [w]))),
+                             (steps, fitted))
     if fitted is None:
-        minimum = per_output(1) + warm(warmup_steps) * fewest / n
+        minimum = ((math.ceil(n / fewest) - emit) * fewest * per_output(1) + warm(warmup_steps) * fewest) / n
         raise ValueError(f"a budget of {nfe:g} model evaluations per sample is too small: one {kernel} output "
                          f"costs at least {minimum:.2f} ({'Gibbs steps, ' if kernel == 'gibbs' else ''}one "
                          f"denoising step, the Tweedie step and the warm-up of {fewest} chains amortised over "
                          f"n={n}); raise nfe to at least {math.ceil(minimum)}, or draw more samples per chain.")
     predicted, chains, pilot_chains, warmup = fitted
+    share = {}
+    if dither and protocol_steps is not None and overrides.get("denoise_steps") is None:
+        # The budget left buys one more step in `longer` of the output batches (not all: steps + 1 did not fit).
+        batches = math.ceil(n / chains) - emit
+        extra = (per_output(steps + 1) - per_output(steps)) * chains
+        longer = min(batches - 1, math.floor((nfe - predicted) * n / extra)) if extra > 0 and batches > 1 else 0
+        if longer > 0:
+            share = {"extra_step_share": longer / batches}
+            predicted += longer * extra / n
     settings = {"num_chains": chains, "kernel": kernel, "integrator": integrator, "denoise_steps": steps,
-                **({"gibbs_steps": gibbs_steps} if kernel == "gibbs" else {}), **overrides,
+                **({"gibbs_steps": gibbs_steps} if kernel == "gibbs" else {}),
+                **({"warmup_outputs": emit} if kernel == "restart" else {}), **share, **overrides,
                 "warmup_integrator": warmup_integrator, "warmup_steps": warmup}
     full_batches = None if chains <= most else {
         "protocol_chains": most, "protocol_rounds": math.ceil(n / most), "protocol_warmup_steps": warmup_steps,
@@ -290,7 +310,8 @@ def for_budget(cls: type[DLGSampler], score, noise_posterior, *, shape: tuple[in
     sampler.tuning = {
         "budget": {"nfe": nfe, "n": n},
         "settings": {**{k: v for k, v in settings.items() if k in ("num_chains", "kernel", "denoise_steps",
-                                                                     "gibbs_steps", "step_size", "warmup_steps")},
+                                                                     "gibbs_steps", "step_size", "warmup_steps",
+                                                                     "warmup_outputs", "extra_step_share")},
                      "integrator": integrator if isinstance(integrator, str) else type(integrator).__name__,
                      "restart_sigma": sampler.restart_sigma},
         "predicted_nfe_per_sample": plan["predicted_nfe_per_sample"], "pilot": pilot,
@@ -308,7 +329,9 @@ def full_batches_note(tuning: dict[str, Any]) -> str | None:
     paid = [f"a {settings['warmup_steps']}-step warm-up instead of {fb['protocol_warmup_steps']}"] \
         if settings["warmup_steps"] < fb["protocol_warmup_steps"] else []
     if settings["denoise_steps"] < fb["protocol_denoise_steps"]:
-        paid.append(f"{settings['denoise_steps']} denoising steps instead of {fb['protocol_denoise_steps']}")
+        share = settings.get("extra_step_share") or 0
+        longer = f" ({settings['denoise_steps'] + 1} in {share:.0%} of the batches)" if share else ""
+        paid.append(f"{settings['denoise_steps']} denoising steps{longer} instead of {fb['protocol_denoise_steps']}")
     return (f"chains raised from n / {OUTPUTS_PER_CHAIN} = {fb['protocol_chains']} to fill the model's calls "
             f"({fb['rounds']} rounds of calls instead of {fb['protocol_rounds']}), "
             + (f"paid for with {' and '.join(paid)}" if paid else "their warm-up paid from the budget's slack"))

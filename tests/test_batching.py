@@ -319,8 +319,9 @@ def cifar10_sized(tmp_path_factory):
 
 def test_a_cifar10_sized_unet_through_the_cli_never_sees_more_than_batch_size(cifar10_sized, tmp_path):
     with unet_calls() as seen:
-        sample_main(["--model", str(cifar10_sized), "--n", "2", "--chains", "2", "--batch-size", "1",
+        sample_main(["--model", str(cifar10_sized), "--n", "4", "--chains", "2", "--batch-size", "1",
                      "--denoise-steps", "1", "--no-compare", "--device", "cpu", "--out", str(tmp_path / "c.png")])
-    assert {b for b, _ in seen} == {1} and len(seen) == 2 * (10 + 2)  # 2 chains: warm-up, denoising, Tweedie
+    # 2 chains: the warm-up (their first outputs), then one restart output each: denoising and Tweedie
+    assert {b for b, _ in seen} == {1} and len(seen) == 2 * (10 + 2)
     samples = load_file(tmp_path / "c.safetensors")["samples"]
-    assert samples.shape == (2, 3, 32, 32) and torch.isfinite(samples).all()
+    assert samples.shape == (4, 3, 32, 32) and torch.isfinite(samples).all()

@@ -358,29 +358,30 @@ def test_for_budget_fits_the_budget_counts_its_pilot_and_is_deterministic(mixtur
     assert 0 < pilot["evaluations"] == counts["pilot"] <= 0.05 * 12 * 10_000  # at most 5% of the run
     # The pilot started from the run's own warm-up (counted once, as warm-up): sampling warms up nothing more.
     assert score.evaluations == counts["pilot"] + counts["warmup"] == pilot["evaluations"] + 10 * a.num_chains
-    assert a.tuning["predicted_nfe_per_sample"] <= 12 and a.denoise_steps == 10
+    # 11 steps + Tweedie per restart output: the warm-up (10 evaluations) is each chain's first output
+    assert a.tuning["predicted_nfe_per_sample"] <= 12 and a.denoise_steps == 11
     b = DLGSampler.for_budget(mixture.score, mixture.noise_posterior(levels), shape=(8,), nfe=12, n=10_000, seed=0)
     assert a.restart_sigma == b.restart_sigma and a.tuning == b.tuning
     x = a.sample(10_000)
     assert torch.isfinite(x).all() and a._counts["warmup"] == counts["warmup"]
     assert a.stats["nfe_per_sample"] == pytest.approx(a.tuning["predicted_nfe_per_sample"])  # the whole run
     assert a.stats["nfe_per_sample"] <= 12
-    assert a.stats["nfe_per_sample"] * 10_000 == score.evaluations
+    assert a.stats["nfe_per_sample"] * 10_000 == pytest.approx(score.evaluations)
     assert a.stats["nfe_split"]["pilot"] * 10_000 == pilot["evaluations"]
     assert a.state_dict()["tuning"] == a.tuning
 
 
 def test_a_tight_budget_trades_restart_chains_for_denoising_steps():
-    """Steps first: 11.5 NFE leave 0.5 per sample beside 10 steps + Tweedie, exactly the warm-up of n / 20 chains, so
-    the pilot takes fewer chains; without a pilot (S given) n / 20 fit. Chains
-    given stay as given; Gibbs chains are never traded (their consecutive outputs are near-copies)."""
-    tight, roomy = plan_budget(11.5, 10_000), plan_budget(11.5, 10_000, restart_sigma=5.0)
+    """Steps first: with the warm-up paid and not returned, 11.5 NFE leave 0.5 per sample beside 10 steps +
+    Tweedie, exactly the warm-up of n / 20 chains, so the pilot takes fewer chains; without a pilot (S given) n / 20
+    fit. Chains given stay as given; Gibbs chains are never traded (their consecutive outputs are near-copies)."""
+    tight, roomy = (plan_budget(11.5, 10_000, warmup_outputs=False, **given) for given in ({}, {"restart_sigma": 5.0}))
     assert tight["settings"]["denoise_steps"] == roomy["settings"]["denoise_steps"] == 10
     assert 10_000 / 250 <= tight["settings"]["num_chains"] < 500 == roomy["settings"]["num_chains"]
     assert tight["pilot_chains"] >= 8 and roomy["pilot_chains"] == 0
     assert tight["predicted_nfe_per_sample"] <= 11.5 and roomy["predicted_nfe_per_sample"] == 11.5
-    assert plan_budget(12, 10_000)["settings"]["num_chains"] == 500  # room for n / 20 chains and the pilot
-    given = plan_budget(11.5, 10_000, num_chains=500)
+    assert plan_budget(12, 10_000, warmup_outputs=False)["settings"]["num_chains"] == 500  # room for the pilot too
+    given = plan_budget(11.5, 10_000, num_chains=500, warmup_outputs=False)
     assert given["settings"]["num_chains"] == 500 and given["settings"]["denoise_steps"] == 9
     assert plan_budget(10, 5000, num_chains=4)["pilot_chains"] == 0  # a pilot needs 8 of the run's chains
     assert plan_budget(10, 5000, kernel="gibbs")["settings"]["num_chains"] == 250

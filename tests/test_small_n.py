@@ -29,13 +29,18 @@ def levels():
     return NoiseLevels(0.01, 80.0, 1000)
 
 
+#: The budget's arithmetic with each chain's warm-up paid and not returned (``warmup_outputs=False``).
+PAID = {"warmup_outputs": False}
+
+
 def rounds(plan: dict, n: int) -> int:
     """Output rounds of a plan: one model call per solver step each, one after the other."""
     return math.ceil(n / plan["settings"]["num_chains"])
 
 
 def test_n_256_runs_a_few_rounds_of_full_calls_within_the_budget():
-    plan, protocol = plan_budget(10, 256), plan_budget(10, 256, outputs_per_chain=OUTPUTS_PER_CHAIN)
+    """With the warm-up paid and not returned, full batches shorten it; returned, it stays whole (see below)."""
+    plan, protocol = plan_budget(10, 256, **PAID), plan_budget(10, 256, outputs_per_chain=OUTPUTS_PER_CHAIN, **PAID)
     assert rounds(protocol, 256) == OUTPUTS_PER_CHAIN  # what n = 256 ran before: 20 rounds
     assert rounds(plan, 256) <= 3 and plan["settings"]["num_chains"] >= 64
     assert plan["predicted_nfe_per_sample"] <= 10  # the warm-up of the extra chains is paid from the budget
@@ -46,28 +51,35 @@ def test_n_256_runs_a_few_rounds_of_full_calls_within_the_budget():
         "protocol_warmup_steps": protocol["settings"]["warmup_steps"],
         "protocol_denoise_steps": protocol["settings"]["denoise_steps"], "rounds": rounds(plan, 256)}
     # n = 1000 keeps the protocol's steps and warm-up but runs fewer rounds; large runs are the protocol exactly
-    mid, mid_protocol = plan_budget(10, 1000), plan_budget(10, 1000, outputs_per_chain=OUTPUTS_PER_CHAIN)
+    mid, mid_protocol = plan_budget(10, 1000, **PAID), plan_budget(10, 1000, outputs_per_chain=OUTPUTS_PER_CHAIN,
+                                                                   **PAID)
     assert rounds(mid, 1000) < rounds(mid_protocol, 1000) and mid["predicted_nfe_per_sample"] <= 10
     assert mid["settings"]["denoise_steps"] == mid_protocol["settings"]["denoise_steps"]
     for n in (5000, 50_000):
         assert plan_budget(10, n) == {**plan_budget(10, n, outputs_per_chain=OUTPUTS_PER_CHAIN), "full_batches": None}
         assert rounds(plan_budget(10, n), n) == OUTPUTS_PER_CHAIN
+    # returned warm-ups (the default) stay whole: full batches trade at most one step, and that only in part
+    returned = plan_budget(10, 256)
+    assert rounds(returned, 256) <= 3 and returned["settings"]["warmup_steps"] == 10
+    assert returned["predicted_nfe_per_sample"] <= 10 and returned["settings"]["denoise_steps"] + returned[
+        "settings"].get("extra_step_share", 0) > returned["full_batches"]["protocol_denoise_steps"] - 1
 
 
 def test_chains_and_kernels_given_are_not_raised_nor_tight_budgets_traded():
     """Chains, outputs per chain or denoising steps given stay as given; Gibbs chains are never raised (their warm-up
-    is 40 evaluations each); where a traded step would leave fewer than FULL_BATCH_MIN_STEPS, steps win."""
-    assert plan_budget(10, 256, num_chains=13)["settings"]["num_chains"] == 13
-    assert plan_budget(10, 256, outputs_per_chain=50)["settings"]["num_chains"] == math.ceil(256 / 50)
-    given = plan_budget(10, 256, denoise_steps=8)
+    is 40 evaluations each); where a traded step would leave fewer than FULL_BATCH_MIN_STEPS, steps win (warm-ups
+    paid, not returned: returned ones make room for more steps, for which chains may be traded)."""
+    assert plan_budget(10, 256, num_chains=13, **PAID)["settings"]["num_chains"] == 13
+    assert plan_budget(10, 256, outputs_per_chain=50, **PAID)["settings"]["num_chains"] == math.ceil(256 / 50)
+    given = plan_budget(10, 256, denoise_steps=8, **PAID)
     assert given["full_batches"] is None and given["settings"]["num_chains"] == math.ceil(256 / OUTPUTS_PER_CHAIN)
     assert plan_budget(10, 256, kernel="gibbs")["full_batches"] is None
     for nfe in (4, 6, 7):
-        tight, protocol = plan_budget(nfe, 256), plan_budget(nfe, 256, outputs_per_chain=OUTPUTS_PER_CHAIN)
+        tight, protocol = plan_budget(nfe, 256, **PAID), plan_budget(nfe, 256, outputs_per_chain=OUTPUTS_PER_CHAIN, **PAID)
         assert protocol["settings"]["denoise_steps"] - 1 < FULL_BATCH_MIN_STEPS
         assert tight == {**protocol, "full_batches": None}
     with pytest.raises(ValueError, match="raise nfe to at least 3"):  # the smallest budget is what it was
-        plan_budget(2, 256)
+        plan_budget(2, 256, **PAID)
 
 
 def test_the_sampler_makes_few_full_model_calls_counts_them_all_and_is_deterministic(mixture, levels):
@@ -80,8 +92,9 @@ def test_the_sampler_makes_few_full_model_calls_counts_them_all_and_is_determini
     a = DLGSampler.for_budget(score, None, shape=(8,), nfe=10, n=256, seed=0, levels=levels)
     xa = a.sample(256)
     tuning = a.tuning
-    assert len(calls) == tuning["settings"]["warmup_steps"] + tuning["full_batches"]["rounds"] * (
-        a.denoise_steps + 1)  # one call per warm-up step, then per denoising and Tweedie step of each round
+    # one call per warm-up step (the first round's outputs), then per denoising and Tweedie step of each round
+    assert len(calls) == tuning["settings"]["warmup_steps"] + sum(
+        a.batch_steps(b) + 1 for b in range(tuning["full_batches"]["rounds"] - 1))
     assert len(calls) <= 4 * 10 and min(calls) >= 64  # the protocol: 190 calls of 13 samples
     assert sum(calls) == a.stats["model_evaluations"] and a.warmup_steps == tuning["settings"]["warmup_steps"]
     assert a.stats["nfe_per_sample"] == pytest.approx(tuning["predicted_nfe_per_sample"]) and \
@@ -100,8 +113,12 @@ def test_the_summary_says_what_full_batches_traded_and_a_resumed_run_keeps_its_w
     fb, settings = sampler.tuning["full_batches"], sampler.tuning["settings"]
     assert line.endswith("; " + full_batches_note(sampler.tuning))
     assert (f"chains raised from n / 20 = {fb['protocol_chains']} to fill the model's calls ({fb['rounds']} rounds "
-            f"of calls instead of {fb['protocol_rounds']}), paid for with a {settings['warmup_steps']}-step warm-up "
-            f"instead of {fb['protocol_warmup_steps']}") in line
+            f"of calls instead of {fb['protocol_rounds']}), paid for with {settings['denoise_steps']} denoising steps "
+            f"({settings['denoise_steps'] + 1} in {settings['extra_step_share']:.0%} of the batches) instead of "
+            f"{fb['protocol_denoise_steps']}") in line
+    paid = DLGSampler.for_budget(mixture.score, None, shape=(8,), nfe=10, n=256, seed=0, levels=levels,
+                                 warmup_outputs=False)
+    assert f"paid for with a {paid.warmup_steps}-step warm-up instead of 10" in full_batches_note(paid.tuning)
     protocol = DLGSampler.for_budget(mixture.score, None, shape=(8,), nfe=10, n=256, seed=0, levels=levels,
                                      num_chains=13)
     protocol.warm_up()
@@ -135,6 +152,8 @@ def test_the_summary_says_what_full_batches_traded_and_a_resumed_run_keeps_its_w
     (killed / "manifest.json").write_text(json.dumps({**manifest, "shards": manifest["shards"][:1], "count": 128}))
     assert "resuming" in run("killed")
     chosen = manifest["config"]["tuning"]["settings"]
-    assert built[-1].warmup_steps == chosen["warmup_steps"] == built[0].warmup_steps < 10
+    assert built[-1].warmup_steps == chosen["warmup_steps"] == built[0].warmup_steps
+    assert built[-1].warmup_outputs == chosen["warmup_outputs"] == built[0].warmup_outputs is True
+    assert built[-1].extra_step_share == chosen["extra_step_share"] == built[0].extra_step_share > 0
     assert built[-1].num_chains == chosen["num_chains"] == built[0].num_chains
     assert torch.equal(read_samples(killed), read_samples(tmp_path / "full"))

@@ -289,7 +289,8 @@ def _sample(argv: list[str] | None) -> None:
         chosen = state["tuning"]["settings"]
         num_chains = chosen["num_chains"]
         overrides.update(denoise_steps=chosen["denoise_steps"], warmup_steps=chosen["warmup_steps"],
-                         restart_sigma=state["restart_sigma"])
+                         restart_sigma=state["restart_sigma"], extra_step_share=chosen.get("extra_step_share", 0.0),
+                         warmup_outputs=chosen.get("warmup_outputs", False))  # absent: a run from before them
     chains = num_chains or (plan["settings"]["num_chains"] if plan else math.ceil(max(n, 1) / 20))
     threads = choose_threads(args.threads, min(chains, args.batch_size or chains) * math.prod(model.shape))
     planned = None if plan is None or state is not None else math.ceil(plan["predicted_nfe_per_sample"] * n)
@@ -396,8 +397,12 @@ def _settings_line(sampler: DLGSampler, integrator: str, summary: dict, world: i
     are not n / 20 where the budget raised them to fill the model's calls (of process 0 under accelerate)."""
     tweedie = integrator in INTEGRATORS and sampler.final_step == "tweedie"
     fitted = " on fitted levels" if sampler.schedule_fit else ""
-    steps = f"{integrator} {sampler.denoise_steps} steps{fitted}" + (" + Tweedie" if tweedie else
-                                                                  " to 0" if integrator in INTEGRATORS else "")
+    longer = f" ({sampler.extra_step_share:.0%} of the batches {sampler.denoise_steps + 1})" \
+        if sampler.extra_step_share else ""
+    steps = f"{integrator} {sampler.denoise_steps} steps{longer}{fitted}" + (
+        " + Tweedie" if tweedie else " to 0" if integrator in INTEGRATORS else "")
+    first = f" (the first its warm-up, {sampler.warmup_integrator} {sampler.warmup_steps} steps)" \
+        if sampler.warmup_outputs else ""
     if sampler.kernel == "restart":
         pilot = sampler.tuning["pilot"]
         source = ("given" if pilot is None else
@@ -413,7 +418,7 @@ def _settings_line(sampler: DLGSampler, integrator: str, summary: dict, world: i
     chains = summary["chains"]
     note = full_batches_note(sampler.tuning) if sampler.tuning else None
     return (f"DLG {kernel}, {steps}: {summary['samples']} samples from {chains} chain{'s' if chains != 1 else ''}, "
-            f"{summary['samples'] / chains:.1f} outputs per chain ({world} process{'es' if world > 1 else ''})"
+            f"{summary['samples'] / chains:.1f} outputs per chain{first} ({world} process{'es' if world > 1 else ''})"
             + (f"; {note}{' (per process)' if world > 1 else ''}" if note else ""))
 
 

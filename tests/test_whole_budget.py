@@ -1,0 +1,114 @@
+"""The whole budget spent on samples: each restart chain's warm-up returned as its first output
+(``warmup_outputs``) and the budget left below the next whole step spent on one more step in a share of the output
+batches (``extra_step_share``), both set by ``for_budget``; every model call counted."""
+
+import math
+
+import pytest
+import torch
+
+from dlg_sampler import DLGSampler
+from dlg_sampler.integrators import count_nfe
+from dlg_sampler.levels import NoiseLevels
+from dlg_sampler.mixture import GaussianMixture
+from dlg_sampler.testing import CountingScore
+from dlg_sampler.tuning import plan_budget
+
+MIXTURE = GaussianMixture.random(4, 8, spread=3.0, std=0.3, seed=0)
+LEVELS = NoiseLevels(0.01, 80.0)
+
+
+def _sampler(score=MIXTURE.score, **settings) -> DLGSampler:
+    return DLGSampler(score, None, LEVELS, shape=(8,), **{"num_chains": 8, "denoise_steps": 3, "seed": 0, **settings})
+
+
+def test_the_first_batch_is_the_warm_up_and_costs_only_the_warm_up():
+    counted = CountingScore(MIXTURE.score)
+    sampler = _sampler(counted, warmup_outputs=True)
+    planned = sampler.planned_nfe(8)
+    first = sampler.sample(8)
+    reference = _sampler()
+    reference.warm_up()
+    assert torch.equal(first, reference.x)  # the warm-up's states themselves, nothing more spent on them
+    assert counted.evaluations == planned == 8 * count_nfe("unipc", 10, dlg=False)
+    assert sampler.stats["nfe_split"]["denoise"] == 0 and sampler.stats["samples"] == 8
+    # then restart outputs, continuing from the warm-up: one denoising solve per output
+    sampler.sample(16)
+    assert counted.evaluations - planned == 16 * count_nfe("unipc", 3, dlg=True) == sampler.stats[
+        "model_evaluations"] - planned
+    assert sampler.stats["lag1_autocorr"] is not None  # the warm-up output pairs with the chain's next one
+
+
+def test_without_warmup_outputs_the_warm_up_is_paid_and_not_returned():
+    counted = CountingScore(MIXTURE.score)
+    sampler = _sampler(counted)
+    sampler.sample(8)
+    assert counted.evaluations == 8 * (count_nfe("unipc", 10, dlg=False) + count_nfe("unipc", 3, dlg=True))
+
+
+@pytest.mark.parametrize("share", [0.25, 0.4, 0.9])
+def test_a_share_of_the_batches_takes_one_step_more_spread_evenly_and_counted(share):
+    counted = CountingScore(MIXTURE.score)
+    sampler = _sampler(counted, extra_step_share=share, warmup_outputs=True)
+    steps = [sampler.batch_steps(b) for b in range(20)]
+    assert set(steps) == {3, 4} and steps.count(4) == math.floor(20 * share + 1e-9)
+    assert all(steps[:b].count(4) in (math.floor(b * share), math.ceil(b * share)) for b in range(1, 21))
+    planned = sampler.planned_nfe(8 * 21)
+    sampler.sample(8 * 21)
+    warm = 8 * count_nfe("unipc", 10, dlg=False)
+    denoise = sum(count_nfe("unipc", k, dlg=True) for k in steps) * 8
+    assert counted.evaluations == planned == warm + denoise == sampler.stats["model_evaluations"]
+
+
+def test_a_resumed_run_continues_the_same_warm_up_outputs_and_longer_batches():
+    settings = dict(extra_step_share=0.5, warmup_outputs=True)
+    whole = _sampler(**settings).sample(40)
+    first = _sampler(**settings)
+    first.warm_up()  # warmed up, nothing returned yet (a for_budget pilot stops here)
+    state = first.state_dict()
+    resumed = _sampler(**settings, seed=7)
+    resumed.load_state_dict(state)
+    part = [resumed.sample(12)]
+    again = _sampler(**settings, seed=9)
+    again.load_state_dict(resumed.state_dict())
+    part.append(again.sample(28))
+    assert torch.equal(torch.cat(part), whole)
+
+
+def test_for_budget_spends_the_whole_budget_and_reports_every_call():
+    n, budget = 2000, 6
+    counted = CountingScore(MIXTURE.score)
+    sampler = DLGSampler.for_budget(counted, None, shape=(8,), nfe=budget, n=n, seed=0, levels=LEVELS)
+    chosen = sampler.tuning["settings"]
+    assert chosen["warmup_outputs"] and 0 < chosen["extra_step_share"] < 1
+    sampler.sample(n)
+    nfe = counted.evaluations / n
+    assert sampler.stats["nfe_per_sample"] == pytest.approx(nfe) == pytest.approx(
+        sampler.tuning["predicted_nfe_per_sample"])
+    # within the budget, and less than one more longer batch (one evaluation per chain) below it
+    assert budget - sampler.num_chains / n < nfe <= budget
+
+
+@pytest.mark.parametrize("n", [256, 1000, 5000, 20000])
+@pytest.mark.parametrize("nfe", [5, 6, 8, 10, 12, 15, 20])
+def test_the_plan_leaves_less_of_the_budget_than_one_more_longer_batch(n, nfe):
+    plan = plan_budget(nfe, n)
+    settings = plan["settings"]
+    chains, steps = settings["num_chains"], settings["denoise_steps"]
+    one_step = (count_nfe("unipc", steps + 1, dlg=True) - count_nfe("unipc", steps, dlg=True)) * chains / n
+    batches = math.ceil(n / chains) - 1  # after the warm-up's outputs
+    capped = math.floor(batches * settings.get("extra_step_share", 0) + 1e-9) == batches - 1
+    assert plan["predicted_nfe_per_sample"] <= nfe
+    assert capped or nfe - plan["predicted_nfe_per_sample"] < one_step
+
+
+def test_the_settings_are_refused_where_they_cannot_serve():
+    with pytest.raises(ValueError, match="restart-kernel settings"):
+        DLGSampler(MIXTURE.score, lambda x: torch.zeros(len(x), len(LEVELS)), LEVELS, shape=(8,), kernel="gibbs",
+                   warmup_outputs=True)
+    with pytest.raises(ValueError, match="raise denoise_steps"):
+        _sampler(extra_step_share=1.0)
+    with pytest.raises(ValueError, match="fitted"):
+        _sampler(extra_step_share=0.5, denoise_schedule="fitted")
+    with pytest.raises(TypeError, match="warmup_outputs"):
+        _sampler(warmup_outputs=1)
