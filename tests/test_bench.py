@@ -272,6 +272,11 @@ def test_plan_merges_a_lever_point_equal_to_the_chosen_one_and_pairs_seeds():
     assert len(chosen) == 2 and all("lever:outputs_per_chain=100" in r.tags for r in chosen)
     assert sum("tuned" in r.tags for r in plan) == 2
     assert len({r.key for r in plan}) == len(plan) and {r.seed for r in plan if r.spec["kind"] == "vanilla"} == {0, 1}
+    only = runs.plan_runs({"mixture": 100}, [0, 1], {"mixture": ["UniPC"]}, [10], [10], 100, ["outputs_per_chain"], [],
+                          floors=["mixture"], kinds=("tuned", "exact"))
+    assert {r.key for r in only} == {r.key for r in plan + runs.plan_runs(
+        {"mixture": 100}, [0, 1], {"mixture": []}, [], [], 100, [], [], floors=["mixture"])
+        if r.spec["kind"] in ("tuned", "exact")} and {r.spec["kind"] for r in only} == {"tuned", "exact"}
 
 
 def test_verdicts_are_paired_by_seed_and_the_frontier_keeps_improvements():

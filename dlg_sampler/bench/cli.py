@@ -16,7 +16,7 @@ from . import registry as R
 from .reference import (QUICK_REFERENCE_N, REFERENCE_N, REFERENCE_SAMPLER, REFERENCE_STEPS, SECOND_SAMPLER,
                         SECOND_STEPS, default_reference_dir, make_reference)
 from .report import META, PLOTS_HINT, RESULTS, have_matplotlib, report
-from .runs import Store, execute, plan_runs, update_json
+from .runs import RUN_KINDS, Store, execute, plan_runs, update_json
 from .workloads import Workload, build_workload
 
 DESCRIPTION = """\
@@ -84,6 +84,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--configs", nargs="*", choices=list(R.DLG_CONFIGS), default=None, metavar="NAME",
                      help=f"named DLG configs, none if given empty (default: all, {', '.join(R.DLG_CONFIGS)}; "
                           "--quick: none)")
+    run.add_argument("--kinds", nargs="+", choices=RUN_KINDS, default=None, metavar="KIND",
+                     help=f"only runs of these kinds, {', '.join(RUN_KINDS)} (default: all; e.g. --kinds tuned "
+                          "after a change to for_budget, whose old rows were set aside)")
     add_threads_argument(run)
     ref = p.add_argument_group("model reference (digits, photo-digits)")
     ref.add_argument("--reference-dir", type=Path, default=default_reference_dir(),
@@ -131,7 +134,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
                      (R.QUICK_LEVERS if quick else R.LEVERS) if args.levers is None else args.levers,
                      (() if quick else R.DLG_CONFIGS) if args.configs is None else args.configs,
                      floors=[w for w in args.workloads if isinstance(R.WORKLOADS[w], R.MixtureSpec)],
-                     budgets_given=bool(args.nfe) or quick)
+                     budgets_given=bool(args.nfe) or quick, kinds=args.kinds)
     store = Store(out / RESULTS)
     invocation = {"command": "dlg-bench " + " ".join(argv), "machine": machine(), "date": time.strftime("%Y-%m-%d")}
 

@@ -272,12 +272,18 @@ def dlg_specs(workload: str, outputs_per_chain: int, budgets: Iterable[int], lev
     return out
 
 
+#: The kinds of run a plan holds: true samples (the floor), a vanilla sampler, a DLG config, ``for_budget``.
+RUN_KINDS = ("exact", "vanilla", "dlg", "tuned")
+
+
 def plan_runs(workloads: dict[str, int], seeds: Iterable[int], vanilla: dict[str, Iterable[str]],
               budgets: Iterable[int], lever_budgets: Iterable[int], outputs_per_chain: int, levers: Iterable[str],
-              configs: Iterable[str], floors: Iterable[str] = (), budgets_given: bool = True) -> list[Run]:
+              configs: Iterable[str], floors: Iterable[str] = (), budgets_given: bool = True,
+              kinds: Iterable[str] | None = None) -> list[Run]:
     """Every run, workload by workload (``workloads``: name -> samples per run), the same seeds for every sampler;
     runs that coincide (a lever value equal to the default) are merged and keep all their tags. Unless
-    ``budgets_given``, a workload of ``BUDGETS_BY_WORKLOAD`` runs its own budgets."""
+    ``budgets_given``, a workload of ``BUDGETS_BY_WORKLOAD`` runs its own budgets. ``kinds``: only runs of these
+    spec kinds (``RUN_KINDS``; e.g. ``("tuned",)`` after a change to ``for_budget``), default all."""
     runs: dict[str, Run] = {}
     budgets, lever_budgets, levers, configs = list(budgets), list(lever_budgets), list(levers), list(configs)
     for name, n in workloads.items():
@@ -287,6 +293,7 @@ def plan_runs(workloads: dict[str, int], seeds: Iterable[int], vanilla: dict[str
             specs.append(({"kind": "exact"}, None, "exact samples (floor)", ["floor"]))
         specs += [({"kind": "vanilla", "sampler": s}, b, s, [f"family:{s}"]) for s in vanilla[name] for b in mine]
         specs += dlg_specs(name, outputs_per_chain, mine, lever_budgets, levers, configs)
+        specs = [s for s in specs if kinds is None or s[0]["kind"] in kinds]
         for seed in seeds:
             for spec, budget, label, tags in specs:
                 run = Run(name, spec, budget, seed, n, label, list(tags))
