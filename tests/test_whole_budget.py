@@ -112,3 +112,12 @@ def test_the_settings_are_refused_where_they_cannot_serve():
         _sampler(extra_step_share=0.5, denoise_schedule="fitted")
     with pytest.raises(TypeError, match="warmup_outputs"):
         _sampler(warmup_outputs=1)
+
+
+def test_a_returned_warm_up_is_at_least_as_long_as_an_output_unless_given():
+    for nfe, warmup in ((6, 10), (20, None)):
+        settings = plan_budget(nfe, 5000)["settings"]
+        # UniPC's warm-up of k steps costs k evaluations, an output of k steps + Tweedie k + 1
+        assert settings["warmup_steps"] == (warmup or settings["denoise_steps"] + 1)
+    assert plan_budget(20, 5000, warmup_steps=6)["settings"]["warmup_steps"] == 6
+    assert plan_budget(20, 5000, warmup_outputs=False)["settings"]["warmup_steps"] == 10
