@@ -105,6 +105,8 @@ def plan_budget(nfe: float, n: int, *, num_chains: int | None = None, outputs_pe
         raise ValueError(f"nfe must be a positive number of model evaluations per sample, got {nfe!r}.")
     most = check_steps(num_chains or min(n, math.ceil(n / (outputs_per_chain or OUTPUTS_PER_CHAIN))), "num_chains")
     kernel = overrides.get("kernel", "restart")
+    if kernel == "restart" and "warmup_outputs" not in overrides:
+        return _returned_where_it_pays(nfe, n, num_chains=num_chains, outputs_per_chain=outputs_per_chain, **overrides)
     # Only restart chains are traded for steps: a Gibbs chain's consecutive outputs are near-copies (mixing.md).
     fewest = min(most, math.ceil(n / MAX_OUTPUTS_PER_CHAIN)) if kernel == "restart" and not num_chains else most
     # Full batches at small n: restart chains raised so that each output round holds about FULL_BATCH samples.
@@ -236,6 +238,28 @@ def plan_budget(nfe: float, n: int, *, num_chains: int | None = None, outputs_pe
         "protocol_denoise_steps": protocol_steps, "rounds": math.ceil(n / chains)}
     return {"settings": settings, "pilot_chains": pilot_chains, "predicted_nfe_per_sample": predicted,
             "full_batches": full_batches}
+
+
+def _returned_where_it_pays(nfe: float, n: int, **arguments: Any) -> dict[str, Any]:
+    """The plan with each chain's warm-up returned as its first output where that buys the other outputs denoising
+    (more steps, or a larger share of batches with one more), else the plan with the warm-up paid and not returned:
+    a returned warm-up is a vanilla sample, and where the budget already holds the same steps beside a paid warm-up
+    (n = 5000 from 20 NFE) it would only take the place of a restart output."""
+    plans, errors = {}, []
+    for returned in (True, False):
+        try:
+            plans[returned] = plan_budget(nfe, n, warmup_outputs=returned, **arguments)
+        except ValueError as err:
+            errors.append(err)
+    if not plans:
+        raise errors[0]
+
+    def denoising(plan: dict[str, Any]) -> float:
+        return plan["settings"]["denoise_steps"] + plan["settings"].get("extra_step_share", 0)
+
+    if True in plans and (False not in plans or denoising(plans[True]) > denoising(plans[False])):
+        return plans[True]
+    return plans[False]
 
 
 def most_useful_nfe(per_output: int, warm: int, n: int, chains: int) -> int:

@@ -115,9 +115,20 @@ def test_the_settings_are_refused_where_they_cannot_serve():
 
 
 def test_a_returned_warm_up_is_at_least_as_long_as_an_output_unless_given():
-    for nfe, warmup in ((6, 10), (20, None)):
+    for nfe, warmup in ((6, 10), (12, None)):
         settings = plan_budget(nfe, 5000)["settings"]
         # UniPC's warm-up of k steps costs k evaluations, an output of k steps + Tweedie k + 1
-        assert settings["warmup_steps"] == (warmup or settings["denoise_steps"] + 1)
-    assert plan_budget(20, 5000, warmup_steps=6)["settings"]["warmup_steps"] == 6
-    assert plan_budget(20, 5000, warmup_outputs=False)["settings"]["warmup_steps"] == 10
+        assert settings["warmup_outputs"] and settings["warmup_steps"] == (warmup or settings["denoise_steps"] + 1)
+    assert plan_budget(12, 5000, warmup_steps=6)["settings"]["warmup_steps"] == 6
+    assert plan_budget(12, 5000, warmup_outputs=False)["settings"]["warmup_steps"] == 10
+
+
+@pytest.mark.parametrize("n, nfe, returned", [(5000, 6, True), (5000, 15, True), (5000, 20, False), (20000, 40, False),
+                                              (256, 20, True)])
+def test_warm_ups_are_returned_where_they_buy_the_other_outputs_denoising(n, nfe, returned):
+    """At n = 5000 from 20 NFE the same steps fit beside a paid warm-up: a returned one (a vanilla sample) would
+    only take a restart output's place. Given, the choice stands."""
+    plans = {w: plan_budget(nfe, n, warmup_outputs=w) for w in (True, False)}
+    denoising = {w: p["settings"]["denoise_steps"] + p["settings"].get("extra_step_share", 0) for w, p in plans.items()}
+    assert (denoising[True] > denoising[False]) == returned
+    assert plan_budget(nfe, n) == plans[returned]
