@@ -750,18 +750,25 @@ def fit_schedule(score: Score, x: torch.Tensor, sigma_hi: float, sigma_lo: float
     ``steps`` first-order hops follow the teacher's trajectories of ``x [P, *shape]`` (drawn at ``sigma_hi``) most
     closely: see the module's docstring. Costs ``P * (grid - 1)`` model evaluations (:func:`fit_evaluations`);
     deterministic given ``x``."""
-    steps = check_steps(steps)
+    return fit_schedules(score, x, sigma_hi, sigma_lo, (steps,), grid=grid, teacher=teacher)[0]
+
+
+def fit_schedules(score: Score, x: torch.Tensor, sigma_hi: float, sigma_lo: float, steps: tuple[int, ...], *,
+                  grid: int = FIT_GRID, teacher: str = FIT_TEACHER) -> list[torch.Tensor]:
+    """:func:`fit_schedule` for each step count of ``steps`` from one teacher solve (the same cost as one fit: only
+    the dynamic programming runs per count); a list of levels ``[k + 1]`` per ``k``."""
+    steps = tuple(check_steps(k) for k in steps)
     if not 0 < sigma_lo < sigma_hi:
         raise ValueError(f"a schedule is fitted from sigma_hi down to sigma_lo > 0, got sigma_hi={sigma_hi:g}, "
                          f"sigma_lo={sigma_lo:g}.")
     if teacher not in TEACHERS:
         raise ValueError(f"teacher must be one of {TEACHERS}, got {teacher!r}.")
-    if grid <= steps:
-        raise ValueError(f"grid={grid} candidate levels cannot hold {steps} steps: pass grid > steps.")
+    if grid <= max(steps):
+        raise ValueError(f"grid={grid} candidate levels cannot hold {max(steps)} steps: pass grid > steps.")
     levels = candidate_grid(sigma_hi, sigma_lo, grid)
     states, denoised = teacher_trajectory(score, x, levels, teacher)
-    path = cheapest_path(hop_costs(levels, states, denoised), steps)
-    return levels[path].to(x.dtype)
+    costs = hop_costs(levels, states, denoised)
+    return [levels[cheapest_path(costs, k)].to(x.dtype) for k in steps]
 
 
 

@@ -15,7 +15,7 @@ from . import tuning
 from .diagnostics import CORRELATION_WARNING, OutputCorrelation, ess_fraction
 from .gibbs import SIGMA_MODES, NoisePosterior, diverged, langevin_step, sample_sigma_index
 from .integrators import (FINAL_STEP, FINAL_STEPS, FIT_SAMPLES, FITTED, INTEGRATORS, SCHEDULES, CountedScore, Score,
-                          append_dims, check_integrator, check_steps, count_nfe, fit_evaluations, fit_schedule,
+                          append_dims, check_integrator, check_steps, count_nfe, fit_evaluations, fit_schedules,
                           get_schedule, integrate, randn_like)
 from .levels import NoiseLevels
 from .restart import restart_rule
@@ -100,6 +100,12 @@ def micro_batched(fn, max_batch_size: int | None):
     return fn if check_batch_size(max_batch_size) is None else MicroBatched(fn, max_batch_size)
 
 
+def _cloned_levels(fit: dict[str, Any]) -> dict[str, torch.Tensor | None]:
+    """The level tensors of a ``schedule_fit``, copied (``longer`` absent in a state from before it: ``None``)."""
+    longer = fit.get("longer")
+    return {"levels": fit["levels"].clone(), "longer": None if longer is None else longer.clone()}
+
+
 class _PhaseCounter:
     """The sampler's one view of the score: every evaluation (``x.shape[0]`` per call) is counted under the current
     phase (``warmup``, ``gibbs``, ``denoise``, ``tweedie``), so no model call can be left out of the reported NFE."""
@@ -170,9 +176,10 @@ class DLGSampler:
             last step to 0 uses the solver's own data prediction; same NFE). Default ``FINAL_STEP``.
         denoise_schedule: the denoising solve's levels (core integrators): ``None`` (the integrator's own ramp),
             ``"karras"``, ``"logsnr"`` or ``"fitted"`` (restart kernel): before the first output, the levels from
-            ``restart_sigma`` to ``tweedie_sigma`` for ``denoise_steps`` steps are fitted on the first
-            ``fit_samples`` warmed-up chains lifted there (GITS-style: a fine teacher solve and dynamic programming,
-            :func:`dlg_sampler.integrators.fit_schedule`), once for the run; its model evaluations are counted as
+            ``restart_sigma`` to ``tweedie_sigma`` for ``denoise_steps`` steps (and ``denoise_steps + 1`` with
+            ``extra_step_share``, from the same teacher solve) are fitted on the first ``fit_samples`` warmed-up
+            chains lifted there (GITS-style: a fine teacher solve and dynamic programming,
+            :func:`dlg_sampler.integrators.fit_schedules`), once for the run; its model evaluations are counted as
             ``pilot``. Other solves (warm-up, a ``for_budget`` pilot's ladder) keep the integrator's ramp.
         warmup_integrator, warmup_steps: the warm-up solve from ``sigma_max`` (default: ``unipc`` with 10 steps for
             the restart kernel; the paper's Karras Alg. 2 with 20 steps for the Gibbs kernel).
@@ -181,8 +188,7 @@ class DLGSampler:
         warmup_outputs: restart kernel: return each chain's warm-up (after ``burn_in``) as its first output, from
             :meth:`step` / :meth:`sample` (chains warmed up again after diverging are not returned).
         extra_step_share: restart kernel, share in [0, 1) of the output batches denoised with ``denoise_steps + 1``
-            steps, spread evenly (batch ``b`` is longer where ``floor((b + 1) * share)`` steps up); not with
-            ``denoise_schedule="fitted"``, whose levels are fitted for ``denoise_steps``.
+            steps, spread evenly (batch ``b`` is longer where ``floor((b + 1) * share)`` steps up).
         warmup_noise: std of the perturbation after the warm-up integration (Gibbs kernel; paper: 0.5).
         warmup_sweeps: ``(k1, k2)`` burn-in sweeps: ``k1`` at ``warmup_step_size`` then ``k2`` at ``step_size``.
         warmup_step_size: step size of the first burn-in sweeps (paper: 0.5; default: ``step_size``).
@@ -275,9 +281,6 @@ class DLGSampler:
             raise ValueError("warmup_outputs and extra_step_share are restart-kernel settings: a Gibbs chain's warm-up "
                              "ends in a perturbed state and its denoising starts at each chain's own level; use "
                              "kernel='restart' or leave them unset.")
-        if extra_step_share and denoise_schedule == FITTED:
-            raise ValueError("extra_step_share needs a ramp schedule: fitted levels are fitted for denoise_steps only; "
-                             "leave extra_step_share at 0 or pass another denoise_schedule.")
         self.warmup_outputs, self.extra_step_share = warmup_outputs, float(extra_step_share)
         self._warmup_pending = False  # the warm-up's states are the chains' next outputs (warmup_outputs)
         self._steps_now: int | None = None  # denoising steps of the batch gibbs_and_select handed out
@@ -434,7 +437,8 @@ class DLGSampler:
 
     @torch.no_grad()
     def fit_denoise_schedule(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Fit the denoising levels ``[denoise_steps + 1]`` from ``restart_sigma`` to ``tweedie_sigma`` on the first
+        """Fit the denoising levels ``[denoise_steps + 1]`` (with ``extra_step_share`` also ``[denoise_steps + 2]``,
+        kept as ``schedule_fit["longer"]``) from ``restart_sigma`` to ``tweedie_sigma`` on the first
         ``fit_samples`` chains lifted to ``restart_sigma`` (warmed up first if due); counted as ``pilot``. The chains
         are left as they are; :meth:`denoise` follows the levels from then on. The lift's noise comes from
         ``generator``, by default one seeded from the sampler's seed (``FIT_SEED_OFFSET`` on): the run's own random
@@ -447,10 +451,12 @@ class DLGSampler:
         phase, self.score.phase = self.score.phase, "pilot"
         before = self._counts["pilot"]
         try:
-            levels = fit_schedule(self.score, lifted, self.restart_sigma, self.tweedie_sigma, self.denoise_steps)
+            steps = (self.denoise_steps, self.denoise_steps + 1) if self.extra_step_share else (self.denoise_steps,)
+            levels, *longer = fit_schedules(self.score, lifted, self.restart_sigma, self.tweedie_sigma, steps)
         finally:
             self.score.phase = phase
-        self.schedule_fit = {"levels": levels.cpu().double(), "restart_sigma": self.restart_sigma,
+        self.schedule_fit = {"levels": levels.cpu().double(), "longer": longer[0].cpu().double() if longer else None,
+                             "restart_sigma": self.restart_sigma,
                              "tweedie_sigma": self.tweedie_sigma, "steps": self.denoise_steps, "samples": len(chains),
                              "evaluations": self._counts["pilot"] - before}
         return levels
@@ -469,9 +475,9 @@ class DLGSampler:
         if self.denoise_schedule != FITTED:
             return self.denoise_schedule
         levels = self._fitted_levels()
-        if levels is None or steps != self.denoise_steps or not bool((sigma == self.restart_sigma).all()):
+        if levels is None or not bool((sigma == self.restart_sigma).all()):
             return None
-        return levels
+        return {self.denoise_steps: levels, self.denoise_steps + 1: self.schedule_fit.get("longer")}.get(steps)
 
     def _lift(self, chains: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Restart move: ``x + sqrt(S^2 - sigma^2) z`` for chains ``chains``, an exact draw of ``p_S``."""
@@ -694,7 +700,7 @@ class DLGSampler:
             "warmup_pending": self._warmup_pending,
             "levels": self.levels.config, "kernel": self.kernel, "tuning": self.tuning,
             "schedule_fit": None if self.schedule_fit is None else {**self.schedule_fit,
-                                                                    "levels": self.schedule_fit["levels"].clone()},
+                                                                    **_cloned_levels(self.schedule_fit)},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -715,5 +721,5 @@ class DLGSampler:
         self.restart_sigma, self.tuning = state["restart_sigma"], state.get("tuning")
         self._warmup_pending = state.get("warmup_pending", False)
         fit = state.get("schedule_fit")
-        self.schedule_fit = None if fit is None else {**fit, "levels": fit["levels"].clone()}
+        self.schedule_fit = None if fit is None else {**fit, **_cloned_levels(fit)}
         self.generator.set_state(state["generator"])

@@ -123,9 +123,9 @@ def plan_budget(nfe: float, n: int, *, num_chains: int | None = None, outputs_pe
     knobs = dict(overrides.get("integrator_kwargs") or {}) if dlg else {}  # e.g. restarts: they change the count
     fits_levels = kernel == "restart" and overrides.get("denoise_schedule") == FITTED
     # Each chain's warm-up is its first output (restart kernel), and the budget left below the next whole step buys
-    # one more step in a share of the output batches (not on fitted levels, fitted for one step count).
+    # one more step in a share of the output batches (on fitted levels, fitted for both step counts at once).
     emit = kernel == "restart" and overrides.get("warmup_outputs", True)
-    dither = kernel == "restart" and not fits_levels and "extra_step_share" not in overrides
+    dither = kernel == "restart" and "extra_step_share" not in overrides
 
     def fit_cost(chains: int) -> int:
         """Model evaluations of the denoising schedule's fit on the first chains (``denoise_schedule="fitted"``)."""
@@ -338,7 +338,9 @@ def for_budget(cls: type[DLGSampler], score, noise_posterior, *, shape: tuple[in
             sampler.fit_denoise_schedule()
         finally:
             sampler.score.bar = None
-        schedule_fit = {**sampler.schedule_fit, "levels": sampler.schedule_fit["levels"].tolist()}
+        fit = sampler.schedule_fit
+        schedule_fit = {**fit, "levels": fit["levels"].tolist(),
+                        "longer": None if fit["longer"] is None else fit["longer"].tolist()}
     integrator = settings["integrator"]
     sampler.tuning = {
         "budget": {"nfe": nfe, "n": n},

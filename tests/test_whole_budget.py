@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dlg_sampler import DLGSampler
-from dlg_sampler.integrators import count_nfe
+from dlg_sampler.integrators import count_nfe, fit_evaluations, fit_schedule
 from dlg_sampler.levels import NoiseLevels
 from dlg_sampler.mixture import GaussianMixture
 from dlg_sampler.testing import CountingScore
@@ -108,8 +108,6 @@ def test_the_settings_are_refused_where_they_cannot_serve():
                    warmup_outputs=True)
     with pytest.raises(ValueError, match="raise denoise_steps"):
         _sampler(extra_step_share=1.0)
-    with pytest.raises(ValueError, match="fitted"):
-        _sampler(extra_step_share=0.5, denoise_schedule="fitted")
     with pytest.raises(TypeError, match="warmup_outputs"):
         _sampler(warmup_outputs=1)
 
@@ -132,3 +130,25 @@ def test_warm_ups_are_returned_where_they_buy_the_other_outputs_denoising(n, nfe
     denoising = {w: p["settings"]["denoise_steps"] + p["settings"].get("extra_step_share", 0) for w, p in plans.items()}
     assert (denoising[True] > denoising[False]) == returned
     assert plan_budget(nfe, n) == plans[returned]
+
+
+def test_fitted_levels_serve_both_step_counts_from_one_teacher_solve():
+    counted = CountingScore(MIXTURE.score)
+    sampler = _sampler(counted, extra_step_share=0.5, denoise_schedule="fitted", fit_samples=4, restart_sigma=20.0)
+    planned = sampler.planned_nfe(8 * 4)
+    sampler.sample(8 * 4)
+    fit = sampler.schedule_fit
+    assert fit["levels"].shape == (4,) and fit["longer"].shape == (5,)
+    assert fit["evaluations"] == fit_evaluations(4)  # the same cost as a fit for one step count
+    assert counted.evaluations == planned == sampler.stats["model_evaluations"]
+    for steps, levels in ((3, fit["levels"]), (4, fit["longer"])):
+        assert torch.equal(levels.to(torch.float32), sampler._levels(torch.full((8,), 20.0), steps))
+        alone = fit_schedule(MIXTURE.score, torch.zeros(1, 8), 20.0, 0.01, steps)  # a fit of its own: same shape
+        assert alone.shape == levels.shape
+    # a resumed sampler keeps both, and for_budget fits both where it dithers the steps
+    resumed = _sampler(extra_step_share=0.5, denoise_schedule="fitted", fit_samples=4, restart_sigma=20.0, seed=5)
+    resumed.load_state_dict(sampler.state_dict())
+    assert torch.equal(resumed.schedule_fit["longer"], fit["longer"])
+    tuned = DLGSampler.for_budget(MIXTURE.score, None, shape=(8,), nfe=6, n=2000, seed=0, levels=LEVELS,
+                                  denoise_schedule="fitted")
+    assert tuned.extra_step_share > 0 and len(tuned.tuning["schedule_fit"]["longer"]) == tuned.denoise_steps + 2
