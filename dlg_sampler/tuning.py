@@ -46,7 +46,8 @@ import torch
 
 from .diagnostics import OutputCorrelation
 from .gibbs import diverged
-from .integrators import FINAL_STEP, FIT_SAMPLES, FITTED, check_steps, count_nfe, fit_evaluations, steps_for_nfe
+from .integrators import (FINAL_STEP, FIT_SAMPLES, FITTED, candidate_grid, check_steps, count_nfe, fit_evaluations,
+                          steps_for_nfe, teacher_trajectory)
 from .levels import NoiseLevels
 from .restart import RULE, TARGET_LAG1, _data_scale
 
@@ -87,8 +88,34 @@ MIN_WARMUP_STEPS = 4
 FULL_BATCH_MIN_STEPS = 5
 
 
+#: The denoisers ``for_budget`` chooses between where none is given, each ``k`` evaluations per output at ``k`` steps
+#: (the last step to 0 with the solver's own data prediction): UniPC on its ramp, and iPNDM on levels fitted to the
+#: run's chains. Measured (docs/mixing.md): the second wins at 6 NFE on the mixtures and breaks on some seeds of the
+#: digits model, where the first wins; the pilot tells them apart on the model itself (:func:`choose_denoiser`).
+DENOISERS = ({"integrator": "unipc", "final_step": "solver"},
+             {"integrator": "ipndm", "final_step": "solver", "denoise_schedule": FITTED})
+#: The settings that name a denoiser: given any of them, ``for_budget`` takes it as given.
+DENOISER_KEYS = ("integrator", "final_step", "denoise_schedule", "integrator_kwargs")
+#: The largest budget at which the pilot chooses: where denoising error dominates. Above it both candidates land
+#: within about 1% of the data scale of the teacher, the check prefers iPNDM on fitted levels, and UniPC scores better
+#: (5 seeds, sliced W2 with the check chosen at every budget: separated mixture 0.194 / 0.184 at 12 / 15 NFE against
+#: 0.176 / 0.165 for UniPC with the Tweedie step; 16-d mixture at 10 NFE 0.063 against 0.059 for UniPC ending at 0):
+#: there the first candidate runs unchecked.
+CHOICE_MAX_NFE = 8
+#: Held-out chains on which the pilot compares the denoisers with a teacher, and the teacher's grid of levels.
+CHECK_CHAINS, CHECK_GRID = 8, 32
+#: Seed offset of the check's lift (its own stream: the run's random draws stay as they are).
+CHECK_SEED_OFFSET = 7919
+
+
+def check_evaluations(steps_cost: int, candidates: int = len(DENOISERS)) -> int:
+    """Model evaluations of :func:`choose_denoiser`: the teacher's solve of ``CHECK_CHAINS`` chains and each
+    candidate's (``steps_cost`` evaluations per chain)."""
+    return fit_evaluations(CHECK_CHAINS, grid=CHECK_GRID) + CHECK_CHAINS * steps_cost * candidates
+
+
 def plan_budget(nfe: float, n: int, *, num_chains: int | None = None, outputs_per_chain: int | None = None,
-                **overrides: Any) -> dict[str, Any]:
+                choose_denoiser: bool | None = None, **overrides: Any) -> dict[str, Any]:
     """The budget's arithmetic, which needs no model: what :func:`for_budget` will choose before its pilot.
 
     Returns ``settings`` (``num_chains``, ``kernel``, ``integrator``, ``denoise_steps``, the warm-up, and
@@ -98,15 +125,26 @@ def plan_budget(nfe: float, n: int, *, num_chains: int | None = None, outputs_pe
     steps (``protocol_chains``, ``protocol_rounds``, ``protocol_warmup_steps``, ``protocol_denoise_steps``) and the
     ``rounds`` run instead (:func:`full_batches_note` says it in words). Raises a
     ``ValueError`` naming the smallest budget that fits when one output does not. ``outputs_per_chain`` given: exactly
-    ``n / outputs_per_chain`` chains (or fewer where the budget is tight), never raised.
+    ``n / outputs_per_chain`` chains (or fewer where the budget is tight), never raised. ``choose_denoiser`` (default:
+    for the restart kernel where no setting of ``DENOISER_KEYS`` is given, ``nfe`` is at most ``CHOICE_MAX_NFE``
+    and the fit and the check cost at most ``PILOT_SHARE`` of the run; otherwise there the first of ``DENOISERS``): the plan prices ``DENOISERS`` (they cost
+    the same per output; the fit and :func:`choose_denoiser`'s check included) and ``denoisers`` lists them.
     """
     n = check_steps(n, "n")
     if isinstance(nfe, bool) or not isinstance(nfe, (int, float)) or not math.isfinite(nfe) or nfe <= 0:
         raise ValueError(f"nfe must be a positive number of model evaluations per sample, got {nfe!r}.")
     most = check_steps(num_chains or min(n, math.ceil(n / (outputs_per_chain or OUTPUTS_PER_CHAIN))), "num_chains")
     kernel = overrides.get("kernel", "restart")
+    if choose_denoiser is None:  # chosen where the fit and the check fit the pilot's share, else the first
+        auto = kernel == "restart" and not any(k in overrides for k in DENOISER_KEYS)
+        choose_denoiser = auto and nfe <= CHOICE_MAX_NFE and (
+            fit_evaluations(FIT_SAMPLES) + check_evaluations(math.floor(nfe)) <= PILOT_SHARE * n * nfe)
+        overrides = {**DENOISERS[0], **overrides} if auto and not choose_denoiser else overrides
     if kernel == "restart" and "warmup_outputs" not in overrides:
-        return _returned_where_it_pays(nfe, n, num_chains=num_chains, outputs_per_chain=outputs_per_chain, **overrides)
+        return _returned_where_it_pays(nfe, n, num_chains=num_chains, outputs_per_chain=outputs_per_chain,
+                                       choose_denoiser=choose_denoiser, **overrides)
+    if choose_denoiser:
+        overrides = {**DENOISERS[-1], **overrides}  # priced as the fitted one: the fit is paid whichever wins
     # Only restart chains are traded for steps: a Gibbs chain's consecutive outputs are near-copies (mixing.md).
     fewest = min(most, math.ceil(n / MAX_OUTPUTS_PER_CHAIN)) if kernel == "restart" and not num_chains else most
     # Full batches at small n: restart chains raised so that each output round holds about FULL_BATCH samples.
@@ -126,6 +164,10 @@ def plan_budget(nfe: float, n: int, *, num_chains: int | None = None, outputs_pe
     # one more step in a share of the output batches (on fitted levels, fitted for both step counts at once).
     emit = kernel == "restart" and overrides.get("warmup_outputs", True)
     dither = kernel == "restart" and "extra_step_share" not in overrides
+
+    def check_cost(steps: int) -> int:
+        """Model evaluations of the pilot's choice between ``DENOISERS`` (none where it is not made)."""
+        return check_evaluations(per_output(steps)) if choose_denoiser else 0
 
     def fit_cost(chains: int) -> int:
         """Model evaluations of the denoising schedule's fit on the first chains (``denoise_schedule="fitted"``)."""
@@ -166,7 +208,7 @@ def plan_budget(nfe: float, n: int, *, num_chains: int | None = None, outputs_pe
             longer = math.floor(batches * overrides.get("extra_step_share", 0) + 1e-9)
             per_chain = warm(warmup) + (overrides.get("burn_in", 0) * per_output(steps) if kernel == "restart" else 0)
             return (batches * chains * per_output(steps) + longer * chains * (per_output(steps + 1) - per_output(steps))
-                    + chains * per_chain + pilot * per_pilot_chain + fit_cost(chains)) / n
+                    + chains * per_chain + pilot * per_pilot_chain + fit_cost(chains) + check_cost(steps)) / n
 
         top = chain_counts[0]
         warmups = [returned_warmup(w, steps) for w in warmups]
@@ -217,7 +259,8 @@ def plan_budget(nfe: float, n: int, *, num_chains: int | None = None, outputs_pe
         minimum = ((math.ceil(n / fewest) - emit) * fewest * per_output(1) + warm(warmup_steps) * fewest) / n
         raise ValueError(f"a budget of {nfe:g} model evaluations per sample is too small: one {kernel} output "
                          f"costs at least {minimum:.2f} ({'Gibbs steps, ' if kernel == 'gibbs' else ''}one "
-                         f"denoising step, the Tweedie step and the warm-up of {fewest} chains amortised over "
+                         f"denoising step{', the Tweedie step' if final_step == 'tweedie' else ''} and the warm-up "
+                         f"of {fewest} chains amortised over "
                          f"n={n}); raise nfe to at least {math.ceil(minimum)}, or draw more samples per chain.")
     predicted, chains, pilot_chains, warmup = fitted
     share = {}
@@ -237,7 +280,7 @@ def plan_budget(nfe: float, n: int, *, num_chains: int | None = None, outputs_pe
         "protocol_chains": most, "protocol_rounds": math.ceil(n / most), "protocol_warmup_steps": warmup_steps,
         "protocol_denoise_steps": protocol_steps, "rounds": math.ceil(n / chains)}
     return {"settings": settings, "pilot_chains": pilot_chains, "predicted_nfe_per_sample": predicted,
-            "full_batches": full_batches}
+            "full_batches": full_batches, "denoisers": [dict(d) for d in DENOISERS] if choose_denoiser else None}
 
 
 def _returned_where_it_pays(nfe: float, n: int, **arguments: Any) -> dict[str, Any]:
@@ -332,23 +375,29 @@ def for_budget(cls: type[DLGSampler], score, noise_posterior, *, shape: tuple[in
     schedule_fit = None
     # Fitted once at the level the pilot chose, on its first chains. Where S is given (a resumed run among them) the
     # sampler fits at its first output instead, so a state loaded before then brings its fit and none is redone.
-    if sampler.denoise_schedule == FITTED and search:
-        sampler.score.bar = progress_bar
-        try:
+    denoiser = None
+    sampler.score.bar = progress_bar
+    try:
+        if sampler.denoise_schedule == FITTED and (search or plan["denoisers"]):
             sampler.fit_denoise_schedule()
-        finally:
-            sampler.score.bar = None
+        if plan["denoisers"]:
+            denoiser = choose_denoiser(sampler, plan["denoisers"], seed)
+    finally:
+        sampler.score.bar = None
+    if sampler.schedule_fit is not None:
         fit = sampler.schedule_fit
         schedule_fit = {**fit, "levels": fit["levels"].tolist(),
                         "longer": None if fit["longer"] is None else fit["longer"].tolist()}
-    integrator = settings["integrator"]
+    integrator = sampler.integrator
     sampler.tuning = {
         "budget": {"nfe": nfe, "n": n},
         "settings": {**{k: v for k, v in settings.items() if k in ("num_chains", "kernel", "denoise_steps",
                                                                      "gibbs_steps", "step_size", "warmup_steps",
                                                                      "warmup_outputs", "extra_step_share")},
                      "integrator": integrator if isinstance(integrator, str) else type(integrator).__name__,
+                     "final_step": sampler.final_step, "denoise_schedule": sampler.denoise_schedule,
                      "restart_sigma": sampler.restart_sigma},
+        "denoiser": denoiser,
         "predicted_nfe_per_sample": plan["predicted_nfe_per_sample"], "pilot": pilot,
         "schedule_fit": schedule_fit, "full_batches": plan["full_batches"],
     }
@@ -412,6 +461,38 @@ def _pilot(sampler: DLGSampler, chains: int, target_lag1: float, seed: int | Non
             "effective_scale": s_eff, "target_lag1": target_lag1, "candidates": candidates,
             "rule_of_thumb": rule, "mixing_level": mixing, "restart_sigma": chosen,
             "lag1": check.lag1, "agreement": agreement, "diverged": int(lost.sum())}
+
+
+@torch.no_grad()
+def choose_denoiser(sampler: DLGSampler, candidates: list[dict[str, Any]], seed: int | None) -> dict[str, Any]:
+    """Set the sampler's denoiser to the candidate (settings of ``DENOISER_KEYS``) whose outputs land closest to a
+    teacher's: ``CHECK_CHAINS`` warmed-up chains not used by the fit (the last ones) are lifted to ``restart_sigma``,
+    solved by the fit's teacher on ``CHECK_GRID`` levels down to ``tweedie_sigma`` and by each candidate in
+    ``denoise_steps`` steps; the median over chains of the RMS distance (relative to the data scale) decides, robust
+    to the odd chain that changes mode. Counted as ``pilot``; returns each candidate's distance and the choice."""
+    chains = torch.arange(max(0, sampler.num_chains - CHECK_CHAINS), sampler.num_chains, device=sampler.device)
+    g = torch.Generator(sampler.device).manual_seed(CHECK_SEED_OFFSET + (0 if seed is None else seed))
+    lifted, level = sampler._lift(chains, g)
+    phase, sampler.score.phase = sampler.score.phase, "pilot"
+    before = sampler._counts["pilot"]
+    try:
+        states, _ = teacher_trajectory(sampler.score, lifted, candidate_grid(sampler.restart_sigma,
+                                                                              sampler.tweedie_sigma, CHECK_GRID))
+    finally:
+        sampler.score.phase = phase
+    scale = _data_scale(sampler.x)
+    keys = sorted({k for c in candidates for k in c})  # a key a candidate leaves out is None for it (a ramp)
+    distances = []
+    for candidate in candidates:
+        for key in keys:
+            setattr(sampler, key, candidate.get(key))
+        out = sampler._denoise(lifted, level, g, phases=("pilot", "pilot"))
+        distances.append(float((out - states[-1]).flatten(1).pow(2).mean(1).sqrt().median()) / scale)
+    chosen = candidates[min(range(len(candidates)), key=distances.__getitem__)]
+    for key in keys:
+        setattr(sampler, key, chosen.get(key))
+    return {"candidates": candidates, "distances": distances, "chosen": chosen, "chains": len(chains),
+            "evaluations": sampler._counts["pilot"] - before}
 
 
 def _pilot_cost(sampler: DLGSampler) -> int:

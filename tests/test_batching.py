@@ -113,7 +113,7 @@ def test_for_budget_passes_max_batch_size_to_its_pilot():
     for B in (None, 8):
         sizes = []
         sampler = DLGSampler.for_budget(recording(one_at_a_time(MIXTURE.score), sizes), None, shape=(8,), nfe=10,
-                                        n=2000, seed=0, levels=LEVELS, max_batch_size=B)
+                                        n=2000, seed=0, levels=LEVELS, max_batch_size=B, integrator="unipc")
         pilot_sizes = list(sizes)
         runs[B] = sampler.sample(200), sampler.tuning
         assert sampler.tuning["pilot"]["chains"] > 8 and max(pilot_sizes) == (B or 100)

@@ -12,10 +12,12 @@ from dlg_sampler.integrators import count_nfe, fit_evaluations, fit_schedule
 from dlg_sampler.levels import NoiseLevels
 from dlg_sampler.mixture import GaussianMixture
 from dlg_sampler.testing import CountingScore
-from dlg_sampler.tuning import plan_budget
+from dlg_sampler.tuning import CHECK_CHAINS, CHOICE_MAX_NFE, DENOISERS, check_evaluations, choose_denoiser, plan_budget
 
 MIXTURE = GaussianMixture.random(4, 8, spread=3.0, std=0.3, seed=0)
 LEVELS = NoiseLevels(0.01, 80.0)
+#: The budget's arithmetic for one denoiser (UniPC, k steps + Tweedie): given, it is not chosen by the pilot.
+UNIPC = {"integrator": "unipc"}
 
 
 def _sampler(score=MIXTURE.score, **settings) -> DLGSampler:
@@ -78,7 +80,7 @@ def test_a_resumed_run_continues_the_same_warm_up_outputs_and_longer_batches():
 def test_for_budget_spends_the_whole_budget_and_reports_every_call():
     n, budget = 2000, 6
     counted = CountingScore(MIXTURE.score)
-    sampler = DLGSampler.for_budget(counted, None, shape=(8,), nfe=budget, n=n, seed=0, levels=LEVELS)
+    sampler = DLGSampler.for_budget(counted, None, shape=(8,), nfe=budget, n=n, seed=0, levels=LEVELS, **UNIPC)
     chosen = sampler.tuning["settings"]
     assert chosen["warmup_outputs"] and 0 < chosen["extra_step_share"] < 1
     sampler.sample(n)
@@ -92,7 +94,7 @@ def test_for_budget_spends_the_whole_budget_and_reports_every_call():
 @pytest.mark.parametrize("n", [256, 1000, 5000, 20000])
 @pytest.mark.parametrize("nfe", [5, 6, 8, 10, 12, 15, 20])
 def test_the_plan_leaves_less_of_the_budget_than_one_more_longer_batch(n, nfe):
-    plan = plan_budget(nfe, n)
+    plan = plan_budget(nfe, n, **UNIPC)
     settings = plan["settings"]
     chains, steps = settings["num_chains"], settings["denoise_steps"]
     one_step = (count_nfe("unipc", steps + 1, dlg=True) - count_nfe("unipc", steps, dlg=True)) * chains / n
@@ -114,11 +116,11 @@ def test_the_settings_are_refused_where_they_cannot_serve():
 
 def test_a_returned_warm_up_is_at_least_as_long_as_an_output_unless_given():
     for nfe, warmup in ((6, 10), (12, None)):
-        settings = plan_budget(nfe, 5000)["settings"]
+        settings = plan_budget(nfe, 5000, **UNIPC)["settings"]
         # UniPC's warm-up of k steps costs k evaluations, an output of k steps + Tweedie k + 1
         assert settings["warmup_outputs"] and settings["warmup_steps"] == (warmup or settings["denoise_steps"] + 1)
-    assert plan_budget(12, 5000, warmup_steps=6)["settings"]["warmup_steps"] == 6
-    assert plan_budget(12, 5000, warmup_outputs=False)["settings"]["warmup_steps"] == 10
+    assert plan_budget(12, 5000, warmup_steps=6, **UNIPC)["settings"]["warmup_steps"] == 6
+    assert plan_budget(12, 5000, warmup_outputs=False, **UNIPC)["settings"]["warmup_steps"] == 10
 
 
 @pytest.mark.parametrize("n, nfe, returned", [(5000, 6, True), (5000, 15, True), (5000, 20, False), (20000, 40, False),
@@ -126,10 +128,10 @@ def test_a_returned_warm_up_is_at_least_as_long_as_an_output_unless_given():
 def test_warm_ups_are_returned_where_they_buy_the_other_outputs_denoising(n, nfe, returned):
     """At n = 5000 from 20 NFE the same steps fit beside a paid warm-up: a returned one (a vanilla sample) would
     only take a restart output's place. Given, the choice stands."""
-    plans = {w: plan_budget(nfe, n, warmup_outputs=w) for w in (True, False)}
+    plans = {w: plan_budget(nfe, n, warmup_outputs=w, **UNIPC) for w in (True, False)}
     denoising = {w: p["settings"]["denoise_steps"] + p["settings"].get("extra_step_share", 0) for w, p in plans.items()}
     assert (denoising[True] > denoising[False]) == returned
-    assert plan_budget(nfe, n) == plans[returned]
+    assert plan_budget(nfe, n, **UNIPC) == plans[returned]
 
 
 def test_fitted_levels_serve_both_step_counts_from_one_teacher_solve():
@@ -150,5 +152,56 @@ def test_fitted_levels_serve_both_step_counts_from_one_teacher_solve():
     resumed.load_state_dict(sampler.state_dict())
     assert torch.equal(resumed.schedule_fit["longer"], fit["longer"])
     tuned = DLGSampler.for_budget(MIXTURE.score, None, shape=(8,), nfe=6, n=2000, seed=0, levels=LEVELS,
-                                  denoise_schedule="fitted")
+                                  denoise_schedule="fitted", **UNIPC)
     assert tuned.extra_step_share > 0 and len(tuned.tuning["schedule_fit"]["longer"]) == tuned.denoise_steps + 2
+
+
+# ----------------------------------------------------------------------------- the denoiser chosen by the pilot
+def test_the_plan_prices_the_choice_where_the_run_can_pay_for_it():
+    chosen = plan_budget(6, 5000)
+    assert chosen["denoisers"] == [dict(d) for d in DENOISERS]
+    settings = chosen["settings"]  # priced as the fitted candidate: its fit and the check are in the budget
+    assert settings["denoise_schedule"] == "fitted" and settings["final_step"] == "solver"
+    assert chosen["predicted_nfe_per_sample"] <= 6
+    unchecked = plan_budget(6, 5000, choose_denoiser=False, **DENOISERS[-1])  # the check's cost is a share of the
+    assert unchecked["settings"]["denoise_steps"] == settings["denoise_steps"]  # longer batches ...
+    assert unchecked["settings"]["extra_step_share"] > settings["extra_step_share"]
+    small = plan_budget(6, 256)  # ... is more than 5% of a small run: the first candidate, unchecked
+    assert small["denoisers"] is None and {k: small["settings"][k] for k in DENOISERS[0]} == DENOISERS[0]
+    above = plan_budget(CHOICE_MAX_NFE + 1, 20000)  # above the budgets where denoising error dominates: the same
+    assert above["denoisers"] is None and {k: above["settings"][k] for k in DENOISERS[0]} == DENOISERS[0]
+    given = plan_budget(6, 5000, integrator="unipc")
+    assert given["denoisers"] is None and given["settings"].get("final_step") is None  # given: taken as given
+    assert plan_budget(12, 5000, kernel="gibbs")["denoisers"] is None
+
+
+def test_choose_denoiser_takes_the_candidate_closest_to_the_teacher_and_counts_it():
+    good, bad = {"integrator": "unipc", "final_step": "solver"}, {"integrator": "reverse_diffusion", "final_step": "solver"}
+    picks = []
+    for candidates in ([good, bad], [bad, good]):
+        counted = CountingScore(MIXTURE.score)
+        sampler = _sampler(counted, num_chains=16, restart_sigma=20.0)
+        sampler.warm_up()
+        before = counted.evaluations
+        check = choose_denoiser(sampler, candidates, seed=0)
+        assert counted.evaluations - before == check["evaluations"] == sampler._counts["pilot"] == check_evaluations(
+            count_nfe("unipc", 3, dlg=True, final_step="solver"))
+        assert check["chains"] == CHECK_CHAINS and min(check["distances"]) < max(check["distances"])
+        picks.append((check["chosen"], sampler.integrator, sampler.final_step))
+    assert picks == [(good, "unipc", "solver")] * 2
+
+
+def test_for_budget_chooses_per_model_and_a_resumed_run_keeps_the_choice():
+    counted = CountingScore(MIXTURE.score)
+    n = 5000
+    sampler = DLGSampler.for_budget(counted, None, shape=(8,), nfe=6, n=n, seed=0, levels=LEVELS)
+    check, settings = sampler.tuning["denoiser"], sampler.tuning["settings"]
+    assert check["chosen"] in [dict(d) for d in DENOISERS] and len(check["distances"]) == len(DENOISERS)
+    assert {k: settings[k] for k in ("integrator", "final_step")} == {k: check["chosen"][k] for k in
+                                                                       ("integrator", "final_step")}
+    assert settings["denoise_schedule"] == check["chosen"].get("denoise_schedule") == sampler.denoise_schedule
+    again = DLGSampler.for_budget(MIXTURE.score, None, shape=(8,), nfe=6, n=n, seed=0, levels=LEVELS)
+    assert again.tuning == sampler.tuning  # deterministic under the seed
+    sampler.sample(n)
+    assert counted.evaluations / n <= 6 and sampler.stats["nfe_per_sample"] == pytest.approx(counted.evaluations / n)
+    assert sampler.stats["nfe_split"]["pilot"] * n >= check["evaluations"] + sampler.tuning["pilot"]["evaluations"]

@@ -85,9 +85,12 @@ def sample_parser() -> argparse.ArgumentParser:
     k.add_argument("--gibbs-steps", type=int, default=None, help="gibbs kernel: Gibbs steps per output (default 2)")
     k.add_argument("--denoise-steps", type=int, default=None,
                    help="denoising solver steps per output (instead of --nfe)")
-    k.add_argument("--integrator", default="unipc",
+    k.add_argument("--integrator", default=None,
                    help="denoising integrator: one of the core names or a diffusers scheduler class name "
-                        "(configured from the pipeline's scheduler), e.g. UniPCMultistepScheduler")
+                        "(configured from the pipeline's scheduler), e.g. UniPCMultistepScheduler (default, restart "
+                        "kernel: the pilot's choice between unipc on its ramp and ipndm on fitted levels, both "
+                        "ending with the solver's own step to 0; unipc where n is too small to pay for the check; "
+                        "gibbs kernel: unipc)")
     k.add_argument("--denoise-schedule", choices=("fitted",), default=None,
                    help="restart kernel: 'fitted' fits the denoising solve's levels to the model once per run "
                         "(GITS-style, on 8 lifted chains, counted in the budget); default: the integrator's own ramp")
@@ -129,7 +132,7 @@ def _kernel_overrides(args: argparse.Namespace, parser: argparse.ArgumentParser)
                      f"{'gibbs' if kernel == 'restart' else 'restart'} kernel, but the {kernel} kernel is used: "
                      f"add --kernel {'gibbs' if kernel == 'restart' else 'restart'}, or drop "
                      f"{'it' if len(given) == 1 else 'them'}")
-    if args.denoise_schedule is not None and args.integrator not in INTEGRATORS:
+    if args.denoise_schedule is not None and (args.integrator or "unipc") not in INTEGRATORS:
         parser.error(f"--denoise-schedule fits the levels of a core integrator, and {args.integrator} sets its own: "
                      "pass a core --integrator (e.g. unipc, the default), or drop --denoise-schedule")
     flags = {"kernel": args.kernel, "restart_sigma": args.restart_sigma, "step_size": args.step_size,
@@ -244,20 +247,21 @@ def _sample(argv: list[str] | None) -> None:
     first = rank * (args.n // world) + min(rank, args.n % world)  # this process's first sample in the run
     nfe = args.nfe or DEFAULT_NFE
     plan = None
-    if args.denoise_steps is None and args.integrator in INTEGRATORS:  # scheduler names: once configured, below
+    if args.denoise_steps is None and (args.integrator or "unipc") in INTEGRATORS:  # schedulers: configured below
         try:  # the budget's arithmetic needs no model: a budget below the minimum is refused before loading
             plan = plan_budget(nfe, max(n, 1), num_chains=args.chains, **overrides)
         except ValueError as err:
             sys.exit(budget_error(err))
     torch.manual_seed(seed)
     model, classifier = load(args, device, preset)
-    try:
-        integrator = make_integrator(args.integrator, model)
+    try:  # none given: for_budget chooses (a core name)
+        integrator = None if args.integrator is None else make_integrator(args.integrator, model)
     except ValueError as err:
         sys.exit(f"error: {err}")
-    overrides["integrator"] = integrator
+    if integrator is not None:
+        overrides["integrator"] = integrator
     if args.denoise_steps is not None:  # the budget the given steps imply per output: it sizes the pilot
-        nfe = count_nfe(integrator, args.denoise_steps, dlg=isinstance(integrator, str))
+        nfe = count_nfe(integrator or "unipc", args.denoise_steps, dlg=isinstance(integrator or "unipc", str))
     fmt = args.format or "safetensors"
     if fmt != "safetensors":  # one decoded sample says whether the model's samples make image files
         probe = _images(model, torch.zeros(1, *model.shape), device)
@@ -291,6 +295,9 @@ def _sample(argv: list[str] | None) -> None:
         overrides.update(denoise_steps=chosen["denoise_steps"], warmup_steps=chosen["warmup_steps"],
                          restart_sigma=state["restart_sigma"], extra_step_share=chosen.get("extra_step_share", 0.0),
                          warmup_outputs=chosen.get("warmup_outputs", False))  # absent: a run from before them
+        if integrator is None:  # the denoiser the interrupted run's pilot chose
+            overrides.update(integrator=chosen["integrator"], final_step=chosen.get("final_step", "tweedie"),
+                             denoise_schedule=chosen.get("denoise_schedule"))
     chains = num_chains or (plan["settings"]["num_chains"] if plan else math.ceil(max(n, 1) / 20))
     threads = choose_threads(args.threads, min(chains, args.batch_size or chains) * math.prod(model.shape))
     planned = None if plan is None or state is not None else math.ceil(plan["predicted_nfe_per_sample"] * n)
@@ -341,7 +348,8 @@ def _sample(argv: list[str] | None) -> None:
     accelerator.wait_for_everyone()
     if not main:
         return
-    print(_settings_line(sampler, args.integrator, summary, world))
+    name = args.integrator or sampler.integrator  # the core name for_budget chose where none was given
+    print(_settings_line(sampler, name, summary, world))
     line = _cost_line(summary, wall, resumed=state is not None)
     if writer is not None:
         print(line)
@@ -370,7 +378,7 @@ def _sample(argv: list[str] | None) -> None:
             line += "; " + _class_repeats(evaluator.predict(images.cpu()), sampler.num_chains)
     print(line)
     if preset if args.compare is None else args.compare:
-        _compare(model, integrator, args, summary["nfe_per_sample"], evaluator, device, quality)
+        _compare(model, integrator or name, name, args, summary["nfe_per_sample"], evaluator, device, quality)
     print(f"wrote {out} and {out.with_suffix('.safetensors')}")
 
 
@@ -396,8 +404,10 @@ def _settings_line(sampler: DLGSampler, integrator: str, summary: dict, world: i
     """What ran: the kernel and its level, the denoiser, samples, chains and outputs per chain, and why the chains
     are not n / 20 where the budget raised them to fill the model's calls (of process 0 under accelerate)."""
     tweedie = integrator in INTEGRATORS and sampler.final_step == "tweedie"
-    fitted = " on fitted levels" if sampler.schedule_fit else ""
-    longer = f" ({sampler.extra_step_share:.0%} of the batches {sampler.denoise_steps + 1})" \
+    fitted = " on fitted levels" if sampler.schedule_fit and sampler.denoise_schedule == "fitted" else ""
+    if sampler.tuning and sampler.tuning.get("denoiser"):  # the pilot's choice
+        fitted += f" (chosen by the pilot over {len(sampler.tuning['denoiser']['candidates']) - 1} other)"
+    longer = f" ({sampler.denoise_steps + 1} in {sampler.extra_step_share:.0%} of the batches)" \
         if sampler.extra_step_share else ""
     steps = f"{integrator} {sampler.denoise_steps} steps{longer}{fitted}" + (
         " + Tweedie" if tweedie else " to 0" if integrator in INTEGRATORS else "")
@@ -457,7 +467,7 @@ def _quality(q: dict) -> str:
             f"classes {round(q['coverage'] * 10)}/10 (entropy {q['entropy']:.3f})")
 
 
-def _compare(model, integrator, args: argparse.Namespace, dlg_nfe: float, evaluator, device,
+def _compare(model, integrator, name: str, args: argparse.Namespace, dlg_nfe: float, evaluator, device,
              dlg_quality: dict | None = None) -> None:
     """Vanilla runs from pure noise at sigma_max at the most steps whose NFE per sample does not exceed DLG's total:
     the integrator DLG denoised with, then the peers (``PEERS``); same noise, same post-processing as DLG's samples.
@@ -468,7 +478,7 @@ def _compare(model, integrator, args: argparse.Namespace, dlg_nfe: float, evalua
     budget = math.floor(dlg_nfe + 1e-9)
     if not isinstance(integrator, str):  # its own schedule must start at the top level, where the noise is
         integrator = type(integrator).from_config({**integrator.config, "timestep_spacing": "trailing"})
-    runs = [(f"vanilla {args.integrator} from sigma_max", None, integrator, {})]
+    runs = [(f"vanilla {name} from sigma_max", None, integrator, {})]
     base = getattr(model.pipeline, "scheduler", None)
     for label, (name, how) in PEERS.items():
         if name in CORE_PEERS:

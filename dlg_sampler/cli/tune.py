@@ -76,10 +76,20 @@ def _tune(argv: list[str] | None) -> None:
     print(f"budget: {args.nfe} model evaluations per sample, everything counted, for n={args.n} samples "
           f"({f'the {args.preset} preset' if preset else args.model})")
     level = "at the warm-up" if settings["restart_sigma"] is None else f"{settings['restart_sigma']:.4g}"
+    ending = " + Tweedie" if settings.get("final_step", "tweedie") == "tweedie" else " to 0"
+    fitted = " on fitted levels" if settings.get("denoise_schedule") == "fitted" else ""
+    share = settings.get("extra_step_share") or 0
+    longer = f" ({settings['denoise_steps'] + 1} in {share:.0%} of the batches)" if share else ""
+    returned = ", returned as each chain's first output" if settings.get("warmup_outputs") else ""
     print(f"settings: {settings['kernel']} kernel, restart_sigma {level}, {settings['num_chains']} chains "
           f"({args.n / settings['num_chains']:.1f} outputs each), {settings['integrator']} "
-          f"{settings['denoise_steps']} denoising steps + Tweedie, warm-up {sampler.warmup_integrator} "
-          f"{settings['warmup_steps']} steps")
+          f"{settings['denoise_steps']} denoising steps{longer}{fitted}{ending}, warm-up {sampler.warmup_integrator} "
+          f"{settings['warmup_steps']} steps{returned}")
+    if tuning.get("denoiser"):
+        check = tuning["denoiser"]
+        print(f"denoiser: chosen by the pilot on {check['chains']} held-out chains ({check['evaluations']} model "
+              "evaluations), median RMS distance to a teacher solve in data scales: " + ", ".join(
+                  f"{_denoiser_name(c)} {d:.3g}" for c, d in zip(check["candidates"], check["distances"])))
     note = full_batches_note(tuning)
     if note:
         print(note)
@@ -102,6 +112,11 @@ def _tune(argv: list[str] | None) -> None:
               f"in data scales), {pilot['diverged']} diverged")
     print(f"predicted NFE per sample: {tuning['predicted_nfe_per_sample']:.2f} in total (warm-up and pilot "
           "amortised over n)")
+
+
+def _denoiser_name(settings: dict) -> str:
+    """``unipc``, ``ipndm on fitted levels`` ...: a candidate of ``tuning.DENOISERS`` in words."""
+    return settings["integrator"] + (" on fitted levels" if settings.get("denoise_schedule") == "fitted" else "")
 
 
 def _fmt(r: float | None) -> str:
