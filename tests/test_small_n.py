@@ -31,6 +31,7 @@ def levels():
 
 #: The budget's arithmetic with each chain's warm-up paid and not returned (``warmup_outputs=False``), UniPC + Tweedie.
 PAID = {"warmup_outputs": False, "integrator": "unipc"}
+PAID_DENOISER = {"integrator": "unipc"}
 
 
 def rounds(plan: dict, n: int) -> int:
@@ -58,11 +59,13 @@ def test_n_256_runs_a_few_rounds_of_full_calls_within_the_budget():
     for n in (5000, 50_000):
         assert plan_budget(10, n) == {**plan_budget(10, n, outputs_per_chain=OUTPUTS_PER_CHAIN), "full_batches": None}
         assert rounds(plan_budget(10, n), n) == OUTPUTS_PER_CHAIN
-    # returned warm-ups (the default) stay whole: full batches trade at most one step, and that only in part
-    returned = plan_budget(10, 256)
+    # returned warm-ups stay whole: full batches trade at most one step, and that only in part; by default they are
+    # not returned here (3 outputs per chain: a third of the samples would be vanilla solves)
+    returned = plan_budget(10, 256, warmup_outputs=True, **PAID_DENOISER)
     assert rounds(returned, 256) <= 3 and returned["settings"]["warmup_steps"] == 10
     assert returned["predicted_nfe_per_sample"] <= 10 and returned["settings"]["denoise_steps"] + returned[
         "settings"].get("extra_step_share", 0) > returned["full_batches"]["protocol_denoise_steps"] - 1
+    assert plan_budget(10, 256)["settings"]["warmup_outputs"] is False
 
 
 def test_chains_and_kernels_given_are_not_raised_nor_tight_budgets_traded():
@@ -94,7 +97,8 @@ def test_the_sampler_makes_few_full_model_calls_counts_them_all_and_is_determini
     tuning = a.tuning
     # one call per warm-up step (the first round's outputs), then per denoising and Tweedie step of each round
     assert len(calls) == tuning["settings"]["warmup_steps"] + sum(
-        a.batch_steps(b) + (a.final_step == "tweedie") for b in range(tuning["full_batches"]["rounds"] - 1))
+        a.batch_steps(b) + (a.final_step == "tweedie")
+        for b in range(tuning["full_batches"]["rounds"] - a.warmup_outputs))
     assert len(calls) <= 4 * 10 and min(calls) >= 64  # the protocol: 190 calls of 13 samples
     assert sum(calls) == a.stats["model_evaluations"] and a.warmup_steps == tuning["settings"]["warmup_steps"]
     assert a.stats["nfe_per_sample"] == pytest.approx(tuning["predicted_nfe_per_sample"]) and \
@@ -113,12 +117,13 @@ def test_the_summary_says_what_full_batches_traded_and_a_resumed_run_keeps_its_w
     fb, settings = sampler.tuning["full_batches"], sampler.tuning["settings"]
     assert line.endswith("; " + full_batches_note(sampler.tuning))
     assert (f"chains raised from n / 20 = {fb['protocol_chains']} to fill the model's calls ({fb['rounds']} rounds "
-            f"of calls instead of {fb['protocol_rounds']}), paid for with {settings['denoise_steps']} denoising steps "
-            f"({settings['denoise_steps'] + 1} in {settings['extra_step_share']:.0%} of the batches) instead of "
-            f"{fb['protocol_denoise_steps']}") in line
-    paid = DLGSampler.for_budget(mixture.score, None, shape=(8,), nfe=10, n=256, seed=0, levels=levels,
-                                 warmup_outputs=False)
-    assert f"paid for with a {paid.warmup_steps}-step warm-up instead of 10" in full_batches_note(paid.tuning)
+            f"of calls instead of {fb['protocol_rounds']}), paid for with a {settings['warmup_steps']}-step warm-up "
+            f"instead of {fb['protocol_warmup_steps']}") in line
+    returned = DLGSampler.for_budget(mixture.score, None, shape=(8,), nfe=10, n=256, seed=0, levels=levels,
+                                     warmup_outputs=True, integrator="unipc")
+    tuned = returned.tuning["settings"]
+    assert (f"paid for with {tuned['denoise_steps']} denoising steps ({tuned['denoise_steps'] + 1} in "
+            f"{tuned['extra_step_share']:.0%} of the batches) instead of") in full_batches_note(returned.tuning)
     protocol = DLGSampler.for_budget(mixture.score, None, shape=(8,), nfe=10, n=256, seed=0, levels=levels,
                                      num_chains=13)
     protocol.warm_up()
@@ -152,8 +157,10 @@ def test_the_summary_says_what_full_batches_traded_and_a_resumed_run_keeps_its_w
     (killed / "manifest.json").write_text(json.dumps({**manifest, "shards": manifest["shards"][:1], "count": 128}))
     assert "resuming" in run("killed")
     chosen = manifest["config"]["tuning"]["settings"]
-    assert built[-1].warmup_steps == chosen["warmup_steps"] == built[0].warmup_steps
-    assert built[-1].warmup_outputs == chosen["warmup_outputs"] == built[0].warmup_outputs is True
-    assert built[-1].extra_step_share == chosen["extra_step_share"] == built[0].extra_step_share > 0
+    assert built[-1].warmup_steps == chosen["warmup_steps"] == built[0].warmup_steps < 10
+    assert built[-1].warmup_outputs == chosen["warmup_outputs"] == built[0].warmup_outputs
+    assert built[-1].extra_step_share == chosen.get("extra_step_share", 0.0) == built[0].extra_step_share
+    assert (built[-1].integrator, built[-1].final_step) == (chosen["integrator"], chosen["final_step"]) == (
+        built[0].integrator, built[0].final_step)
     assert built[-1].num_chains == chosen["num_chains"] == built[0].num_chains
     assert torch.equal(read_samples(killed), read_samples(tmp_path / "full"))
