@@ -98,9 +98,9 @@ DENOISERS = ({"integrator": "unipc", "final_step": "solver"},
 DENOISER_KEYS = ("integrator", "final_step", "denoise_schedule", "integrator_kwargs")
 #: The largest budget at which the pilot chooses: where denoising error dominates. Above it both candidates land
 #: within about 1% of the data scale of the teacher, the check prefers iPNDM on fitted levels, and UniPC scores better
-#: (5 seeds, sliced W2 with the check chosen at every budget: separated mixture 0.194 / 0.184 at 12 / 15 NFE against
-#: 0.176 / 0.165 for UniPC with the Tweedie step; 16-d mixture at 10 NFE 0.063 against 0.059 for UniPC ending at 0):
-#: there the first candidate runs unchecked.
+#: (``for_budget`` rows, 5 seeds, sliced W2 with the check at every budget against UniPC unchecked: separated mixture
+#: 0.194 / 0.184 against 0.166 / 0.159 at 12 / 15 NFE, 16-d mixture 0.063 against 0.058 at 10): there the first
+#: candidate runs unchecked.
 CHOICE_MAX_NFE = 8
 #: Held-out chains on which the pilot compares the denoisers with a teacher, and the teacher's grid of levels.
 CHECK_CHAINS, CHECK_GRID = 8, 32
@@ -127,8 +127,9 @@ def plan_budget(nfe: float, n: int, *, num_chains: int | None = None, outputs_pe
     ``ValueError`` naming the smallest budget that fits when one output does not. ``outputs_per_chain`` given: exactly
     ``n / outputs_per_chain`` chains (or fewer where the budget is tight), never raised. ``choose_denoiser`` (default:
     for the restart kernel where no setting of ``DENOISER_KEYS`` is given, ``nfe`` is at most ``CHOICE_MAX_NFE``
-    and the fit and the check cost at most ``PILOT_SHARE`` of the run; otherwise there the first of ``DENOISERS``): the plan prices ``DENOISERS`` (they cost
-    the same per output; the fit and :func:`choose_denoiser`'s check included) and ``denoisers`` lists them.
+    and the fit and the check cost at most ``PILOT_SHARE`` of the run; otherwise there the first of ``DENOISERS``):
+    the plan prices ``DENOISERS`` (they cost the same per output; the fit and :func:`choose_denoiser`'s check
+    included) and ``denoisers`` lists them.
     """
     n = check_steps(n, "n")
     if isinstance(nfe, bool) or not isinstance(nfe, (int, float)) or not math.isfinite(nfe) or nfe <= 0:
@@ -186,8 +187,8 @@ def plan_budget(nfe: float, n: int, *, num_chains: int | None = None, outputs_pe
 
     def returned_warmup(warmup: int, steps: int) -> int:
         """A returned warm-up (not given) takes at least the evaluations of an output, so at large budgets its
-        output is no worse than the others (a 10-step warm-up among 19-step outputs raised the mixtures' sliced W2 at
-        20 NFE on 4 of 5 seeds) and costs the same."""
+        output is no worse than the others (10-step warm-ups among 18-38-step outputs raised the mixtures' sliced W2
+        at 20-40 NFE on 3-4 of 5 seeds) and costs the same."""
         if not emit or overrides.get("warmup_steps"):
             return warmup
         return max(warmup, steps_for_nfe(warmup_integrator, per_output(steps), dlg=False) or warmup)

@@ -78,7 +78,8 @@ def test_chains_and_kernels_given_are_not_raised_nor_tight_budgets_traded():
     assert given["full_batches"] is None and given["settings"]["num_chains"] == math.ceil(256 / OUTPUTS_PER_CHAIN)
     assert plan_budget(10, 256, kernel="gibbs")["full_batches"] is None
     for nfe in (4, 6, 7):
-        tight, protocol = plan_budget(nfe, 256, **PAID), plan_budget(nfe, 256, outputs_per_chain=OUTPUTS_PER_CHAIN, **PAID)
+        tight = plan_budget(nfe, 256, **PAID)
+        protocol = plan_budget(nfe, 256, outputs_per_chain=OUTPUTS_PER_CHAIN, **PAID)
         assert protocol["settings"]["denoise_steps"] - 1 < FULL_BATCH_MIN_STEPS
         assert tight == {**protocol, "full_batches": None}
     with pytest.raises(ValueError, match="raise nfe to at least 3"):  # the smallest budget is what it was

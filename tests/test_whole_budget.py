@@ -179,7 +179,8 @@ def test_the_plan_prices_the_choice_where_the_run_can_pay_for_it():
 
 
 def test_choose_denoiser_takes_the_candidate_closest_to_the_teacher_and_counts_it():
-    good, bad = {"integrator": "unipc", "final_step": "solver"}, {"integrator": "reverse_diffusion", "final_step": "solver"}
+    good = {"integrator": "unipc", "final_step": "solver"}
+    bad = {"integrator": "reverse_diffusion", "final_step": "solver"}
     picks = []
     for candidates in ([good, bad], [bad, good]):
         counted = CountingScore(MIXTURE.score)
