@@ -409,9 +409,7 @@ class DLGSampler:
     def batch_steps(self, batch: int) -> int:
         """Denoising steps of output batch ``batch`` (0, 1, ...): ``denoise_steps``, one more where
         ``floor((batch + 1) * extra_step_share)`` steps up (a share ``extra_step_share`` of the batches, evenly)."""
-        share = self.extra_step_share
-        longer = math.floor((batch + 1) * share + 1e-9) > math.floor(batch * share + 1e-9)
-        return self.denoise_steps + longer
+        return self.denoise_steps + tuning.longer_batches(self.extra_step_share, 1, batch)
 
     @torch.no_grad()
     def gibbs_and_select(self, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -623,8 +621,7 @@ class DLGSampler:
                                      **(self.integrator_kwargs if core else {}))
 
         per_batch = per_output(self.denoise_steps)
-        first, share = self._counts["batches"], self.extra_step_share
-        longer = math.floor((first + batches) * share + 1e-9) - math.floor(first * share + 1e-9)
+        longer = tuning.longer_batches(self.extra_step_share, batches, self._counts["batches"])
         total = (batches * per_batch + longer * (per_output(self.denoise_steps + 1) - per_batch)) * self.num_chains
         if self.denoise_schedule == FITTED and self._fitted_levels() is None and batches:
             total += fit_evaluations(min(self.fit_samples, self.num_chains))

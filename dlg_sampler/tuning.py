@@ -108,6 +108,14 @@ CHECK_CHAINS, CHECK_GRID = 8, 32
 CHECK_SEED_OFFSET = 7919
 
 
+def longer_batches(share: float, batches: int, first: int = 0) -> int:
+    """How many of output batches ``first .. first + batches - 1`` take one more denoising step with
+    ``extra_step_share = share``: batch ``b`` does where ``floor((b + 1) * share)`` steps up, so any ``batches``
+    consecutive ones hold ``share * batches`` of them, rounded (``1e-9``: a share ``L / B`` gives exactly ``L`` in
+    ``B``)."""
+    return math.floor((first + batches) * share + 1e-9) - math.floor(first * share + 1e-9)
+
+
 def check_evaluations(steps_cost: int, candidates: int = len(DENOISERS)) -> int:
     """Model evaluations of :func:`choose_denoiser`: the teacher's solve of ``CHECK_CHAINS`` chains and each
     candidate's (``steps_cost`` evaluations per chain)."""
@@ -206,7 +214,7 @@ def plan_budget(nfe: float, n: int, *, num_chains: int | None = None, outputs_pe
             """NFE per sample: every batch of outputs (the last one whole; the warm-up's outputs first, where they
             are returned), the warm-up, the pilot and the schedule's fit, over ``n``."""
             batches = math.ceil(n / chains) - emit
-            longer = math.floor(batches * overrides.get("extra_step_share", 0) + 1e-9)
+            longer = longer_batches(overrides.get("extra_step_share", 0), batches)
             per_chain = warm(warmup) + (overrides.get("burn_in", 0) * per_output(steps) if kernel == "restart" else 0)
             return (batches * chains * per_output(steps) + longer * chains * (per_output(steps + 1) - per_output(steps))
                     + chains * per_chain + pilot * per_pilot_chain + fit_cost(chains) + check_cost(steps)) / n

@@ -261,7 +261,8 @@ def _sample(argv: list[str] | None) -> None:
     if integrator is not None:
         overrides["integrator"] = integrator
     if args.denoise_steps is not None:  # the budget the given steps imply per output: it sizes the pilot
-        nfe = count_nfe(integrator or "unipc", args.denoise_steps, dlg=isinstance(integrator or "unipc", str))
+        denoiser = integrator or "unipc"
+        nfe = count_nfe(denoiser, args.denoise_steps, dlg=isinstance(denoiser, str))
     fmt = args.format or "safetensors"
     if fmt != "safetensors":  # one decoded sample says whether the model's samples make image files
         probe = _images(model, torch.zeros(1, *model.shape), device)
