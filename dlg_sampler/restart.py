@@ -9,6 +9,8 @@ import math
 import torch
 from scipy.optimize import brentq
 
+from .scores import append_dims
+
 #: ``restart_sigma`` left to the sampler: this many times the data scale the warm-up measures (the per-coordinate
 #: spread of the warmed-up chains). On the digits model (scale 0.53) the lag-1 autocorrelation of consecutive outputs
 #: is 0.24 at S = 3, 0.14 at S = 5, 0.10 at S = 7 and 0.07 at S = 10, and FD is lowest for S in 5-7 at 10-12 NFE
@@ -69,3 +71,35 @@ def spectral_level(x: torch.Tensor, target_lag1: float = TARGET_LAG1) -> float:
 
     hi = math.log(math.sqrt(trace)) + 10.0  # the lag-1 there is below 1e-4 for any spectrum of this trace
     return math.exp(brentq(excess, hi - 30.0, hi)) if excess(hi - 30.0) > 0 else 0.0
+
+
+class GaussianFirstStep:
+    """A score for one restart solve from the lift level: its first call (at ``S``, where the solve starts) is answered
+    by the posterior mean under a Gaussian with the mean and covariance of the chains' current states ``chains [N,
+    *shape]``; every later call goes to ``score``. The solve's first model evaluation is saved.
+
+    For ``x0 ~ N(m, C)``, ``C = V diag(v) V^T`` (the chains' principal directions ``V`` and variances ``v``), the
+    lifted state ``x = x0 + S z`` has ``E[x0 | x] = m + V diag(v / (v + S^2)) V^T (x - m)``: exact for Gaussian data,
+    and the lift level sits well above the data scale (12 times it or more, :func:`restart_rule`), where the noisy
+    distribution is nearly Gaussian. The chains are the run's own samples, so the statistics cost no evaluation.
+    """
+
+    def __init__(self, score, chains: torch.Tensor):
+        flat = chains.detach().flatten(1).double()
+        self.mean = flat.mean(0)  # [D]
+        _, singular, self.directions = torch.linalg.svd(flat - self.mean, full_matrices=False)  # [r], [r, D]
+        self.variances = singular**2 / max(len(flat) - 1, 1)  # [r]
+        self.score, self.answered = score, False
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """``E[x0 | x]`` under the Gaussian for ``x [B, *shape]`` at levels ``sigma [B]``."""
+        coords = (x.flatten(1).double() - self.mean) @ self.directions.T  # [B, r]
+        shrink = self.variances / (self.variances + sigma.double().reshape(-1, 1) ** 2)  # [B, r]
+        return (self.mean + (coords * shrink) @ self.directions).to(x.dtype).view_as(x)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        if self.answered:
+            return self.score(x, sigma)
+        self.answered = True
+        sigma = sigma.expand(len(x)) if sigma.ndim == 0 else sigma
+        return (self.denoise(x, sigma) - x) / append_dims(sigma, x.ndim) ** 2

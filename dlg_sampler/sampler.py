@@ -18,7 +18,7 @@ from .integrators import (FINAL_STEP, FINAL_STEPS, FIT_SAMPLES, FITTED, INTEGRAT
                           append_dims, check_integrator, check_steps, count_nfe, fit_evaluations, fit_schedules,
                           get_schedule, integrate, randn_like)
 from .levels import NoiseLevels
-from .restart import restart_rule
+from .restart import GaussianFirstStep, restart_rule
 
 #: Chain kernels: ``"restart"`` (exact lift to ``restart_sigma``, then the denoising solve back; the default, measured
 #: to mix in one output on the digits model and the mixtures) and ``"gibbs"`` (the paper's Langevin-Gibbs sweeps).
@@ -189,6 +189,10 @@ class DLGSampler:
             :meth:`step` / :meth:`sample` (chains warmed up again after diverging are not returned).
         extra_step_share: restart kernel, share in [0, 1) of the output batches denoised with ``denoise_steps + 1``
             steps, spread evenly (batch ``b`` is longer where ``floor((b + 1) * share)`` steps up).
+        gaussian_first_step: restart kernel, core integrators: each solve from ``restart_sigma`` takes its first
+            evaluation from the posterior mean under a Gaussian with the chains' mean and covariance
+            (:class:`~dlg_sampler.restart.GaussianFirstStep`) instead of the model: one model evaluation fewer per
+            output (:meth:`for_budget` spends it on one more step).
         warmup_noise: std of the perturbation after the warm-up integration (Gibbs kernel; paper: 0.5).
         warmup_sweeps: ``(k1, k2)`` burn-in sweeps: ``k1`` at ``warmup_step_size`` then ``k2`` at ``step_size``.
         warmup_step_size: step size of the first burn-in sweeps (paper: 0.5; default: ``step_size``).
@@ -212,7 +216,7 @@ class DLGSampler:
                  denoise_schedule: str | None = None, fit_samples: int = FIT_SAMPLES,
                  integrator_kwargs: dict[str, Any] | None = None, warmup_integrator: str | None = None,
                  warmup_steps: int | None = None, burn_in: int = 0, warmup_outputs: bool = False,
-                 extra_step_share: float = 0.0, warmup_noise: float = 0.5,
+                 extra_step_share: float = 0.0, gaussian_first_step: bool = False, warmup_noise: float = 0.5,
                  warmup_sweeps: tuple[int, int] = (10, 10), warmup_step_size: float | None = None,
                  seed: int | None = None, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
                  max_batch_size: int | None = None, progress: bool = False):
@@ -281,6 +285,13 @@ class DLGSampler:
             raise ValueError("warmup_outputs and extra_step_share are restart-kernel settings: a Gibbs chain's warm-up "
                              "ends in a perturbed state and its denoising starts at each chain's own level; use "
                              "kernel='restart' or leave them unset.")
+        if not isinstance(gaussian_first_step, bool):
+            raise TypeError(f"gaussian_first_step must be True or False, got {gaussian_first_step!r}.")
+        if gaussian_first_step and (gibbs or not isinstance(integrator, str) or denoise_steps < 2):
+            raise ValueError("gaussian_first_step answers the first of at least 2 steps of a core integrator's solve "
+                             "from the restart kernel's lift level: use kernel='restart', a core integrator (e.g. "
+                             "'unipc') and denoise_steps >= 2, or leave it unset.")
+        self.gaussian_first_step = gaussian_first_step
         self.warmup_outputs, self.extra_step_share = warmup_outputs, float(extra_step_share)
         self._warmup_pending = False  # the warm-up's states are the chains' next outputs (warmup_outputs)
         self._steps_now: int | None = None  # denoising steps of the batch gibbs_and_select handed out
@@ -368,7 +379,7 @@ class DLGSampler:
             self.x[idx], self.sigma[idx] = x, 0.0
             for _ in range(self.burn_in):  # restart moves whose outputs are discarded
                 lifted, level = self._lift(idx, g)
-                self.x[idx] = self._denoise(lifted, level, g, phases=("warmup", "warmup"))
+                self.x[idx] = self._denoise(lifted, level, g, phases=("warmup", "warmup"), first_step=True)
             self._warmup_pending = self.warmup_outputs and chains is None
             return
         # Perturb and classify.
@@ -405,6 +416,10 @@ class DLGSampler:
         if lost.any():
             self._reinitialise(chains[lost], generator or self.generator)
         return x0
+
+    def _gaussian_first(self) -> bool:
+        """Whether a restart solve from the lift level takes its first evaluation from the chains' Gaussian."""
+        return self.gaussian_first_step and self.kernel == "restart" and isinstance(self.integrator, str)
 
     def batch_steps(self, batch: int) -> int:
         """Denoising steps of output batch ``batch`` (0, 1, ...): ``denoise_steps``, one more where
@@ -520,7 +535,8 @@ class DLGSampler:
         """
         if len(x) == 0:
             return x
-        x0 = self._denoise(x, sigma, generator, tweedie=tweedie, steps=self._steps_now)
+        x0 = self._denoise(x, sigma, generator, tweedie=tweedie, steps=self._steps_now,
+                           first_step=self.kernel == "restart")
         chains, self._batch_chains, self._steps_now = self._batch_chains, None, None
         if chains is not None and len(chains) == len(x0):
             if self.kernel == "restart":  # the chains continue from their outputs; diverged ones start afresh
@@ -535,21 +551,24 @@ class DLGSampler:
         return x0
 
     def _denoise(self, x: torch.Tensor, sigma: torch.Tensor, g: torch.Generator | None, *, tweedie: bool = True,
-                 phases: tuple[str, str] = ("denoise", "tweedie"), steps: int | None = None) -> torch.Tensor:
+                 phases: tuple[str, str] = ("denoise", "tweedie"), steps: int | None = None,
+                 first_step: bool = False) -> torch.Tensor:
         """Denoising (and Tweedie) of ``x [k, *shape]`` from ``sigma [k]`` in ``steps`` steps (default
-        ``denoise_steps``), counted under ``phases``."""
+        ``denoise_steps``), counted under ``phases``; with ``first_step`` (a restart solve from ``restart_sigma``)
+        the first evaluation is the chains' Gaussian where ``gaussian_first_step`` is set."""
         steps = steps or self.denoise_steps
         self.score.phase = phases[0]
+        score = GaussianFirstStep(self.score, self.x) if first_step and self._gaussian_first() else self.score
         if isinstance(self.integrator, str) and tweedie and self.final_step == "solver":
             # Denoising to 0: the solver's last step from the level above tweedie_sigma uses its own data prediction.
             sigmas = get_schedule(self.integrator, steps, sigma, self.tweedie_sigma, final_step="solver",
                                   schedule=self._levels(sigma, steps))
-            x, _ = INTEGRATORS[self.integrator](self.score, x, sigmas, generator=g, **self.integrator_kwargs)
+            x, _ = INTEGRATORS[self.integrator](score, x, sigmas, generator=g, **self.integrator_kwargs)
         elif isinstance(self.integrator, str):
             # Denoising: integrate from each chain's own sigma down to the Tweedie level.
             sigmas = get_schedule(self.integrator, steps, sigma, self.tweedie_sigma, append_zero=False,
                                   schedule=self._levels(sigma, steps))
-            x, _ = INTEGRATORS[self.integrator](self.score, x, sigmas, generator=g, **self.integrator_kwargs)
+            x, _ = INTEGRATORS[self.integrator](score, x, sigmas, generator=g, **self.integrator_kwargs)
             if tweedie:  # Tweedie step: D(x, sigma_end) = x + sigma_end^2 s(x, sigma_end).
                 self.score.phase = phases[1]
                 x = CountedScore(self.score).denoise(x, sigmas[-1])
@@ -618,7 +637,7 @@ class DLGSampler:
         def per_output(steps: int) -> int:
             gibbs = self.gibbs_steps if self.kernel == "gibbs" else 0
             return gibbs + count_nfe(self.integrator, steps, dlg=core, final_step=self.final_step,
-                                     **(self.integrator_kwargs if core else {}))
+                                     **(self.integrator_kwargs if core else {})) - self._gaussian_first()
 
         per_batch = per_output(self.denoise_steps)
         longer = tuning.longer_batches(self.extra_step_share, batches, self._counts["batches"])

@@ -88,14 +88,22 @@ MIN_WARMUP_STEPS = 4
 FULL_BATCH_MIN_STEPS = 5
 
 
-#: The denoisers ``for_budget`` chooses between where none is given, each ``k`` evaluations per output at ``k`` steps
-#: (the last step to 0 with the solver's own data prediction): UniPC on its ramp, and iPNDM on levels fitted to the
-#: run's chains. Measured (docs/mixing.md): the second wins at 6 NFE on the mixtures and breaks on some seeds of the
-#: digits model, where the first wins; the pilot tells them apart on the model itself (:func:`choose_denoiser`).
-DENOISERS = ({"integrator": "unipc", "final_step": "solver"},
-             {"integrator": "ipndm", "final_step": "solver", "denoise_schedule": FITTED})
+#: The denoisers ``for_budget`` chooses between where none is given, at the same evaluations per output, the last
+#: step to 0 with the solver's own data prediction: UniPC on its ramp with the first step from the chains' Gaussian
+#: (``k + 1`` steps for ``k`` evaluations), and iPNDM on levels fitted to the run's chains (``k`` steps). Measured
+#: (docs/mixing.md): the second wins at 6 NFE on the mixtures and breaks on some seeds of the digits model, where the
+#: first wins; the pilot tells them apart on the model itself (:func:`choose_denoiser`). The Gaussian's first step
+#: does not serve iPNDM, whose multistep history carries it through the solve (16-d mixture at 6 NFE, 5 seeds:
+#: sliced W2 0.109 -> 0.119 with one more step, worse on every seed).
+DENOISERS = ({"integrator": "unipc", "final_step": "solver", "gaussian_first_step": True},
+             {"integrator": "ipndm", "final_step": "solver", "denoise_schedule": FITTED, "gaussian_first_step": False})
 #: The settings that name a denoiser: given any of them, ``for_budget`` takes it as given.
-DENOISER_KEYS = ("integrator", "final_step", "denoise_schedule", "integrator_kwargs")
+DENOISER_KEYS = ("integrator", "final_step", "denoise_schedule", "integrator_kwargs", "gaussian_first_step")
+#: The largest budget at which the unchecked UniPC takes its first step from the chains' Gaussian: at 10-12 NFE it
+#: scored better than the model's first step on every mixture on 4-5 of 5 seeds; at 15-40 the same or worse
+#: (separated at 15: sliced W2 0.161 against 0.159, worse on every seed; wide at 20: better on 1 of 5), where the
+#: Gaussian's error at S outweighs a step.
+GAUSSIAN_MAX_NFE = 12
 #: The largest budget at which the pilot chooses: where denoising error dominates. Above it both candidates land
 #: within about 1% of the data scale of the teacher, the check prefers iPNDM on fitted levels, and UniPC scores better
 #: (``for_budget`` rows, 5 seeds, sliced W2 with the check at every budget against UniPC unchecked: separated mixture
@@ -148,7 +156,9 @@ def plan_budget(nfe: float, n: int, *, num_chains: int | None = None, outputs_pe
         auto = kernel == "restart" and not any(k in overrides for k in DENOISER_KEYS)
         choose_denoiser = auto and nfe <= CHOICE_MAX_NFE and (
             fit_evaluations(FIT_SAMPLES) + check_evaluations(math.floor(nfe)) <= PILOT_SHARE * n * nfe)
-        overrides = {**DENOISERS[0], **overrides} if auto and not choose_denoiser else overrides
+        unchecked = {**DENOISERS[0], "gaussian_first_step": nfe <= GAUSSIAN_MAX_NFE and overrides.get(
+            "denoise_steps", 2) >= 2}
+        overrides = {**unchecked, **overrides} if auto and not choose_denoiser else overrides
     if kernel == "restart" and "warmup_outputs" not in overrides:
         return _returned_where_it_pays(nfe, n, num_chains=num_chains, outputs_per_chain=outputs_per_chain,
                                        choose_denoiser=choose_denoiser, **overrides)
@@ -167,6 +177,8 @@ def plan_budget(nfe: float, n: int, *, num_chains: int | None = None, outputs_pe
     search = kernel == "restart" and overrides.get("restart_sigma") is None
     dlg = isinstance(integrator, str)
     final_step = overrides.get("final_step", FINAL_STEP)
+    # The first evaluation of each solve from S from the chains' Gaussian (restart kernel, core integrators).
+    gaussian = kernel == "restart" and dlg and overrides.get("gaussian_first_step", False)
     knobs = dict(overrides.get("integrator_kwargs") or {}) if dlg else {}  # e.g. restarts: they change the count
     fits_levels = kernel == "restart" and overrides.get("denoise_schedule") == FITTED
     # Each chain's warm-up is its first output (restart kernel), and the budget left below the next whole step buys
@@ -191,7 +203,7 @@ def plan_budget(nfe: float, n: int, *, num_chains: int | None = None, outputs_pe
     @functools.cache
     def per_output(steps: int) -> int:
         """Model evaluations of one output with ``steps`` denoising steps."""
-        return count_nfe(integrator, steps, dlg=dlg, final_step=final_step, **knobs) + gibbs_steps
+        return count_nfe(integrator, steps, dlg=dlg, final_step=final_step, **knobs) + gibbs_steps - gaussian
 
     def returned_warmup(warmup: int, steps: int) -> int:
         """A returned warm-up (not given) takes at least the evaluations of an output, so at large budgets its
@@ -207,7 +219,7 @@ def plan_budget(nfe: float, n: int, *, num_chains: int | None = None, outputs_pe
         of ``chain_counts`` (most first), each with the first of ``warmups`` (longest first), that fits; ``None``:
         over budget. A pilot runs where its smallest size fits its share of the run; ``strict=False`` (steps
         given): the first chains and warm-up and a pilot of its share, whatever they cost."""
-        per_pilot_chain = ((len(RESTART_LADDER) + 2) * per_output(steps)
+        per_pilot_chain = ((len(RESTART_LADDER) + 2) * (per_output(steps) + gaussian)  # the pilot's own solves
                            + count_nfe(integrator, 2 * steps, dlg=dlg, final_step=final_step, **knobs))
 
         def cost(chains: int, pilot: int, warmup: int) -> float:
@@ -246,8 +258,8 @@ def plan_budget(nfe: float, n: int, *, num_chains: int | None = None, outputs_pe
     else:  # the most denoising steps that fit the protocol, from the most one output alone can take
         # An output alone fits the budget; where the warm-up's outputs come first (at least one of every
         # MIN_OUTPUTS_PER_CHAIN), the others may take up to twice it.
-        top = min(MAX_DENOISE_STEPS, steps_for_nfe(integrator, math.floor(nfe * (2 if emit else 1)) - gibbs_steps,
-                                                   dlg=dlg, final_step=final_step, **knobs) or 0)
+        top = min(MAX_DENOISE_STEPS, steps_for_nfe(integrator, math.floor(nfe * (2 if emit else 1)) - gibbs_steps
+                                                   + gaussian, dlg=dlg, final_step=final_step, **knobs) or 0)
         if top == MAX_DENOISE_STEPS:
             burn_in = overrides.get("burn_in", 0) * per_output(top) if kernel == "restart" else 0
             most_nfe = most_useful_nfe(per_output(top), warm(warmup_steps) + burn_in, n, most)
@@ -257,15 +269,17 @@ def plan_budget(nfe: float, n: int, *, num_chains: int | None = None, outputs_pe
                                  f"than the ~1000-level grid diffusion models are trained on buys nothing), "
                                  f"{most_nfe} model evaluations per sample with the warm-up and pilot; pass nfe "
                                  f"{most_nfe} or less.")
-        steps = protocol_steps = next((k for k in range(top, 0, -1) if fit(k, *protocol)), None)
+        steps = protocol_steps = next((k for k in range(top, gaussian, -1) if fit(k, *protocol)), None)
         fitted = fit(steps, *protocol) if steps else None
         # Full batches where n is small: the longest warm-up, then the most steps that fit beside it (returned
         # warm-ups can make room), at worst one fewer than the protocol's and at least FULL_BATCH_MIN_STEPS.
-        traded = [k for k in range(top, steps - 2, -1) if k >= FULL_BATCH_MIN_STEPS] if steps and full > most else []
+        traded = [k for k in range(top, steps - 2, -1) if k >= max(FULL_BATCH_MIN_STEPS, 1 + gaussian)] \
+            if steps and full > most else []
         steps, fitted = next(((k, f) for w in raised[1] for k in traded if (f := fit(k, raised[0], [w]))),
                              (steps, fitted))
     if fitted is None:
-        minimum = ((math.ceil(n / fewest) - emit) * fewest * per_output(1) + warm(warmup_steps) * fewest) / n
+        least = per_output(1 + gaussian)  # one step, two where the first is the Gaussian's
+        minimum = ((math.ceil(n / fewest) - emit) * fewest * least + warm(warmup_steps) * fewest) / n
         raise ValueError(f"a budget of {nfe:g} model evaluations per sample is too small: one {kernel} output "
                          f"costs at least {minimum:.2f} ({'Gibbs steps, ' if kernel == 'gibbs' else ''}one "
                          f"denoising step{', the Tweedie step' if final_step == 'tweedie' else ''} and the warm-up "
@@ -283,7 +297,8 @@ def plan_budget(nfe: float, n: int, *, num_chains: int | None = None, outputs_pe
             predicted += longer * extra / n
     settings = {"num_chains": chains, "kernel": kernel, "integrator": integrator, "denoise_steps": steps,
                 **({"gibbs_steps": gibbs_steps} if kernel == "gibbs" else {}),
-                **({"warmup_outputs": emit} if kernel == "restart" else {}), **share, **overrides,
+                **({"warmup_outputs": emit, "gaussian_first_step": gaussian} if kernel == "restart" else {}),
+                **share, **overrides,
                 "warmup_integrator": warmup_integrator, "warmup_steps": warmup}
     full_batches = None if chains <= most else {
         "protocol_chains": most, "protocol_rounds": math.ceil(n / most), "protocol_warmup_steps": warmup_steps,
@@ -408,9 +423,10 @@ def for_budget(cls: type[DLGSampler], score, noise_posterior, *, shape: tuple[in
     integrator = sampler.integrator
     sampler.tuning = {
         "budget": {"nfe": nfe, "n": n},
-        "settings": {**{k: v for k, v in settings.items() if k in ("num_chains", "kernel", "denoise_steps",
-                                                                     "gibbs_steps", "step_size", "warmup_steps",
-                                                                     "warmup_outputs", "extra_step_share")},
+        "settings": {**{k: v for k, v in settings.items() if k in (
+                         "num_chains", "kernel", "gibbs_steps", "step_size", "warmup_steps", "warmup_outputs",
+                         "extra_step_share")},
+                     "denoise_steps": sampler.denoise_steps, "gaussian_first_step": sampler.gaussian_first_step,
                      "integrator": integrator if isinstance(integrator, str) else type(integrator).__name__,
                      "final_step": sampler.final_step, "denoise_schedule": sampler.denoise_schedule,
                      "restart_sigma": sampler.restart_sigma},
@@ -484,9 +500,10 @@ def _pilot(sampler: DLGSampler, chains: int, target_lag1: float, seed: int | Non
 def choose_denoiser(sampler: DLGSampler, candidates: list[dict[str, Any]], seed: int | None) -> dict[str, Any]:
     """Set the sampler's denoiser to the candidate (settings of ``DENOISER_KEYS``) whose outputs land closest to a
     teacher's: ``CHECK_CHAINS`` warmed-up chains not used by the fit (the last ones) are lifted to ``restart_sigma``,
-    solved by the fit's teacher on ``CHECK_GRID`` levels down to ``tweedie_sigma`` and by each candidate in
-    ``denoise_steps`` steps; the median over chains of the RMS distance (relative to the data scale) decides, robust
-    to the odd chain that changes mode. Counted as ``pilot``; returns each candidate's distance and the choice."""
+    solved by the fit's teacher on ``CHECK_GRID`` levels down to ``tweedie_sigma`` and by each candidate at the
+    sampler's evaluations per output (its ``steps``: one more where its first step is the chains' Gaussian); the
+    median over chains of the RMS distance (relative to the data scale) decides, robust to the odd chain that changes
+    mode. Counted as ``pilot``; returns each candidate's distance and steps, and the choice."""
     chains = torch.arange(max(0, sampler.num_chains - CHECK_CHAINS), sampler.num_chains, device=sampler.device)
     g = torch.Generator(sampler.device).manual_seed(CHECK_SEED_OFFSET + (0 if seed is None else seed))
     lifted, level = sampler._lift(chains, g)
@@ -498,18 +515,27 @@ def choose_denoiser(sampler: DLGSampler, candidates: list[dict[str, Any]], seed:
     finally:
         sampler.score.phase = phase
     scale = _data_scale(sampler.x)
-    keys = sorted({k for c in candidates for k in c})  # a key a candidate leaves out is None for it (a ramp)
-    distances = []
-    for candidate in candidates:
+    # Each candidate at the sampler's evaluations per output: one step more where its first is the Gaussian's.
+    cost = count_nfe(sampler.integrator, sampler.denoise_steps, dlg=True,
+                     final_step=sampler.final_step) - sampler._gaussian_first()
+    steps = [steps_for_nfe(c["integrator"], cost + bool(c.get("gaussian_first_step")), dlg=True,
+                           final_step=c.get("final_step", FINAL_STEP)) for c in candidates]
+    keys = sorted({k for c in candidates for k in c})  # a key a candidate leaves out is unset for it (a ramp)
+
+    def use(candidate: dict[str, Any], k: int) -> None:
         for key in keys:
-            setattr(sampler, key, candidate.get(key))
-        out = sampler._denoise(lifted, level, g, phases=("pilot", "pilot"))
+            setattr(sampler, key, candidate.get(key, False if key == "gaussian_first_step" else None))
+        sampler.denoise_steps = k
+
+    distances = []
+    for candidate, k in zip(candidates, steps):
+        use(candidate, k)
+        out = sampler._denoise(lifted, level, g, phases=("pilot", "pilot"), first_step=True)
         distances.append(float((out - states[-1]).flatten(1).pow(2).mean(1).sqrt().median()) / scale)
-    chosen = candidates[min(range(len(candidates)), key=distances.__getitem__)]
-    for key in keys:
-        setattr(sampler, key, chosen.get(key))
-    return {"candidates": candidates, "distances": distances, "chosen": chosen, "chains": len(chains),
-            "evaluations": sampler._counts["pilot"] - before}
+    best = min(range(len(candidates)), key=distances.__getitem__)
+    use(candidates[best], steps[best])
+    return {"candidates": candidates, "distances": distances, "chosen": candidates[best], "steps": steps,
+            "chains": len(chains), "evaluations": sampler._counts["pilot"] - before}
 
 
 def _pilot_cost(sampler: DLGSampler) -> int:

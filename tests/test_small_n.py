@@ -96,9 +96,10 @@ def test_the_sampler_makes_few_full_model_calls_counts_them_all_and_is_determini
     a = DLGSampler.for_budget(score, None, shape=(8,), nfe=10, n=256, seed=0, levels=levels)
     xa = a.sample(256)
     tuning = a.tuning
-    # one call per warm-up step (the first round's outputs), then per denoising and Tweedie step of each round
-    assert len(calls) == tuning["settings"]["warmup_steps"] + sum(
-        a.batch_steps(b) + (a.final_step == "tweedie")
+    # one call per warm-up step (the first round's outputs), then per denoising and Tweedie step of each round (the
+    # first step's from the chains' Gaussian: no call)
+    assert a.gaussian_first_step and len(calls) == tuning["settings"]["warmup_steps"] + sum(
+        a.batch_steps(b) + (a.final_step == "tweedie") - 1
         for b in range(tuning["full_batches"]["rounds"] - a.warmup_outputs))
     assert len(calls) <= 4 * 10 and min(calls) >= 64  # the protocol: 190 calls of 13 samples
     assert sum(calls) == a.stats["model_evaluations"] and a.warmup_steps == tuning["settings"]["warmup_steps"]
@@ -117,6 +118,7 @@ def test_the_summary_says_what_full_batches_traded_and_a_resumed_run_keeps_its_w
     line = _settings_line(sampler, "unipc", summary, 1)
     fb, settings = sampler.tuning["full_batches"], sampler.tuning["settings"]
     assert line.endswith("; " + full_batches_note(sampler.tuning))
+    assert f"unipc {sampler.denoise_steps} steps to 0, the first from the chains' Gaussian: 256 samples" in line
     assert (f"chains raised from n / 20 = {fb['protocol_chains']} to fill the model's calls ({fb['rounds']} rounds "
             f"of calls instead of {fb['protocol_rounds']}), paid for with a {settings['warmup_steps']}-step warm-up "
             f"instead of {fb['protocol_warmup_steps']}") in line

@@ -189,7 +189,7 @@ def test_choose_denoiser_takes_the_candidate_closest_to_the_teacher_and_counts_i
         before = counted.evaluations
         check = choose_denoiser(sampler, candidates, seed=0)
         assert counted.evaluations - before == check["evaluations"] == sampler._counts["pilot"] == check_evaluations(
-            count_nfe("unipc", 3, dlg=True, final_step="solver"))
+            count_nfe("unipc", 3, dlg=True))  # each candidate at the sampler's evaluations per output
         assert check["chains"] == CHECK_CHAINS and min(check["distances"]) < max(check["distances"])
         picks.append((check["chosen"], sampler.integrator, sampler.final_step))
     assert picks == [(good, "unipc", "solver")] * 2

@@ -88,9 +88,9 @@ def sample_parser() -> argparse.ArgumentParser:
     k.add_argument("--integrator", default=None,
                    help="denoising integrator: one of the core names or a diffusers scheduler class name "
                         "(configured from the pipeline's scheduler), e.g. UniPCMultistepScheduler (default, restart "
-                        "kernel: the pilot's choice between unipc on its ramp and ipndm on fitted levels, both "
-                        "ending with the solver's own step to 0; unipc where n is too small to pay for the check; "
-                        "gibbs kernel: unipc)")
+                        "kernel: the pilot's choice between unipc on its ramp, its first step from the chains' "
+                        "Gaussian, and ipndm on fitted levels, both ending with the solver's own step to 0; unipc "
+                        "where n is too small to pay for the check; gibbs kernel: unipc)")
     k.add_argument("--denoise-schedule", choices=("fitted",), default=None,
                    help="restart kernel: 'fitted' fits the denoising solve's levels to the model once per run "
                         "(GITS-style, on 8 lifted chains, counted in the budget); default: the integrator's own ramp")
@@ -295,7 +295,8 @@ def _sample(argv: list[str] | None) -> None:
         num_chains = chosen["num_chains"]
         overrides.update(denoise_steps=chosen["denoise_steps"], warmup_steps=chosen["warmup_steps"],
                          restart_sigma=state["restart_sigma"], extra_step_share=chosen.get("extra_step_share", 0.0),
-                         warmup_outputs=chosen.get("warmup_outputs", False))  # absent: a run from before them
+                         warmup_outputs=chosen.get("warmup_outputs", False),  # absent: a run from before them
+                         gaussian_first_step=chosen.get("gaussian_first_step", False))
         if integrator is None:  # the denoiser the interrupted run's pilot chose
             overrides.update(integrator=chosen["integrator"], final_step=chosen.get("final_step", "tweedie"),
                              denoise_schedule=chosen.get("denoise_schedule"))
@@ -410,8 +411,9 @@ def _settings_line(sampler: DLGSampler, integrator: str, summary: dict, world: i
         fitted += f" (chosen by the pilot over {len(sampler.tuning['denoiser']['candidates']) - 1} other)"
     longer = f" ({sampler.denoise_steps + 1} in {sampler.extra_step_share:.0%} of the batches)" \
         if sampler.extra_step_share else ""
+    gaussian = ", the first from the chains' Gaussian" if sampler.gaussian_first_step else ""
     steps = f"{integrator} {sampler.denoise_steps} steps{longer}{fitted}" + (
-        " + Tweedie" if tweedie else " to 0" if integrator in INTEGRATORS else "")
+        " + Tweedie" if tweedie else " to 0" if integrator in INTEGRATORS else "") + gaussian
     first = f" (the first its warm-up, {sampler.warmup_integrator} {sampler.warmup_steps} steps)" \
         if sampler.warmup_outputs else ""
     if sampler.kernel == "restart":

@@ -81,6 +81,7 @@ def _tune(argv: list[str] | None) -> None:
     share = settings.get("extra_step_share") or 0
     longer = f" ({settings['denoise_steps'] + 1} in {share:.0%} of the batches)" if share else ""
     returned = ", returned as each chain's first output" if settings.get("warmup_outputs") else ""
+    ending += ", the first from the chains' Gaussian" if settings.get("gaussian_first_step") else ""
     print(f"settings: {settings['kernel']} kernel, restart_sigma {level}, {settings['num_chains']} chains "
           f"({args.n / settings['num_chains']:.1f} outputs each), {settings['integrator']} "
           f"{settings['denoise_steps']} denoising steps{longer}{fitted}{ending}, warm-up {sampler.warmup_integrator} "
