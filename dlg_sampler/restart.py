@@ -16,10 +16,24 @@ from .scores import append_dims
 #: is 0.24 at S = 3, 0.14 at S = 5, 0.10 at S = 7 and 0.07 at S = 10, and FD is lowest for S in 5-7 at 10-12 NFE
 #: (docs/mixing.md); on a separated 12-d mixture (scale 3) S = 36 gives lag-1 0.11.
 RESTART_SCALE = 12.0
+#: Up to this many denoising steps the rule is ``RESTART_SCALE`` x the data scale; beyond, its multiple grows in
+#: proportion to the steps, up to ``RULE_MAX_GROWTH`` times (at twice these steps). The best level rises with the
+#: steps: a higher lift decorrelates consecutive outputs further, and more steps denoise the longer solve as
+#: accurately. On the digits model (5000 samples, seeds 0-1, FD against both references) 1.5 or 2 times the level
+#: scored worse at 8 steps, better from 10, and four times worse than twice at 19; at 9 steps (n = 256, the README's
+#: command) 1.125 times scored worse on 2 of 3 seeds (docs/mixing.md).
+RULE_STEPS = 9
+#: The most the rule's multiple grows with the steps.
+RULE_MAX_GROWTH = 2.0
+#: The chains' spread "sits in few directions" where their spectral level is more than this many times the rule of
+#: thumb's ``RESTART_SCALE`` x data scale (photo-digits: 4.8; digits and the mixtures: 0.65-0.99, seed 0).
+FEW_DIRECTIONS = 2.0
 #: Largest lag-1 autocorrelation of consecutive outputs the lift level aims at (the mixing target: <= 0.2).
 TARGET_LAG1 = 0.2
 #: The rule in words, for summaries.
-RULE = f"{RESTART_SCALE:g} x the warm-up's data scale, or more where its spread sits in few directions"
+RULE = (f"{RESTART_SCALE:g} x the warm-up's data scale (rising to {RULE_MAX_GROWTH * RESTART_SCALE:g} x from "
+        f"{RULE_STEPS} to {int(RULE_MAX_GROWTH * RULE_STEPS)} denoising steps), or more where its spread sits in few "
+        f"directions")
 
 
 def _data_scale(x: torch.Tensor) -> float:
@@ -30,10 +44,25 @@ def _data_scale(x: torch.Tensor) -> float:
     return float(spread) if math.isfinite(float(spread)) and spread > 0 else 1.0
 
 
-def restart_rule(x: torch.Tensor, target_lag1: float = TARGET_LAG1) -> float:
-    """The lift level the warm-up sets from warmed-up chains ``x [C, *shape]``: ``RESTART_SCALE`` times their data
-    scale, or :func:`spectral_level` where that is higher (data whose spread sits in a few directions)."""
-    return max(RESTART_SCALE * _data_scale(x), spectral_level(x, target_lag1))
+def restart_rule(x: torch.Tensor, target_lag1: float = TARGET_LAG1, steps: int = RULE_STEPS) -> float:
+    """The lift level the warm-up sets from warmed-up chains ``x [C, *shape]`` for a solve of ``steps`` denoising
+    steps: :func:`rule_scale` times their data scale, or :func:`spectral_level` where that is higher (data whose
+    spread sits in a few directions: that level is where the chains mix, whatever the steps)."""
+    return max(rule_scale(steps) * _data_scale(x), spectral_level(x, target_lag1))
+
+
+def spread_in_few_directions(x: torch.Tensor, target_lag1: float = TARGET_LAG1) -> bool:
+    """Whether the spread of chains ``x [C, *shape]`` sits in a few directions: their :func:`spectral_level` above
+    ``FEW_DIRECTIONS`` times ``RESTART_SCALE`` x their data scale (a photo's brightness moving every pixel together).
+    There the solve from the lift level has to follow the dominant directions down from high levels, which a Karras
+    ramp crosses in one or two steps; levels uniform in log-SNR serve it (docs/mixing.md)."""
+    return spectral_level(x, target_lag1) > FEW_DIRECTIONS * RESTART_SCALE * _data_scale(x)
+
+
+def rule_scale(steps: int) -> float:
+    """The rule of thumb's multiple of the data scale for ``steps`` denoising steps: ``RESTART_SCALE`` up to
+    ``RULE_STEPS``, then in proportion to the steps, at most ``RULE_MAX_GROWTH`` times ``RESTART_SCALE``."""
+    return RESTART_SCALE * min(max(steps / RULE_STEPS, 1.0), RULE_MAX_GROWTH)
 
 
 def spectral_level(x: torch.Tensor, target_lag1: float = TARGET_LAG1) -> float:

@@ -162,8 +162,9 @@ class DLGSampler:
         num_chains: persistent chains (= samples per batch).
         kernel: ``"restart"`` or ``"gibbs"`` (see above).
         restart_sigma: the restart kernel's lift level ``S`` (default: set at the warm-up by
-            :func:`~dlg_sampler.restart.restart_rule`, ``RESTART_SCALE`` times the data scale of the warmed-up chains or
-            more where their spread sits in few directions). Higher decorrelates consecutive outputs more and needs more denoising steps.
+            :func:`~dlg_sampler.restart.restart_rule`, ``RESTART_SCALE`` times the data scale of the warmed-up chains,
+            growing with ``denoise_steps`` beyond ``RULE_STEPS`` to twice that, or more where their spread sits in few
+            directions). Higher decorrelates consecutive outputs more and needs more denoising steps.
         integrator, denoise_steps, integrator_kwargs: the denoising integrator, its steps and knobs. A diffusers
             scheduler instance is warm-started (in ``SCHEDULER_GROUPS`` groups of similar sigma for the Gibbs kernel;
             ``groups`` in ``integrator_kwargs`` overrides).
@@ -375,7 +376,7 @@ class DLGSampler:
         self.correlation.forget(idx)
         if self.kernel == "restart":
             if self.restart_sigma is None:
-                self.restart_sigma = min(restart_rule(x), self.levels.sigma_max)
+                self.restart_sigma = min(restart_rule(x, steps=self.denoise_steps), self.levels.sigma_max)
             self.x[idx], self.sigma[idx] = x, 0.0
             for _ in range(self.burn_in):  # restart moves whose outputs are discarded
                 lifted, level = self._lift(idx, g)

@@ -13,7 +13,8 @@ from dlg_sampler import INTEGRATORS, DLGSampler, GaussianMixture, NoiseLevels, i
 from dlg_sampler.diagnostics import OutputCorrelation, ess_fraction
 from dlg_sampler.gibbs import gibbs_step, sample_sigma_index
 from dlg_sampler.metrics import sliced_wasserstein
-from dlg_sampler.restart import RESTART_SCALE, TARGET_LAG1, _data_scale, restart_rule, spectral_level
+from dlg_sampler.restart import (RESTART_SCALE, RULE_MAX_GROWTH, RULE_STEPS, TARGET_LAG1, _data_scale, restart_rule,
+                                  rule_scale, spectral_level)
 from dlg_sampler.testing import CountingScore
 from dlg_sampler.tuning import RESTART_LADDER, choose_level, plan_budget
 
@@ -514,3 +515,24 @@ def test_the_sampler_lifts_to_the_rule_of_its_warmed_up_chains():
                        restart_sigma=5.0, seed=0)
     given.warm_up()
     assert given.restart_sigma == 5.0
+
+
+def test_the_rule_of_thumb_rises_with_the_denoising_steps_up_to_twice():
+    """``RESTART_SCALE`` x the data scale up to ``RULE_STEPS`` denoising steps, then in proportion to the steps, at most
+    twice that; the spectral level (where the chains mix) does not grow; the sampler applies it with its own steps."""
+    assert RULE_MAX_GROWTH == 2.0
+    k = RULE_STEPS + 3
+    assert [rule_scale(k) for k in (1, RULE_STEPS, k, 2 * RULE_STEPS, 5 * RULE_STEPS)] == pytest.approx(
+        [RESTART_SCALE, RESTART_SCALE, RESTART_SCALE * k / RULE_STEPS, RESTART_SCALE * 2, RESTART_SCALE * 2])
+    g = torch.Generator().manual_seed(0)
+    iso = torch.randn(64, 16, generator=g)
+    assert restart_rule(iso, steps=k) == pytest.approx(k / RULE_STEPS * restart_rule(iso))
+    assert restart_rule(iso) == pytest.approx(RESTART_SCALE * _data_scale(iso))
+    spiky = torch.randn(64, 256, generator=g) * 0.1 + torch.randn(64, 1, generator=g) * 10 * torch.eye(256)[0]
+    assert restart_rule(spiky, steps=2 * RULE_STEPS) == spectral_level(spiky) > 2 * RESTART_SCALE * _data_scale(spiky)
+    mix = GaussianMixture.random(1, 16, 0.0, 1.0, seed=3)  # one Gaussian: the data scale rules
+    levels = NoiseLevels(0.01, 80.0, 1000)
+    for steps in (4, RULE_STEPS + 3):
+        s = DLGSampler(mix.score, None, levels, shape=(16,), num_chains=32, denoise_steps=steps, seed=0)
+        s.warm_up()
+        assert s.restart_sigma == pytest.approx(rule_scale(steps) * _data_scale(s.x))
