@@ -35,8 +35,12 @@ SIGMA_END = 0.01
 
 #: Time schedules: Karras et al.'s ramp (``rho``) or uniform in log-SNR (``-2 log sigma``: geometric in sigma).
 SCHEDULES = ("karras", "logsnr")
+LOGSNR = SCHEDULES[1]
 #: ``integrate``'s schedule fitted to the model for the steps (GITS-style, :func:`fit_schedule`).
 FITTED = "fitted"
+#: A solve's ``schedule`` in words, after the solver's name (the integrator's own ramp: nothing).
+SCHEDULE_WORDS = {None: "", "karras": " on a Karras ramp", LOGSNR: " on log-SNR-uniform levels",
+                  FITTED: " on fitted levels"}
 
 #: How a solve to 0 ends: ``"tweedie"``: the schedule's last positive level is ``sigma_end`` (the paper's Tweedie
 #: level), evaluated once more for the step to 0; ``"solver"``: the same ramp with one more level, whose last one

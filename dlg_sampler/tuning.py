@@ -15,7 +15,8 @@ counted: warm-up and this pilot included) and the number of samples wanted. The 
   ``MIN_WARMUP_STEPS``) that fit. That may cost one of the protocol's denoising steps, never more, and is not
   made where fewer than ``FULL_BATCH_MIN_STEPS`` would remain: a step weighs more there;
 - **restart level** ``S``: the rule of thumb (:func:`dlg_sampler.restart.restart_rule`: ``RESTART_SCALE`` times the
-  data scale the run's warm-up measures, or more where the chains' spread sits in few directions), checked by the pilot,
+  data scale the run's warm-up measures, growing with the denoising steps beyond ``RULE_STEPS`` to twice that, or
+  more where the chains' spread sits in few directions), checked by the pilot,
   run on the first warmed-up chains of the run itself, without data. Each level of a small ladder (in units of the
   data scale) makes one restart move with the chosen denoiser; the lag-1 autocorrelation between a chain's state and
   its output says how much consecutive outputs would share. Those noisy estimates are pooled through the curve an
@@ -46,10 +47,10 @@ import torch
 
 from .diagnostics import OutputCorrelation
 from .gibbs import diverged
-from .integrators import (FINAL_STEP, FIT_SAMPLES, FITTED, candidate_grid, check_steps, count_nfe, fit_evaluations,
-                          steps_for_nfe, teacher_trajectory)
+from .integrators import (FINAL_STEP, FIT_SAMPLES, FITTED, LOGSNR, candidate_grid, check_steps, count_nfe,
+                          fit_evaluations, steps_for_nfe, teacher_trajectory)
 from .levels import NoiseLevels
-from .restart import RULE, TARGET_LAG1, _data_scale
+from .restart import RULE, TARGET_LAG1, _data_scale, spread_in_few_directions
 
 if TYPE_CHECKING:  # the sampler calls this module; the class is passed in
     from .sampler import DLGSampler
@@ -388,6 +389,8 @@ def for_budget(cls: type[DLGSampler], score, noise_posterior, *, shape: tuple[in
     sampler = cls(score, noise_posterior, levels, shape=shape, seed=seed, device=device,
                   **{k: v for k, v in settings.items() if k != "shape"})
     search = settings["kernel"] == "restart" and settings.get("restart_sigma") is None
+    auto = settings["kernel"] == "restart" and not any(k in overrides for k in DENOISER_KEYS)
+    few_directions = False
     pilot = None
     if search:
         if progress_bar is not None and progress_bar.total is None:
@@ -399,6 +402,10 @@ def for_budget(cls: type[DLGSampler], score, noise_posterior, *, shape: tuple[in
         try:
             if plan["pilot_chains"]:
                 sampler.warm_up()  # the run's own warm-up: the pilot starts from its first chains
+                # Chains whose spread sits in few directions: UniPC's solves walk levels uniform in log-SNR.
+                few_directions = auto and spread_in_few_directions(sampler.x)
+                if few_directions and not plan["denoisers"]:
+                    sampler.denoise_schedule = LOGSNR
             pilot = _pilot(sampler, plan["pilot_chains"], target_lag1, seed)
         finally:
             sampler.score.bar = None
@@ -413,7 +420,9 @@ def for_budget(cls: type[DLGSampler], score, noise_posterior, *, shape: tuple[in
         if sampler.denoise_schedule == FITTED and (search or plan["denoisers"]):
             sampler.fit_denoise_schedule()
         if plan["denoisers"]:
-            denoiser = choose_denoiser(sampler, plan["denoisers"], seed)
+            candidates = [{**c, "denoise_schedule": LOGSNR} if few_directions and c.get("denoise_schedule") is None
+                          else c for c in plan["denoisers"]]
+            denoiser = choose_denoiser(sampler, candidates, seed)
     finally:
         sampler.score.bar = None
     if sampler.schedule_fit is not None:

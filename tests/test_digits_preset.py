@@ -275,3 +275,14 @@ def test_denoise_schedule_fitted_from_the_command_line(counted, capsys):
             dlg_cli.sample_main(["--n", "8", "--denoise-schedule", "fitted", *extra])
         assert message in capsys.readouterr().err
     assert len(scores) == 1
+
+
+def test_denoise_schedule_logsnr_from_the_command_line(counted, capsys):
+    """``--denoise-schedule logsnr``: the solve walks levels uniform in log-SNR, said in the summary (the digits
+    model's spread does not sit in few directions: without the flag, the ramp)."""
+    dlg_cli.sample_main(["--n", "256", "--no-compare", "--denoise-schedule", "logsnr"])
+    out = capsys.readouterr().out
+    assert re.search(r"unipc \d+ steps( \(\d+ in \d+% of the batches\))? on log-SNR-uniform levels", out)
+    assert float(re.search(r"NFE/sample ([\d.]+) in total", out).group(1)) <= 10
+    dlg_cli.sample_main(["--n", "256", "--no-compare"])
+    assert "log-SNR" not in capsys.readouterr().out

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .. import presets
 from ..diagnostics import ess_fraction
-from ..integrators import INTEGRATORS, count_nfe, integrate, vanilla_plan
+from ..integrators import FITTED, INTEGRATORS, SCHEDULE_WORDS, count_nfe, integrate, vanilla_plan
 from ..models import make_integrator
 from ..parallel import cpu_processes, process_seed
 from ..restart import RULE
@@ -91,9 +91,11 @@ def sample_parser() -> argparse.ArgumentParser:
                         "kernel: the pilot's choice between unipc on its ramp, its first step from the chains' "
                         "Gaussian, and ipndm on fitted levels, both ending with the solver's own step to 0; unipc "
                         "where n is too small to pay for the check; gibbs kernel: unipc)")
-    k.add_argument("--denoise-schedule", choices=("fitted",), default=None,
+    k.add_argument("--denoise-schedule", choices=("fitted", "logsnr", "karras"), default=None,
                    help="restart kernel: 'fitted' fits the denoising solve's levels to the model once per run "
-                        "(GITS-style, on 8 lifted chains, counted in the budget); default: the integrator's own ramp")
+                        "(GITS-style, on 8 lifted chains, counted in the budget); 'logsnr': levels uniform in "
+                        "log-SNR; 'karras': the Karras ramp; default: the integrator's own ramp, or log-SNR levels "
+                        "where the pilot finds the chains' spread in few directions (image models)")
     k.add_argument("--chains", type=int, default=None,
                    help="persistent chains (default: n / 20, few chains with many outputs each, as in the paper)")
     p.add_argument("--n", type=int, default=256, help="number of samples")
@@ -406,7 +408,8 @@ def _settings_line(sampler: DLGSampler, integrator: str, summary: dict, world: i
     """What ran: the kernel and its level, the denoiser, samples, chains and outputs per chain, and why the chains
     are not n / 20 where the budget raised them to fill the model's calls (of process 0 under accelerate)."""
     tweedie = integrator in INTEGRATORS and sampler.final_step == "tweedie"
-    fitted = " on fitted levels" if sampler.schedule_fit and sampler.denoise_schedule == "fitted" else ""
+    fitted = SCHEDULE_WORDS[sampler.denoise_schedule] if sampler.denoise_schedule != FITTED or sampler.schedule_fit \
+        else ""
     if sampler.tuning and sampler.tuning.get("denoiser"):  # the pilot's choice
         fitted += f" (chosen by the pilot over {len(sampler.tuning['denoiser']['candidates']) - 1} other)"
     longer = f" ({sampler.denoise_steps + 1} in {sampler.extra_step_share:.0%} of the batches)" \

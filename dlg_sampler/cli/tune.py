@@ -9,6 +9,7 @@ import sys
 import torch
 from tqdm.auto import tqdm
 
+from ..integrators import SCHEDULE_WORDS
 from ..restart import RULE
 from ..sampler import DLGSampler
 from .common import (DEFAULT_NFE, ArgumentParser, HelpFormatter, add_device_argument, add_model_arguments, budget_error,
@@ -77,7 +78,7 @@ def _tune(argv: list[str] | None) -> None:
           f"({f'the {args.preset} preset' if preset else args.model})")
     level = "at the warm-up" if settings["restart_sigma"] is None else f"{settings['restart_sigma']:.4g}"
     ending = " + Tweedie" if settings.get("final_step", "tweedie") == "tweedie" else " to 0"
-    fitted = " on fitted levels" if settings.get("denoise_schedule") == "fitted" else ""
+    fitted = SCHEDULE_WORDS[settings.get("denoise_schedule")]
     share = settings.get("extra_step_share") or 0
     longer = f" ({settings['denoise_steps'] + 1} in {share:.0%} of the batches)" if share else ""
     returned = ", returned as each chain's first output" if settings.get("warmup_outputs") else ""
@@ -117,7 +118,7 @@ def _tune(argv: list[str] | None) -> None:
 
 def _denoiser_name(settings: dict) -> str:
     """``unipc``, ``ipndm on fitted levels`` ...: a candidate of ``tuning.DENOISERS`` in words."""
-    return settings["integrator"] + (" on fitted levels" if settings.get("denoise_schedule") == "fitted" else "")
+    return settings["integrator"] + SCHEDULE_WORDS[settings.get("denoise_schedule")]
 
 
 def _fmt(r: float | None) -> str:
