@@ -26,7 +26,7 @@ RULE_STEPS = 9
 #: The most the rule's multiple grows with the steps.
 RULE_MAX_GROWTH = 2.0
 #: The chains' spread "sits in few directions" where their spectral level is more than this many times the rule of
-#: thumb's ``RESTART_SCALE`` x data scale (photo-digits: 4.8; digits and the mixtures: 0.65-0.99, seed 0).
+#: thumb's ``RESTART_SCALE`` x data scale (photo-digits: 4.8; digits and the three mixtures: 0.68-1.03, seeds 0-4).
 FEW_DIRECTIONS = 2.0
 #: Largest lag-1 autocorrelation of consecutive outputs the lift level aims at (the mixing target: <= 0.2).
 TARGET_LAG1 = 0.2

@@ -27,6 +27,10 @@ counted: warm-up and this pilot included) and the number of samples wanted. The 
   and reports its cost. (Aiming at the target itself, the lowest level that mixes, was tried: it picks lower levels
   than the rule of thumb, which scored worse on digits and no better on the mixtures; docs/design.md.)
 
+Where the warmed-up chains' spread sits in few directions (:func:`dlg_sampler.restart.spread_in_few_directions`) and
+no denoiser is given, UniPC's solves walk levels uniform in log-SNR (decided after the pilot's warm-up; said in
+``sampler.tuning["settings"]``).
+
 With ``denoise_schedule="fitted"`` the denoising levels are fitted once after the pilot, at the level it chose, on
 the first chains (:meth:`DLGSampler.fit_denoise_schedule`; with ``restart_sigma`` given, at the first output); the
 fit's cost is in the budget's arithmetic.
