@@ -9,6 +9,7 @@ import torch
 from dlg_sampler import DLGSampler
 from dlg_sampler.levels import NoiseLevels
 from dlg_sampler.mixture import GaussianMixture
+from dlg_sampler.restart import spread_in_few_directions
 from dlg_sampler.integrators import (candidate_grid, cheapest_path, count_nfe, fit_evaluations, fit_schedule,
                                      get_schedule, get_sigmas_karras, hop_costs, integrate, path_cost,
                                      teacher_trajectory, vanilla_plan)
@@ -175,8 +176,6 @@ def test_for_budget_walks_log_snr_levels_where_the_chains_spread_sits_in_few_dir
     """Two modes far apart along one axis of 64 (the spread in one direction): UniPC's solves walk levels uniform in
     log-SNR, said in the settings, and the check weighs UniPC on them; spread over every direction (or a denoiser
     given): the integrator's own ramp."""
-    from dlg_sampler.restart import spread_in_few_directions
-
     axis = torch.zeros(2, 64)
     axis[:, 0] = torch.tensor([5.0, -5.0])
     one_direction = GaussianMixture(axis, torch.full((2,), 0.1))

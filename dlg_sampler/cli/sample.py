@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .. import presets
 from ..diagnostics import ess_fraction
-from ..integrators import FITTED, INTEGRATORS, SCHEDULE_WORDS, count_nfe, integrate, vanilla_plan
+from ..integrators import FITTED, INTEGRATORS, SCHEDULE_WORDS, SCHEDULES, count_nfe, integrate, vanilla_plan
 from ..models import make_integrator
 from ..parallel import cpu_processes, process_seed
 from ..restart import RULE
@@ -91,7 +91,7 @@ def sample_parser() -> argparse.ArgumentParser:
                         "kernel: the pilot's choice between unipc on its ramp, its first step from the chains' "
                         "Gaussian, and ipndm on fitted levels, both ending with the solver's own step to 0; unipc "
                         "where n is too small to pay for the check; gibbs kernel: unipc)")
-    k.add_argument("--denoise-schedule", choices=("fitted", "logsnr", "karras"), default=None,
+    k.add_argument("--denoise-schedule", choices=(FITTED, *SCHEDULES), default=None,
                    help="restart kernel: 'fitted' fits the denoising solve's levels to the model once per run "
                         "(GITS-style, on 8 lifted chains, counted in the budget); 'logsnr': levels uniform in "
                         "log-SNR; 'karras': the Karras ramp; default: the integrator's own ramp, or log-SNR levels "
@@ -408,14 +408,14 @@ def _settings_line(sampler: DLGSampler, integrator: str, summary: dict, world: i
     """What ran: the kernel and its level, the denoiser, samples, chains and outputs per chain, and why the chains
     are not n / 20 where the budget raised them to fill the model's calls (of process 0 under accelerate)."""
     tweedie = integrator in INTEGRATORS and sampler.final_step == "tweedie"
-    fitted = SCHEDULE_WORDS[sampler.denoise_schedule] if sampler.denoise_schedule != FITTED or sampler.schedule_fit \
+    levels = SCHEDULE_WORDS[sampler.denoise_schedule] if sampler.denoise_schedule != FITTED or sampler.schedule_fit \
         else ""
     if sampler.tuning and sampler.tuning.get("denoiser"):  # the pilot's choice
-        fitted += f" (chosen by the pilot over {len(sampler.tuning['denoiser']['candidates']) - 1} other)"
+        levels += f" (chosen by the pilot over {len(sampler.tuning['denoiser']['candidates']) - 1} other)"
     longer = f" ({sampler.denoise_steps + 1} in {sampler.extra_step_share:.0%} of the batches)" \
         if sampler.extra_step_share else ""
     gaussian = ", the first from the chains' Gaussian" if sampler.gaussian_first_step else ""
-    steps = f"{integrator} {sampler.denoise_steps} steps{longer}{fitted}" + (
+    steps = f"{integrator} {sampler.denoise_steps} steps{longer}{levels}" + (
         " + Tweedie" if tweedie else " to 0" if integrator in INTEGRATORS else "") + gaussian
     first = f" (the first its warm-up, {sampler.warmup_integrator} {sampler.warmup_steps} steps)" \
         if sampler.warmup_outputs else ""

@@ -78,14 +78,14 @@ def _tune(argv: list[str] | None) -> None:
           f"({f'the {args.preset} preset' if preset else args.model})")
     level = "at the warm-up" if settings["restart_sigma"] is None else f"{settings['restart_sigma']:.4g}"
     ending = " + Tweedie" if settings.get("final_step", "tweedie") == "tweedie" else " to 0"
-    fitted = SCHEDULE_WORDS[settings.get("denoise_schedule")]
+    levels = SCHEDULE_WORDS[settings.get("denoise_schedule")]
     share = settings.get("extra_step_share") or 0
     longer = f" ({settings['denoise_steps'] + 1} in {share:.0%} of the batches)" if share else ""
     returned = ", returned as each chain's first output" if settings.get("warmup_outputs") else ""
     ending += ", the first from the chains' Gaussian" if settings.get("gaussian_first_step") else ""
     print(f"settings: {settings['kernel']} kernel, restart_sigma {level}, {settings['num_chains']} chains "
           f"({args.n / settings['num_chains']:.1f} outputs each), {settings['integrator']} "
-          f"{settings['denoise_steps']} denoising steps{longer}{fitted}{ending}, warm-up {sampler.warmup_integrator} "
+          f"{settings['denoise_steps']} denoising steps{longer}{levels}{ending}, warm-up {sampler.warmup_integrator} "
           f"{settings['warmup_steps']} steps{returned}")
     if tuning.get("denoiser"):
         check = tuning["denoiser"]
