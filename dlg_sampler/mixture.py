@@ -44,6 +44,13 @@ class GaussianMixture:
         weights = torch.arange(1, num_modes + 1, dtype=torch.float64) if unequal_weights else None
         return cls(means, torch.full((num_modes,), std), weights, shape)
 
+    def characteristic_function(self, frequencies: torch.Tensor) -> torch.Tensor:
+        """``E exp(i w . x) = sum_k w_k exp(i w . mu_k - s_k^2 |w|^2 / 2)``: ``frequencies [M, D]`` -> ``[M]``
+        (complex128)."""
+        w = torch.as_tensor(frequencies, dtype=torch.float64)
+        phase = 1j * (w @ self.means.T) - 0.5 * (w * w).sum(1, keepdim=True) * self.stds**2  # [M, K]
+        return (self.weights * torch.exp(phase)).sum(1)
+
     def _flat(self, x: torch.Tensor) -> torch.Tensor:
         return x.reshape(x.shape[0], -1).double()
 

@@ -289,7 +289,7 @@ def test_verdicts_are_paired_by_seed_and_the_frontier_keeps_improvements():
     assert report.pareto([(10, 3.0), (8, 4.0), (12, 3.5), (15, 1.0)]) == [(8, 4.0), (10, 3.0), (15, 1.0)]
 
 
-def test_the_verdict_table_names_the_best_peer_and_stands_only_where_both_references_agree():
+def test_the_verdict_table_names_the_best_peer_and_stands_only_where_both_measures_agree():
     def group(label, kind, budget, ref, ref2, tags=()):
         spec = {"kind": kind, "sampler": label} if kind == "vanilla" else {"kind": kind}
         return report.Group(label, spec, budget, list(tags), {s: {"nfe": budget - 0.5, "fd_ref": a, "fd_ref2": b,
@@ -306,7 +306,7 @@ def test_the_verdict_table_names_the_best_peer_and_stands_only_where_both_refere
     # At 8 the references name different best peers and disagree: no verdict; at 10 both say 2 of 3 seeds.
     assert ("undecided: FD vs model reference wins 3/3 vs UniPC; FD vs 2nd-family reference mixed 1/3 vs "
             "UniPC-3") in text  # UniPC-3 has the better mean on the second reference (1 < 2)
-    assert "| mixed 2/3 vs UniPC, 2 references agree |" in text
+    assert "| mixed 2/3 vs UniPC, 2 measures agree |" in text
     mixture = [group("iPNDM", "vanilla", 8, [2, 2], [2, 2]), group("DLG", "dlg", 8, [1, 1], [1, 1], ["chosen"])]
     for g in mixture:
         for r in g.rows.values():
@@ -314,6 +314,19 @@ def test_the_verdict_table_names_the_best_peer_and_stands_only_where_both_refere
             del r["fd_ref2"], r["class_tv"]
     both = "\n".join(report.overview({"mixture": mixture, "digits": digits}))
     assert "| mixture (sliced W2; the sampler's defaults: for_budget did not run) | wins 2/2 vs iPNDM | - |" in both
+    # Where the MMD to the exact mixture ran beside the sliced W2, both must agree: at 8 they do, at 10 they do not,
+    # at 12 they agree on the word with different counts (both shown).
+    measured = [group("iPNDM", "vanilla", b, [2, 2, 2], [2, 2, 2]) for b in (8, 10, 12)] + \
+        [group("DLG tuned", "tuned", 8, [1, 1, 1], [1, 1, 1], ["tuned"]),
+         group("DLG tuned", "tuned", 10, [1, 1, 1], [3, 1, 3], ["tuned"]),
+         group("DLG tuned", "tuned", 12, [1, 3, 1], [1, 3, 3], ["tuned"])]
+    for g in measured:
+        for r in g.rows.values():
+            r["sw"], r["mmd"], r["mode_tv"] = r.pop("fd_ref"), r.pop("fd_ref2"), r.pop("class_tv")
+    text = "\n".join(report.overview({"mixture": measured}))
+    assert ("| mixture (sliced W2 and MMD to the exact mixture) | wins 3/3 vs iPNDM, 2 measures agree | "
+            "undecided: sliced W2 wins 3/3 vs iPNDM; MMD to the exact mixture mixed 1/3 vs iPNDM | "
+            "mixed 2/3 and 1/3 vs iPNDM, 2 measures agree |") in text
 
 
 def test_the_tuned_target_compares_over_the_tuned_seeds_and_says_what_it_leaves_out():

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from dlg_sampler import GaussianMixture
-from dlg_sampler.metrics import (KernelDistance, class_coverage, frechet_distance, kernel_distance, mode_weight_error,
-                                 precision_recall, sliced_wasserstein)
+from dlg_sampler.metrics import (CharacteristicMMD, KernelDistance, class_coverage, frechet_distance, kernel_distance,
+                                 mode_weight_error, precision_recall, sliced_wasserstein)
 
 
 def gauss(n: int, dim: int, seed: int, shift: float = 0.0, scale: float = 1.0) -> torch.Tensor:
@@ -116,3 +116,39 @@ def test_kernel_distance_is_the_unbiased_mmd_and_its_error_is_right_where_sets_d
     assert 0.6 < np.mean([se for _, se in apart]) / np.std([v for v, _ in apart]) < 1.6
     with pytest.raises(ValueError, match="feature sizes differ"):
         KernelDistance(y)(torch.zeros(5, 3))
+
+
+def test_a_mixtures_characteristic_function_is_the_mean_of_its_samples_phases():
+    mixture = GaussianMixture.random(3, 4, spread=1.5, std=0.4, seed=3)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 4, generator=g, dtype=torch.float64)
+    x = mixture.sample(200_000, generator=g).double()
+    empirical = torch.exp(1j * (x @ w.T)).mean(0)
+    assert (mixture.characteristic_function(w) - empirical).abs().max() < 4 / 200_000**0.5
+
+
+def test_the_mmd_to_a_known_distribution_is_the_all_pairs_u_statistic_centred_on_0_for_its_samples():
+    """Against the pairs formula for its kernel ``mean_m cos(w_m . (x - y))`` (the target's terms from its
+    characteristic function); 0 in expectation for the target's own samples, with no reference sample's noise; and
+    ``se`` tracks the spread of the estimate over fresh draws where the distributions differ."""
+    mixture = GaussianMixture.random(3, 4, spread=1.5, std=0.4, seed=3)
+    shifted = GaussianMixture(mixture.means + 0.3, mixture.stds, mixture.weights)
+    g = torch.Generator().manual_seed(0)
+    mmd = CharacteristicMMD.gaussian(mixture.characteristic_function, 4, bandwidth=0.8, num_frequencies=64,
+                                     generator=g)
+    x = shifted.sample(50, generator=g).double()
+    phase = x @ mmd.frequencies.T  # [N, M]
+    pairs = torch.cos(phase[:, None, :] - phase[None, :, :]).mean(-1)  # k(x_i, x_j)
+    phi = mmd.target
+    cross = (torch.exp(1j * phase) * phi.conj()).real.mean(1)  # E_y k(x_i, y) under the target
+    formula = (pairs.sum() - pairs.diagonal().sum()) / (50 * 49) - 2 * cross.mean() + (phi.abs() ** 2).mean()
+    assert mmd(x)[0] == pytest.approx(float(formula), rel=1e-9)
+    same = [mmd(mixture.sample(500, generator=g))[0] for _ in range(40)]
+    assert abs(np.mean(same)) < 3 * np.std(same) / 40**0.5
+    apart = [mmd(shifted.sample(500, generator=g)) for _ in range(40)]
+    assert np.mean([v for v, _ in apart]) > 10 * np.std(same)
+    assert 0.6 < np.mean([se for _, se in apart]) / np.std([v for v, _ in apart]) < 1.6
+    with pytest.raises(ValueError, match="sample dimensions differ"):
+        mmd(torch.zeros(5, 3))
+    with pytest.raises(ValueError, match="bandwidth must be > 0"):
+        CharacteristicMMD.gaussian(mixture.characteristic_function, 4, bandwidth=0.0)

@@ -15,13 +15,17 @@ from .runs import Store, read_json
 
 RESULTS, META = "results.jsonl", "meta.json"
 #: Metric names in tables and plots (all: lower is better).
-METRIC_NAMES = {"sw": "sliced W2", "mode_tv": "mode-weight TV", "mean_err": "mode mean error (std)",
+METRIC_NAMES = {"sw": "sliced W2", "mmd": "MMD to the exact mixture", "mmd_se": "MMD s.e.", "mode_tv": "mode-weight TV", "mean_err": "mode mean error (std)",
                 "cov_err": "mode cov error (rel.)", "fd_ref": "FD vs model reference",
                 "fd_ref2": "FD vs 2nd-family reference",
                 "kid_ref": "KID vs model reference", "kid_ref_se": "KID s.e.",
                 "fd_real": "FD vs held-out digits", "class_tv": "class-proportion TV"}
 #: Metrics DLG is judged on against the peers, per workload kind (the first one found in the rows is the headline).
-VERDICT_METRICS = (("fd_ref", "fd_ref2", "class_tv"), ("fd_ref", "class_tv"), ("sw", "mode_tv"))
+VERDICT_METRICS = (("fd_ref", "fd_ref2", "class_tv"), ("fd_ref", "class_tv"), ("sw", "mmd", "mode_tv"),
+                   ("sw", "mode_tv"))
+#: The measures a verdict needs to agree on, where they ran (digits: FD against both references; mixtures: the sliced
+#: W2 to exact samples and the MMD to the mixture itself).
+HEADLINE_METRICS = ("fd_ref", "fd_ref2", "sw", "mmd")
 PLOTS_HINT = 'plots need matplotlib: pip install "dlg-sampler[bench]"'
 
 
@@ -281,8 +285,8 @@ def wins_and_losses(groups: list[Group]) -> list[str]:
 
 def _verdict_cell(groups: list[Group], budget: int, metrics: tuple[str, ...]) -> str:
     """DLG as ``for_budget`` configures it (the tuned row; the chosen point where none ran) against the best peer at
-    ``budget`` under each of ``metrics`` (the headline FD, and the FD against the second reference where it ran):
-    one verdict where they agree, both counts where they do not."""
+    ``budget`` under each of ``metrics`` (the workload's ``HEADLINE_METRICS`` that ran): one verdict where they
+    agree, each count where they do not."""
     chosen = next((g for g in groups if "tuned" in g.tags and g.budget == budget), None) or \
         next((g for g in groups if "chosen" in g.tags and g.budget == budget), None)
     found = []
@@ -295,22 +299,23 @@ def _verdict_cell(groups: list[Group], budget: int, metrics: tuple[str, ...]) ->
     if not found:
         return "-"
     if len({(w, peer) for _, w, _, peer in found}) == 1:
-        _, word, count, peer = found[0]
-        both = f", {len(found)} references agree" if len(found) > 1 else ""
-        return f"{word} {count} vs {peer}{both}"
+        _, word, _, peer = found[0]
+        counts = " and ".join(dict.fromkeys(c for _, _, c, _ in found))  # each measure's, where they differ
+        both = f", {len(found)} measures agree" if len(found) > 1 else ""
+        return f"{word} {counts} vs {peer}{both}"
     return "undecided: " + "; ".join(f"{METRIC_NAMES[m]} {w} {c} vs {p}" for m, w, c, p in found)
 
 
 def overview(by_workload: dict[str, list[Group]]) -> list[str]:
     """One verdict table: per workload and budget, DLG as ``for_budget`` configures it (what ``dlg-sample`` runs)
-    against the best of every peer that ran there, paired by seed, on the workload's headline metric (digits: FD
-    against both references)."""
+    against the best of every peer that ran there, paired by seed, on the workload's headline measures (digits: FD
+    against both references; mixtures: sliced W2 and the MMD to the exact mixture)."""
     budgets = sorted({g.budget for gs in by_workload.values() for g in gs
                       if g.kind == "vanilla" and g.spec["sampler"] in PEERS and g.budget is not None})
     lines = []
     for name, groups in by_workload.items():
         vm = verdict_metrics(groups)
-        metrics = tuple(m for m in vm if m.startswith("fd_ref")) or vm[:1]
+        metrics = tuple(m for m in vm if m in HEADLINE_METRICS)
         cells = [_verdict_cell(groups, b, metrics) for b in budgets]
         which = "" if any("tuned" in g.tags for g in groups) else "; the sampler's defaults: for_budget did not run"
         if any(c != "-" for c in cells):
@@ -321,7 +326,9 @@ def overview(by_workload: dict[str, list[Group]]) -> list[str]:
              "DLG as `DLGSampler.for_budget` configures it for the budget and n (what `dlg-sample` runs; the tuned "
              "rows below) against the best peer at each budget (the best mean of every peer that ran there; wins / "
              "loses: better / worse on every paired seed, with the count; details per workload below). "
-             "Where a workload has two references (another solver family), a verdict stands only where both agree.",
+             "Where a workload has two measures (digits: FD against the model reference and against a reference "
+             "from another solver family; mixtures: sliced W2 to exact samples and the MMD to the mixture itself), "
+             "a verdict stands only where both agree.",
              ""] + _table(["workload (metric)"] + [f"{b} NFE" for b in budgets], lines) + [""])
 
 

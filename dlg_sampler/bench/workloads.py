@@ -12,7 +12,7 @@ import torch
 from ..gibbs import NoisePosterior
 from ..integrators import Score
 from ..levels import NoiseLevels
-from ..metrics import KernelDistance, SlicedWasserstein, frechet_distance
+from ..metrics import CharacteristicMMD, KernelDistance, SlicedWasserstein, frechet_distance
 from ..mixture import GaussianMixture
 from .common import class_proportions
 from .reference import SECOND_SAMPLER, SECOND_STEPS, ensure_reference
@@ -22,6 +22,8 @@ from .registry import WORKLOADS, DigitsSpec, MixtureSpec
 EVAL_SEED = 12345
 #: Random projections of the sliced Wasserstein distance (fixed directions for every run).
 SW_PROJECTIONS = 256
+#: Random frequencies of the MMD to the exact mixture (fixed for every run: they define its kernel).
+MMD_FREQUENCIES = 1024
 #: DDPM config (linear betas) the diffusers schedulers run with on the mixtures; sigma range [0.01, 157].
 MIXTURE_SCHEDULER_CONFIG = {"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02,
                             "num_train_timesteps": 1000, "clip_sample": False}
@@ -50,14 +52,16 @@ class Workload:
 
 
 # ----------------------------------------------------------------------------- mixtures
-def mixture_metrics(mixture: GaussianMixture, x: torch.Tensor, reference: SlicedWasserstein) -> dict[str, float]:
+def mixture_metrics(mixture: GaussianMixture, x: torch.Tensor, reference: SlicedWasserstein,
+                    mmd: CharacteristicMMD) -> dict[str, float]:
     """Quality of ``x [N, D]`` against a known mixture; every sample is assigned to its most responsible mode.
 
     ``mode_tv``: total variation between assigned and true mode weights; ``mean_err``: distance of each mode's
     sample mean from its true mean in units of the mode's std; ``cov_err``: Frobenius error of each mode's sample
     covariance relative to the true ``s_k^2 I``; both averaged over modes with the true weights (modes with fewer
     than 2 samples are left out: they show in ``mode_tv``); ``sw``: sliced W2 against the exact samples behind
-    ``reference``.
+    ``reference``; ``mmd``: the squared MMD to the mixture itself (unbiased, no reference sample: ``mmd``, a
+    :class:`CharacteristicMMD`), with its standard error ``mmd_se``.
     """
     xf = x.flatten(1).double()
     labels = mixture.responsibilities(xf).argmax(-1)
@@ -73,7 +77,9 @@ def mixture_metrics(mixture: GaussianMixture, x: torch.Tensor, reference: Sliced
         cov_err += w * float(cov.norm()) / (s2 * xf.shape[1] ** 0.5)
         weight += w
     weight = max(weight, 1e-12)
-    return {"sw": reference(xf), "mode_tv": float(0.5 * (counts / len(xf) - mixture.weights).abs().sum()),
+    mmd2, se = mmd(xf)
+    return {"sw": reference(xf), "mmd": mmd2, "mmd_se": se,
+            "mode_tv": float(0.5 * (counts / len(xf) - mixture.weights).abs().sum()),
             "mean_err": mean_err / weight, "cov_err": cov_err / weight}
 
 
@@ -100,6 +106,10 @@ def mixture_workload(name: str, spec: MixtureSpec, n: int, quick: bool = False) 
     levels = NoiseLevels(spec.sigma_min, spec.sigma_max, 1000)
     reference = SlicedWasserstein(mixture.sample(n, generator=torch.Generator().manual_seed(EVAL_SEED)),
                                   SW_PROJECTIONS, torch.Generator().manual_seed(0))
+    # The Gaussian kernel at the modes' typical within-mode distance (std x sqrt(D)): it sees their shapes, and modes
+    # apart by many stds are told apart.
+    mmd = CharacteristicMMD.gaussian(mixture.characteristic_function, spec.dim, spec.std * spec.dim**0.5,
+                                     MMD_FREQUENCIES, torch.Generator().manual_seed(0))
     posterior: NoisePosterior = mixture.noise_posterior(levels)
     info: dict[str, Any] = {"mixture": f"{spec.modes} modes in {spec.dim}-d, means ~ N(0, {spec.spread}^2 I), "
                                        f"std {spec.std}, weights 1..{spec.modes}; levels {levels!r}"}
@@ -107,7 +117,8 @@ def mixture_workload(name: str, spec: MixtureSpec, n: int, quick: bool = False) 
         posterior, trained = train_mixture_classifier(mixture, levels, quick)
         info.update(trained)
     return Workload(name, mixture.score, posterior, levels, (spec.dim,), MIXTURE_SCHEDULER_CONFIG, n,
-                    lambda x: mixture_metrics(mixture, x, reference), ("sw", "mode_tv", "mean_err", "cov_err"),
+                    lambda x: mixture_metrics(mixture, x, reference, mmd),
+                    ("sw", "mmd", "mode_tv", "mean_err", "cov_err"),
                     exact=lambda m, g: mixture.sample(m, generator=g), info=info)
 
 
