@@ -109,16 +109,33 @@ DENOISER_KEYS = ("integrator", "final_step", "denoise_schedule", "integrator_kwa
 #: (separated at 15: sliced W2 0.161 against 0.159, worse on every seed; wide at 20: better on 1 of 5), where the
 #: Gaussian's error at S outweighs a step.
 GAUSSIAN_MAX_NFE = 12
-#: The largest budget at which the pilot chooses: where denoising error dominates. Above it both candidates land
-#: within about 1% of the data scale of the teacher, the check prefers iPNDM on fitted levels, and UniPC scores better
-#: (``for_budget`` rows, 5 seeds, sliced W2 with the check at every budget against UniPC unchecked: separated mixture
-#: 0.194 / 0.184 against 0.166 / 0.159 at 12 / 15 NFE, 16-d mixture 0.063 against 0.058 at 10): there the first
-#: candidate runs unchecked.
+#: The largest budget at which the pilot chooses between ``DENOISERS``: where denoising error dominates. Above it
+#: both land within about 1% of the data scale of the teacher, the check prefers iPNDM on fitted levels, and UniPC
+#: scores better (``for_budget`` rows, 5 seeds, sliced W2 with that check at every budget against UniPC unchecked:
+#: separated mixture 0.194 / 0.184 against 0.166 / 0.159 at 12 / 15 NFE, 16-d mixture 0.063 against 0.058 at 10),
+#: so above it the fitted levels are not offered.
 CHOICE_MAX_NFE = 8
+#: Above ``CHOICE_MAX_NFE`` the check chooses between UniPC (as ``DENOISERS[0]``, its first step from the chains'
+#: Gaussian up to ``GAUSSIAN_MAX_NFE``) and iPNDM on its own ramp, its first step from the chains' Gaussian
+#: (docs/mixing.md, *The denoiser chosen above 8 NFE*: on the mixtures at 10-20 NFE iPNDM's MMD to the mixture is
+#: a half to a third of UniPC's on every seed, and the check chooses it; on digits and on the separated mixture at
+#: 10 NFE it chooses UniPC, the better there).
+RAMP_DENOISERS = ({"integrator": "unipc", "final_step": "solver", "gaussian_first_step": True},
+                  {"integrator": "ipndm", "final_step": "solver", "gaussian_first_step": True})
 #: Held-out chains on which the pilot compares the denoisers with a teacher, and the teacher's grid of levels.
 CHECK_CHAINS, CHECK_GRID = 8, 32
 #: Seed offset of the check's lift (its own stream: the run's random draws stay as they are).
 CHECK_SEED_OFFSET = 7919
+
+
+def denoisers(nfe: float) -> tuple[dict[str, Any], ...]:
+    """The denoisers the pilot's check chooses between at a budget of ``nfe`` evaluations per sample:
+    ``DENOISERS`` up to ``CHOICE_MAX_NFE``, ``RAMP_DENOISERS`` above (UniPC's Gaussian first step up to
+    ``GAUSSIAN_MAX_NFE``)."""
+    if nfe <= CHOICE_MAX_NFE:
+        return DENOISERS
+    unipc, ipndm = RAMP_DENOISERS
+    return {**unipc, "gaussian_first_step": nfe <= GAUSSIAN_MAX_NFE}, ipndm
 
 
 def longer_batches(share: float, batches: int, first: int = 0) -> int:
@@ -147,10 +164,10 @@ def plan_budget(nfe: float, n: int, *, num_chains: int | None = None, outputs_pe
     ``rounds`` run instead (:func:`full_batches_note` says it in words). Raises a
     ``ValueError`` naming the smallest budget that fits when one output does not. ``outputs_per_chain`` given: exactly
     ``n / outputs_per_chain`` chains (or fewer where the budget is tight), never raised. ``choose_denoiser`` (default:
-    for the restart kernel where no setting of ``DENOISER_KEYS`` is given, ``nfe`` is at most ``CHOICE_MAX_NFE``
-    and the fit and the check cost at most ``PILOT_SHARE`` of the run; otherwise there the first of ``DENOISERS``):
-    the plan prices ``DENOISERS`` (they cost the same per output; the fit and :func:`choose_denoiser`'s check
-    included) and ``denoisers`` lists them.
+    for the restart kernel where no setting of ``DENOISER_KEYS`` is given and the check (and the fit, where a
+    candidate walks fitted levels) cost at most ``PILOT_SHARE`` of the run; otherwise there UniPC, the first of
+    ``DENOISERS``): the plan prices the budget's :func:`denoisers` (they cost the same per output; the fit and
+    :func:`choose_denoiser`'s check included) and ``denoisers`` lists them.
     """
     n = check_steps(n, "n")
     if isinstance(nfe, bool) or not isinstance(nfe, (int, float)) or not math.isfinite(nfe) or nfe <= 0:
@@ -159,16 +176,23 @@ def plan_budget(nfe: float, n: int, *, num_chains: int | None = None, outputs_pe
     kernel = overrides.get("kernel", "restart")
     if choose_denoiser is None:  # chosen where the fit and the check fit the pilot's share, else the first
         auto = kernel == "restart" and not any(k in overrides for k in DENOISER_KEYS)
-        choose_denoiser = auto and nfe <= CHOICE_MAX_NFE and (
-            fit_evaluations(FIT_SAMPLES) + check_evaluations(math.floor(nfe)) <= PILOT_SHARE * n * nfe)
+        fits = any(c.get("denoise_schedule") == FITTED for c in denoisers(nfe))  # a fit is paid whichever wins
+        # One step given leaves nothing to choose (each candidate's is the model's first step).
+        choose_denoiser = auto and overrides.get("denoise_steps", 2) >= 2 and (
+            fits * fit_evaluations(FIT_SAMPLES) + check_evaluations(math.floor(nfe)) <= PILOT_SHARE * n * nfe)
         unchecked = {**DENOISERS[0], "gaussian_first_step": nfe <= GAUSSIAN_MAX_NFE and overrides.get(
             "denoise_steps", 2) >= 2}
+        if choose_denoiser and nfe > CHOICE_MAX_NFE:  # above, only where the check costs the run no chains
+            sizes = dict(n=n, num_chains=num_chains, outputs_per_chain=outputs_per_chain)
+            choose_denoiser = (plan_budget(nfe, **sizes, choose_denoiser=True, **overrides)["settings"]["num_chains"]
+                               >= plan_budget(nfe, **sizes, choose_denoiser=False, **unchecked, **overrides)[
+                                   "settings"]["num_chains"])
         overrides = {**unchecked, **overrides} if auto and not choose_denoiser else overrides
     if kernel == "restart" and "warmup_outputs" not in overrides:
         return _returned_where_it_pays(nfe, n, num_chains=num_chains, outputs_per_chain=outputs_per_chain,
                                        choose_denoiser=choose_denoiser, **overrides)
     if choose_denoiser:
-        overrides = {**DENOISERS[-1], **overrides}  # priced as the fitted one: the fit is paid whichever wins
+        overrides = {**denoisers(nfe)[-1], **overrides}  # priced as the last (fitted levels: the fit is paid)
     # Only restart chains are traded for steps: a Gibbs chain's consecutive outputs are near-copies (mixing.md).
     fewest = min(most, math.ceil(n / MAX_OUTPUTS_PER_CHAIN)) if kernel == "restart" and not num_chains else most
     # Full batches at small n: restart chains raised so that each output round holds about FULL_BATCH samples.
@@ -192,7 +216,7 @@ def plan_budget(nfe: float, n: int, *, num_chains: int | None = None, outputs_pe
     dither = kernel == "restart" and "extra_step_share" not in overrides
 
     def check_cost(steps: int) -> int:
-        """Model evaluations of the pilot's choice between ``DENOISERS`` (none where it is not made)."""
+        """Model evaluations of the pilot's choice between its denoisers (none where it is not made)."""
         return check_evaluations(per_output(steps)) if choose_denoiser else 0
 
     def fit_cost(chains: int) -> int:
@@ -309,7 +333,8 @@ def plan_budget(nfe: float, n: int, *, num_chains: int | None = None, outputs_pe
         "protocol_chains": most, "protocol_rounds": math.ceil(n / most), "protocol_warmup_steps": warmup_steps,
         "protocol_denoise_steps": protocol_steps, "rounds": math.ceil(n / chains)}
     return {"settings": settings, "pilot_chains": pilot_chains, "predicted_nfe_per_sample": predicted,
-            "full_batches": full_batches, "denoisers": [dict(d) for d in DENOISERS] if choose_denoiser else None}
+            "full_batches": full_batches,
+            "denoisers": [dict(d) for d in denoisers(nfe)] if choose_denoiser else None}
 
 
 def _returned_where_it_pays(nfe: float, n: int, **arguments: Any) -> dict[str, Any]:
@@ -424,6 +449,8 @@ def for_budget(cls: type[DLGSampler], score, noise_posterior, *, shape: tuple[in
         if sampler.denoise_schedule == FITTED and (search or plan["denoisers"]):
             sampler.fit_denoise_schedule()
         if plan["denoisers"]:
+            if sampler.x is None:  # no pilot ran: the run's own warm-up, whose last chains the check lifts
+                sampler.warm_up()
             candidates = [{**c, "denoise_schedule": LOGSNR} if few_directions and c.get("denoise_schedule") is None
                           else c for c in plan["denoisers"]]
             denoiser = choose_denoiser(sampler, candidates, seed)

@@ -76,9 +76,11 @@ def test_for_budget_spends_the_saved_evaluation_on_one_more_step():
                for g in (True, False))
     assert on["settings"]["gaussian_first_step"] and on["settings"]["denoise_steps"] == off["settings"][
         "denoise_steps"] + 1
-    # for_budget's own denoiser: UniPC with it up to GAUSSIAN_MAX_NFE, offered to the pilot's check up to 8 NFE
-    assert plan_budget(10, 5000)["settings"]["gaussian_first_step"]
-    assert not plan_budget(GAUSSIAN_MAX_NFE + 1, 5000)["settings"]["gaussian_first_step"]
+    # for_budget's own denoiser unchecked (a small run): UniPC with it up to GAUSSIAN_MAX_NFE; offered to the pilot's
+    # check (UniPC up to 8 NFE, iPNDM on its ramp above: tuning.denoisers) with it
+    assert plan_budget(10, 256)["settings"]["gaussian_first_step"]
+    assert not plan_budget(GAUSSIAN_MAX_NFE + 1, 256)["settings"]["gaussian_first_step"]
+    assert plan_budget(GAUSSIAN_MAX_NFE + 1, 5000)["settings"]["gaussian_first_step"]  # priced as iPNDM's
     assert DENOISERS[0]["gaussian_first_step"] and plan_budget(8, 5000)["denoisers"] == [dict(d) for d in DENOISERS]
     assert not plan_budget(10, 5000, integrator="unipc")["settings"]["gaussian_first_step"]  # a denoiser given
     assert "gaussian_first_step" not in plan_budget(12, 5000, kernel="gibbs")["settings"]

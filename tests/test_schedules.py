@@ -174,21 +174,18 @@ def test_each_teacher_costs_what_fit_evaluations_says_and_ends_on_the_grid(teach
 
 def test_for_budget_walks_log_snr_levels_where_the_chains_spread_sits_in_few_directions():
     """Two modes far apart along one axis of 64 (the spread in one direction): UniPC's solves walk levels uniform in
-    log-SNR, said in the settings, and the check weighs UniPC on them; spread over every direction (or a denoiser
-    given): the integrator's own ramp."""
+    log-SNR, said in the settings, and the check weighs the ramps' candidates on them; spread over every direction (or
+    a denoiser given): the integrator's own ramp."""
     axis = torch.zeros(2, 64)
     axis[:, 0] = torch.tensor([5.0, -5.0])
     one_direction = GaussianMixture(axis, torch.full((2,), 0.1))
     spread = GaussianMixture.random(4, 64, spread=3.0, std=0.3, seed=0)
-    for nfe in (10, 6):  # unchecked UniPC; the check between UniPC and iPNDM on fitted levels
+    for nfe in (10, 6):  # the check between UniPC and iPNDM on their ramps; UniPC and iPNDM on fitted levels
         s = DLGSampler.for_budget(one_direction.score, None, shape=(64,), nfe=nfe, n=20000, seed=0, levels=LEVELS)
         assert spread_in_few_directions(s.x)
-        if nfe == 10:
-            assert s.denoise_schedule == "logsnr" and s.tuning["denoiser"] is None
-        else:
-            candidates = s.tuning["denoiser"]["candidates"]
-            assert [c.get("denoise_schedule") for c in candidates] == ["logsnr", "fitted"]
-            assert s.denoise_schedule == s.tuning["denoiser"]["chosen"]["denoise_schedule"]
+        candidates = s.tuning["denoiser"]["candidates"]
+        assert [c.get("denoise_schedule") for c in candidates] == ["logsnr", "logsnr" if nfe == 10 else "fitted"]
+        assert s.denoise_schedule == s.tuning["denoiser"]["chosen"]["denoise_schedule"]
         assert s.tuning["settings"]["denoise_schedule"] == s.denoise_schedule
         wide = DLGSampler.for_budget(spread.score, None, shape=(64,), nfe=nfe, n=20000, seed=0, levels=LEVELS)
         assert not spread_in_few_directions(wide.x)

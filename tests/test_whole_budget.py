@@ -12,7 +12,8 @@ from dlg_sampler.integrators import count_nfe, fit_evaluations, fit_schedule
 from dlg_sampler.levels import NoiseLevels
 from dlg_sampler.mixture import GaussianMixture
 from dlg_sampler.testing import CountingScore
-from dlg_sampler.tuning import CHECK_CHAINS, CHOICE_MAX_NFE, DENOISERS, check_evaluations, choose_denoiser, plan_budget
+from dlg_sampler.tuning import (CHECK_CHAINS, CHOICE_MAX_NFE, DENOISERS, GAUSSIAN_MAX_NFE, RAMP_DENOISERS,
+                                check_evaluations, choose_denoiser, denoisers, plan_budget)
 
 MIXTURE = GaussianMixture.random(4, 8, spread=3.0, std=0.3, seed=0)
 LEVELS = NoiseLevels(0.01, 80.0)
@@ -171,11 +172,41 @@ def test_the_plan_prices_the_choice_where_the_run_can_pay_for_it():
     assert unchecked["settings"]["extra_step_share"] > settings["extra_step_share"]
     small = plan_budget(6, 256)  # ... is more than 5% of a small run: the first candidate, unchecked
     assert small["denoisers"] is None and {k: small["settings"][k] for k in DENOISERS[0]} == DENOISERS[0]
-    above = plan_budget(CHOICE_MAX_NFE + 1, 20000)  # above the budgets where denoising error dominates: the same
-    assert above["denoisers"] is None and {k: above["settings"][k] for k in DENOISERS[0]} == DENOISERS[0]
+    above = plan_budget(CHOICE_MAX_NFE + 1, 20000)  # above: UniPC and iPNDM on their ramps, no fit to pay
+    assert above["denoisers"] == [dict(d) for d in denoisers(CHOICE_MAX_NFE + 1)] == [dict(d) for d in RAMP_DENOISERS]
+    assert above["settings"].get("denoise_schedule") is None and above["settings"]["integrator"] == "ipndm"
+    assert denoisers(GAUSSIAN_MAX_NFE + 1)[0] == {**RAMP_DENOISERS[0], "gaussian_first_step": False}
+    small_above = plan_budget(10, 256)  # the README's run: the check would be a fifth of it
+    assert small_above["denoisers"] is None and small_above["settings"]["integrator"] == "unipc"
     given = plan_budget(6, 5000, integrator="unipc")
     assert given["denoisers"] is None and given["settings"].get("final_step") is None  # given: taken as given
     assert plan_budget(12, 5000, kernel="gibbs")["denoisers"] is None
+
+
+def test_above_8_nfe_the_pilot_chooses_between_the_ramps_and_every_evaluation_is_counted():
+    counted = CountingScore(MIXTURE.score)
+    n = 5000
+    sampler = DLGSampler.for_budget(counted, None, shape=(8,), nfe=12, n=n, seed=0, levels=LEVELS)
+    check, settings = sampler.tuning["denoiser"], sampler.tuning["settings"]
+    assert check["candidates"] == [dict(d) for d in RAMP_DENOISERS] and check["evaluations"] > 0
+    assert {k: settings[k] for k in check["chosen"]} == check["chosen"] and sampler.schedule_fit is None
+    assert DLGSampler.for_budget(MIXTURE.score, None, shape=(8,), nfe=12, n=n, seed=0, levels=LEVELS
+                                 ).tuning == sampler.tuning  # deterministic under the seed
+    sampler.sample(n)
+    assert counted.evaluations / n <= 12 and sampler.stats["nfe_per_sample"] == pytest.approx(counted.evaluations / n)
+    assert sampler.stats["nfe_split"]["pilot"] * n >= check["evaluations"]  # the check is in the pilot's share
+    # Too small a run for a pilot: the check lifts the run's own warmed-up chains, still within the budget; where the
+    # check would cost the run chains (n = 2000 at 20 NFE: 69 -> 16), UniPC runs unchecked.
+    counted = CountingScore(MIXTURE.score)
+    small = DLGSampler.for_budget(counted, None, shape=(8,), nfe=10, n=1000, seed=0, levels=LEVELS)
+    assert small.tuning["pilot"]["chains"] == 0 and small.tuning["denoiser"]["evaluations"] > 0
+    small.sample(1000)
+    assert counted.evaluations / 1000 == pytest.approx(small.tuning["predicted_nfe_per_sample"])
+    assert counted.evaluations / 1000 <= 10
+    crowded = plan_budget(20, 2000, outputs_per_chain=20)
+    assert crowded["denoisers"] is None and crowded["settings"]["integrator"] == "unipc"
+    assert plan_budget(20, 2000, outputs_per_chain=20, choose_denoiser=True)["settings"]["num_chains"] < crowded[
+        "settings"]["num_chains"]
 
 
 def test_choose_denoiser_takes_the_candidate_closest_to_the_teacher_and_counts_it():

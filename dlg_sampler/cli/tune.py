@@ -117,7 +117,7 @@ def _tune(argv: list[str] | None) -> None:
 
 
 def _denoiser_name(settings: dict) -> str:
-    """``unipc``, ``ipndm on fitted levels`` ...: a candidate of ``tuning.DENOISERS`` in words."""
+    """``unipc``, ``ipndm on fitted levels`` ...: a candidate of ``tuning.denoisers(nfe)`` in words."""
     return settings["integrator"] + SCHEDULE_WORDS[settings.get("denoise_schedule")]
 
 
