@@ -120,8 +120,7 @@ CHOICE_MAX_NFE = 8
 #: (docs/mixing.md, *The denoiser chosen above 8 NFE*: on the mixtures at 10-20 NFE iPNDM's MMD to the mixture is
 #: a half to a third of UniPC's on every seed, and the check chooses it; on digits and on the separated mixture at
 #: 10 NFE it chooses UniPC, the better there).
-RAMP_DENOISERS = ({"integrator": "unipc", "final_step": "solver", "gaussian_first_step": True},
-                  {"integrator": "ipndm", "final_step": "solver", "gaussian_first_step": True})
+RAMP_DENOISERS = (DENOISERS[0], {"integrator": "ipndm", "final_step": "solver", "gaussian_first_step": True})
 #: Held-out chains on which the pilot compares the denoisers with a teacher, and the teacher's grid of levels.
 CHECK_CHAINS, CHECK_GRID = 8, 32
 #: Seed offset of the check's lift (its own stream: the run's random draws stay as they are).

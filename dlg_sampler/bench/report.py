@@ -15,7 +15,8 @@ from .runs import Store, read_json
 
 RESULTS, META = "results.jsonl", "meta.json"
 #: Metric names in tables and plots (all: lower is better).
-METRIC_NAMES = {"sw": "sliced W2", "mmd": "MMD to the exact mixture", "mmd_se": "MMD s.e.", "mode_tv": "mode-weight TV", "mean_err": "mode mean error (std)",
+METRIC_NAMES = {"sw": "sliced W2", "mmd": "MMD to the exact mixture", "mmd_se": "MMD s.e.",
+                "mode_tv": "mode-weight TV", "mean_err": "mode mean error (std)",
                 "cov_err": "mode cov error (rel.)", "fd_ref": "FD vs model reference",
                 "fd_ref2": "FD vs 2nd-family reference",
                 "kid_ref": "KID vs model reference", "kid_ref_se": "KID s.e.",
