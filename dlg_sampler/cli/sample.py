@@ -89,8 +89,9 @@ def sample_parser() -> argparse.ArgumentParser:
                    help="denoising integrator: one of the core names or a diffusers scheduler class name "
                         "(configured from the pipeline's scheduler), e.g. UniPCMultistepScheduler (default, restart "
                         "kernel: the pilot's choice between unipc on its ramp, its first step from the chains' "
-                        "Gaussian, and ipndm on fitted levels, both ending with the solver's own step to 0; unipc "
-                        "where n is too small to pay for the check; gibbs kernel: unipc)")
+                        "Gaussian, and ipndm on fitted levels (above 8 NFE: ipndm on its ramp from the chains' "
+                        "Gaussian), both ending with the solver's own step to 0; unipc where n is too small to pay "
+                        "for the check; gibbs kernel: unipc)")
     k.add_argument("--denoise-schedule", choices=(FITTED, *SCHEDULES), default=None,
                    help="restart kernel: 'fitted' fits the denoising solve's levels to the model once per run "
                         "(GITS-style, on 8 lifted chains, counted in the budget); 'logsnr': levels uniform in "
