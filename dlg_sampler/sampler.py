@@ -171,7 +171,9 @@ class DLGSampler:
         gibbs_steps: Gibbs sweeps per batch (Gibbs kernel; paper: 10).
         step_size: Langevin step ``eta`` (Gibbs kernel; paper, CIFAR-10 in [0, 1]: 0.8); it sets the working level.
         sigma_mode: ``"argmax"`` (paper) or ``"sample"`` (Gibbs kernel).
-        tweedie_sigma: level of the final Tweedie step (default: the grid's ``sigma_min``, the paper's 0.01).
+        tweedie_sigma: level of the final Tweedie step (default: the grid's ``sigma_min``, the paper's 0.01); with
+            ``final_step="solver"``, where the ramp ends (its last level, replaced by 0; ``for_budget``'s check
+            offers it and 3x it, ``tuning.RAMP_ENDS``).
         final_step: how each solve ends (core integrators): ``"tweedie"`` (the paper's: to ``tweedie_sigma``, then
             the Tweedie step there) or ``"solver"`` (the Tweedie evaluation spent on one more solver level, whose
             last step to 0 uses the solver's own data prediction; same NFE). Default ``FINAL_STEP``.

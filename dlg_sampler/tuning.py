@@ -121,20 +121,31 @@ CHOICE_MAX_NFE = 8
 #: a half to a third of UniPC's on every seed, and the check chooses it; on digits and on the separated mixture at
 #: 10 NFE it chooses UniPC, the better there).
 RAMP_DENOISERS = (DENOISERS[0], {"integrator": "ipndm", "final_step": "solver", "gaussian_first_step": True})
+#: Where the check's ramps end, in multiples of the run's ``tweedie_sigma`` (the grid's lowest level unless given):
+#: the solver's last step to 0 leaves from the level above it, and a ramp that ends at the lowest level spends its
+#: last steps where the data is already resolved. Each ramp candidate is offered at each end (fitted levels at the
+#: run's own: they are fitted to it). Measured (docs/mixing.md, *Where the ramp ends*): at 8 NFE the MMD of
+#: ``for_budget``'s samples to the mixture falls 3.50 -> 0.91 (16-d) and 2.09 -> 0.57 (wide) with the end at 3x, and
+#: rises 1.10 -> 5.91 on the separated mixture, whose modes are tightest; the check tells them apart on every seed.
+RAMP_ENDS = (1.0, 3.0)
 #: Held-out chains on which the pilot compares the denoisers with a teacher, and the teacher's grid of levels.
 CHECK_CHAINS, CHECK_GRID = 8, 32
 #: Seed offset of the check's lift (its own stream: the run's random draws stay as they are).
 CHECK_SEED_OFFSET = 7919
 
 
-def denoisers(nfe: float) -> tuple[dict[str, Any], ...]:
+def denoisers(nfe: float, ramp_ends: tuple[float, ...] = RAMP_ENDS) -> tuple[dict[str, Any], ...]:
     """The denoisers the pilot's check chooses between at a budget of ``nfe`` evaluations per sample:
     ``DENOISERS`` up to ``CHOICE_MAX_NFE``, ``RAMP_DENOISERS`` above (UniPC's Gaussian first step up to
-    ``GAUSSIAN_MAX_NFE``)."""
+    ``GAUSSIAN_MAX_NFE``); each one on a ramp at each of ``ramp_ends`` (``"ramp_end"``: a multiple of the run's
+    ``tweedie_sigma``, absent for 1), fitted levels at the run's own."""
     if nfe <= CHOICE_MAX_NFE:
-        return DENOISERS
-    unipc, ipndm = RAMP_DENOISERS
-    return {**unipc, "gaussian_first_step": nfe <= GAUSSIAN_MAX_NFE}, ipndm
+        base = DENOISERS
+    else:
+        unipc, ipndm = RAMP_DENOISERS
+        base = {**unipc, "gaussian_first_step": nfe <= GAUSSIAN_MAX_NFE}, ipndm
+    return tuple(c if end == 1 else {**c, "ramp_end": end} for c in base
+                 for end in (ramp_ends if c.get("denoise_schedule") != FITTED else (1.0,)))
 
 
 def longer_batches(share: float, batches: int, first: int = 0) -> int:
@@ -145,7 +156,7 @@ def longer_batches(share: float, batches: int, first: int = 0) -> int:
     return math.floor((first + batches) * share + 1e-9) - math.floor(first * share + 1e-9)
 
 
-def check_evaluations(steps_cost: int, candidates: int = len(DENOISERS)) -> int:
+def check_evaluations(steps_cost: int, candidates: int) -> int:
     """Model evaluations of :func:`choose_denoiser`: the teacher's solve of ``CHECK_CHAINS`` chains and each
     candidate's (``steps_cost`` evaluations per chain)."""
     return fit_evaluations(CHECK_CHAINS, grid=CHECK_GRID) + CHECK_CHAINS * steps_cost * candidates
@@ -173,12 +184,15 @@ def plan_budget(nfe: float, n: int, *, num_chains: int | None = None, outputs_pe
         raise ValueError(f"nfe must be a positive number of model evaluations per sample, got {nfe!r}.")
     most = check_steps(num_chains or min(n, math.ceil(n / (outputs_per_chain or OUTPUTS_PER_CHAIN))), "num_chains")
     kernel = overrides.get("kernel", "restart")
+    # A given tweedie_sigma is where the ramps end: the check offers no other end.
+    candidates = denoisers(nfe, (1.0,) if "tweedie_sigma" in overrides else RAMP_ENDS)
     if choose_denoiser is None:  # chosen where the fit and the check fit the pilot's share, else the first
         auto = kernel == "restart" and not any(k in overrides for k in DENOISER_KEYS)
-        fits = any(c.get("denoise_schedule") == FITTED for c in denoisers(nfe))  # a fit is paid whichever wins
+        fits = any(c.get("denoise_schedule") == FITTED for c in candidates)  # a fit is paid whichever wins
         # One step given leaves nothing to choose (each candidate's is the model's first step).
         choose_denoiser = auto and overrides.get("denoise_steps", 2) >= 2 and (
-            fits * fit_evaluations(FIT_SAMPLES) + check_evaluations(math.floor(nfe)) <= PILOT_SHARE * n * nfe)
+            fits * fit_evaluations(FIT_SAMPLES) + check_evaluations(math.floor(nfe), len(candidates))
+            <= PILOT_SHARE * n * nfe)
         unchecked = {**DENOISERS[0], "gaussian_first_step": nfe <= GAUSSIAN_MAX_NFE and overrides.get(
             "denoise_steps", 2) >= 2}
         if choose_denoiser and nfe > CHOICE_MAX_NFE:  # above, only where the check costs the run no chains
@@ -191,7 +205,8 @@ def plan_budget(nfe: float, n: int, *, num_chains: int | None = None, outputs_pe
         return _returned_where_it_pays(nfe, n, num_chains=num_chains, outputs_per_chain=outputs_per_chain,
                                        choose_denoiser=choose_denoiser, **overrides)
     if choose_denoiser:
-        overrides = {**denoisers(nfe)[-1], **overrides}  # priced as the last (fitted levels: the fit is paid)
+        # Priced as the last plain candidate (fitted levels: the fit is paid); they cost the same per output.
+        overrides = {**next(c for c in reversed(candidates) if "ramp_end" not in c), **overrides}
     # Only restart chains are traded for steps: a Gibbs chain's consecutive outputs are near-copies (mixing.md).
     fewest = min(most, math.ceil(n / MAX_OUTPUTS_PER_CHAIN)) if kernel == "restart" and not num_chains else most
     # Full batches at small n: restart chains raised so that each output round holds about FULL_BATCH samples.
@@ -216,7 +231,7 @@ def plan_budget(nfe: float, n: int, *, num_chains: int | None = None, outputs_pe
 
     def check_cost(steps: int) -> int:
         """Model evaluations of the pilot's choice between its denoisers (none where it is not made)."""
-        return check_evaluations(per_output(steps)) if choose_denoiser else 0
+        return check_evaluations(per_output(steps), len(candidates)) if choose_denoiser else 0
 
     def fit_cost(chains: int) -> int:
         """Model evaluations of the denoising schedule's fit on the first chains (``denoise_schedule="fitted"``)."""
@@ -333,7 +348,7 @@ def plan_budget(nfe: float, n: int, *, num_chains: int | None = None, outputs_pe
         "protocol_denoise_steps": protocol_steps, "rounds": math.ceil(n / chains)}
     return {"settings": settings, "pilot_chains": pilot_chains, "predicted_nfe_per_sample": predicted,
             "full_batches": full_batches,
-            "denoisers": [dict(d) for d in denoisers(nfe)] if choose_denoiser else None}
+            "denoisers": [dict(d) for d in candidates] if choose_denoiser else None}
 
 
 def _returned_where_it_pays(nfe: float, n: int, **arguments: Any) -> dict[str, Any]:
@@ -425,7 +440,11 @@ def for_budget(cls: type[DLGSampler], score, noise_posterior, *, shape: tuple[in
             progress_bar.total = ((sampler.planned_nfe(0) if plan["pilot_chains"] else 0)
                                   + plan["pilot_chains"] * _pilot_cost(sampler)
                                   + (fit_evaluations(min(sampler.fit_samples, sampler.num_chains))
-                                     if sampler.denoise_schedule == FITTED else 0))
+                                     if sampler.denoise_schedule == FITTED else 0)
+                                  + (check_evaluations(count_nfe(sampler.integrator, sampler.denoise_steps,
+                                                                 dlg=True, final_step=sampler.final_step)
+                                                       - sampler._gaussian_first(), len(plan["denoisers"]))
+                                     if plan["denoisers"] else 0))
         sampler.score.bar = progress_bar
         try:
             if plan["pilot_chains"]:
@@ -452,6 +471,9 @@ def for_budget(cls: type[DLGSampler], score, noise_posterior, *, shape: tuple[in
                 sampler.warm_up()
             candidates = [{**c, "denoise_schedule": LOGSNR} if few_directions and c.get("denoise_schedule") is None
                           else c for c in plan["denoisers"]]
+            # Each ramp's end as a level: its multiple of the run's tweedie_sigma.
+            candidates = [{**{k: v for k, v in c.items() if k != "ramp_end"},
+                           "tweedie_sigma": c.get("ramp_end", 1.0) * sampler.tweedie_sigma} for c in candidates]
             denoiser = choose_denoiser(sampler, candidates, seed)
     finally:
         sampler.score.bar = None
@@ -468,7 +490,7 @@ def for_budget(cls: type[DLGSampler], score, noise_posterior, *, shape: tuple[in
                      "denoise_steps": sampler.denoise_steps, "gaussian_first_step": sampler.gaussian_first_step,
                      "integrator": integrator if isinstance(integrator, str) else type(integrator).__name__,
                      "final_step": sampler.final_step, "denoise_schedule": sampler.denoise_schedule,
-                     "restart_sigma": sampler.restart_sigma},
+                     "tweedie_sigma": sampler.tweedie_sigma, "restart_sigma": sampler.restart_sigma},
         "denoiser": denoiser,
         "predicted_nfe_per_sample": plan["predicted_nfe_per_sample"], "pilot": pilot,
         "schedule_fit": schedule_fit, "full_batches": plan["full_batches"],
@@ -537,12 +559,13 @@ def _pilot(sampler: DLGSampler, chains: int, target_lag1: float, seed: int | Non
 
 @torch.no_grad()
 def choose_denoiser(sampler: DLGSampler, candidates: list[dict[str, Any]], seed: int | None) -> dict[str, Any]:
-    """Set the sampler's denoiser to the candidate (settings of ``DENOISER_KEYS``) whose outputs land closest to a
-    teacher's: ``CHECK_CHAINS`` warmed-up chains not used by the fit (the last ones) are lifted to ``restart_sigma``,
-    solved by the fit's teacher on ``CHECK_GRID`` levels down to ``tweedie_sigma`` and by each candidate at the
-    sampler's evaluations per output (its ``steps``: one more where its first step is the chains' Gaussian); the
-    median over chains of the RMS distance (relative to the data scale) decides, robust to the odd chain that changes
-    mode. Counted as ``pilot``; returns each candidate's distance and steps, and the choice."""
+    """Set the sampler's denoiser to the candidate (settings of ``DENOISER_KEYS``, and ``tweedie_sigma``: where its
+    ramp ends, ``RAMP_ENDS``) whose outputs land closest to a teacher's: ``CHECK_CHAINS`` warmed-up chains not used
+    by the fit (the last ones) are lifted to ``restart_sigma``, solved by the fit's teacher on ``CHECK_GRID`` levels
+    down to the run's ``tweedie_sigma`` and by each candidate at the sampler's evaluations per output (its ``steps``:
+    one more where its first step is the chains' Gaussian); the median over chains of the RMS distance (relative to
+    the data scale) decides, robust to the odd chain that changes mode. Counted as ``pilot``; returns each
+    candidate's distance and steps, and the choice."""
     chains = torch.arange(max(0, sampler.num_chains - CHECK_CHAINS), sampler.num_chains, device=sampler.device)
     g = torch.Generator(sampler.device).manual_seed(CHECK_SEED_OFFSET + (0 if seed is None else seed))
     lifted, level = sampler._lift(chains, g)

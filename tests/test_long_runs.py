@@ -181,3 +181,23 @@ def test_tuning_is_stored_with_the_shards_and_restored_on_resume(mixture_run, ca
     assert counter["evaluations"] == sum(last["counts"][k] - before[k] for k in phases) > 0
     bar = counter["bars"].pop()  # the resumed bar starts where the interrupted job stood
     assert bar.initial == sum(before[k] for k in phases) and bar.n == bar.total == sum(last["counts"][k] for k in phases)
+
+
+def test_a_resumed_run_ends_its_ramps_where_the_pilot_chose(mixture_run, capsys):
+    """The pilot's check chose where the ramps end (3x the grid's lowest level at 12 NFE on this mixture): said in
+    the settings line, stored with the tuning, and a run killed after two shards resumes to the same samples."""
+    sample, counter = mixture_run
+    full = sample("full", "--nfe", "12")
+    assert "(3x the lowest level)" in capsys.readouterr().out
+    manifest = json.loads((full / "manifest.json").read_text())
+    tuning = manifest["config"]["tuning"]
+    assert tuning["settings"]["tweedie_sigma"] == tuning["denoiser"]["chosen"]["tweedie_sigma"] == pytest.approx(0.03)
+    killed = full.parent / "killed"
+    shutil.copytree(full, killed)
+    for entry in manifest["shards"][2:]:
+        (killed / entry["file"]).unlink()
+    (killed / "manifest.json").write_text(json.dumps({**manifest, "shards": manifest["shards"][:2], "count": 1000}))
+    sample("killed", "--nfe", "12")
+    out = capsys.readouterr().out
+    assert "resuming" in out and "(3x the lowest level)" in out
+    assert torch.equal(read_samples(killed), read_samples(full))

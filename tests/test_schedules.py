@@ -14,6 +14,7 @@ from dlg_sampler.integrators import (candidate_grid, cheapest_path, count_nfe, f
                                      get_schedule, get_sigmas_karras, hop_costs, integrate, path_cost,
                                      teacher_trajectory, vanilla_plan)
 from dlg_sampler.testing import CountingScore
+from dlg_sampler.tuning import RAMP_ENDS
 
 MIXTURE = GaussianMixture.random(4, 8, spread=3.0, std=0.3, seed=0)
 LEVELS = NoiseLevels(0.01, 80.0)
@@ -184,7 +185,8 @@ def test_for_budget_walks_log_snr_levels_where_the_chains_spread_sits_in_few_dir
         s = DLGSampler.for_budget(one_direction.score, None, shape=(64,), nfe=nfe, n=20000, seed=0, levels=LEVELS)
         assert spread_in_few_directions(s.x)
         candidates = s.tuning["denoiser"]["candidates"]
-        assert [c.get("denoise_schedule") for c in candidates] == ["logsnr", "logsnr" if nfe == 10 else "fitted"]
+        assert [c.get("denoise_schedule") for c in candidates] == ["logsnr"] * len(RAMP_ENDS) * (
+            2 if nfe == 10 else 1) + ([] if nfe == 10 else ["fitted"])  # each ramp at each end
         assert s.denoise_schedule == s.tuning["denoiser"]["chosen"]["denoise_schedule"]
         assert s.tuning["settings"]["denoise_schedule"] == s.denoise_schedule
         wide = DLGSampler.for_budget(spread.score, None, shape=(64,), nfe=nfe, n=20000, seed=0, levels=LEVELS)

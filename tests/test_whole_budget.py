@@ -12,7 +12,7 @@ from dlg_sampler.integrators import count_nfe, fit_evaluations, fit_schedule
 from dlg_sampler.levels import NoiseLevels
 from dlg_sampler.mixture import GaussianMixture
 from dlg_sampler.testing import CountingScore
-from dlg_sampler.tuning import (CHECK_CHAINS, CHOICE_MAX_NFE, DENOISERS, GAUSSIAN_MAX_NFE, RAMP_DENOISERS,
+from dlg_sampler.tuning import (CHECK_CHAINS, CHOICE_MAX_NFE, DENOISERS, GAUSSIAN_MAX_NFE, RAMP_DENOISERS, RAMP_ENDS,
                                 check_evaluations, choose_denoiser, denoisers, plan_budget)
 
 MIXTURE = GaussianMixture.random(4, 8, spread=3.0, std=0.3, seed=0)
@@ -163,7 +163,8 @@ def test_fitted_levels_serve_both_step_counts_from_one_teacher_solve():
 # ----------------------------------------------------------------------------- the denoiser chosen by the pilot
 def test_the_plan_prices_the_choice_where_the_run_can_pay_for_it():
     chosen = plan_budget(6, 5000)
-    assert chosen["denoisers"] == [dict(d) for d in DENOISERS]
+    assert chosen["denoisers"] == [dict(d) for d in denoisers(6)] == [
+        dict(DENOISERS[0]), {**DENOISERS[0], "ramp_end": RAMP_ENDS[1]}, dict(DENOISERS[1])]  # fitted: one end
     settings = chosen["settings"]  # priced as the fitted candidate: its fit and the check are in the budget
     assert settings["denoise_schedule"] == "fitted" and settings["final_step"] == "solver"
     assert chosen["predicted_nfe_per_sample"] <= 6
@@ -173,7 +174,8 @@ def test_the_plan_prices_the_choice_where_the_run_can_pay_for_it():
     small = plan_budget(6, 256)  # ... is more than 5% of a small run: the first candidate, unchecked
     assert small["denoisers"] is None and {k: small["settings"][k] for k in DENOISERS[0]} == DENOISERS[0]
     above = plan_budget(CHOICE_MAX_NFE + 1, 20000)  # above: UniPC and iPNDM on their ramps, no fit to pay
-    assert above["denoisers"] == [dict(d) for d in denoisers(CHOICE_MAX_NFE + 1)] == [dict(d) for d in RAMP_DENOISERS]
+    assert above["denoisers"] == [dict(d) for d in denoisers(CHOICE_MAX_NFE + 1)] == [
+        {**c, "ramp_end": end} if end != 1 else dict(c) for c in RAMP_DENOISERS for end in RAMP_ENDS]
     assert above["settings"].get("denoise_schedule") is None and above["settings"]["integrator"] == "ipndm"
     assert denoisers(GAUSSIAN_MAX_NFE + 1)[0] == {**RAMP_DENOISERS[0], "gaussian_first_step": False}
     small_above = plan_budget(10, 256)  # the README's run: the check would be a fifth of it
@@ -188,7 +190,8 @@ def test_above_8_nfe_the_pilot_chooses_between_the_ramps_and_every_evaluation_is
     n = 5000
     sampler = DLGSampler.for_budget(counted, None, shape=(8,), nfe=12, n=n, seed=0, levels=LEVELS)
     check, settings = sampler.tuning["denoiser"], sampler.tuning["settings"]
-    assert check["candidates"] == [dict(d) for d in RAMP_DENOISERS] and check["evaluations"] > 0
+    assert check["candidates"] == [{**c, "tweedie_sigma": end * LEVELS.sigma_min} for c in RAMP_DENOISERS
+                                   for end in RAMP_ENDS] and check["evaluations"] > 0
     assert {k: settings[k] for k in check["chosen"]} == check["chosen"] and sampler.schedule_fit is None
     assert DLGSampler.for_budget(MIXTURE.score, None, shape=(8,), nfe=12, n=n, seed=0, levels=LEVELS
                                  ).tuning == sampler.tuning  # deterministic under the seed
@@ -196,17 +199,46 @@ def test_above_8_nfe_the_pilot_chooses_between_the_ramps_and_every_evaluation_is
     assert counted.evaluations / n <= 12 and sampler.stats["nfe_per_sample"] == pytest.approx(counted.evaluations / n)
     assert sampler.stats["nfe_split"]["pilot"] * n >= check["evaluations"]  # the check is in the pilot's share
     # Too small a run for a pilot: the check lifts the run's own warmed-up chains, still within the budget; where the
-    # check would cost the run chains (n = 2000 at 20 NFE: 69 -> 16), UniPC runs unchecked.
+    # check would cost the run chains (n = 2500 at 20 NFE: 125 -> 25), UniPC runs unchecked.
     counted = CountingScore(MIXTURE.score)
-    small = DLGSampler.for_budget(counted, None, shape=(8,), nfe=10, n=1000, seed=0, levels=LEVELS)
+    small = DLGSampler.for_budget(counted, None, shape=(8,), nfe=15, n=1000, seed=0, levels=LEVELS)
     assert small.tuning["pilot"]["chains"] == 0 and small.tuning["denoiser"]["evaluations"] > 0
     small.sample(1000)
     assert counted.evaluations / 1000 == pytest.approx(small.tuning["predicted_nfe_per_sample"])
-    assert counted.evaluations / 1000 <= 10
-    crowded = plan_budget(20, 2000, outputs_per_chain=20)
+    assert counted.evaluations / 1000 <= 15
+    crowded = plan_budget(20, 2500, outputs_per_chain=20)
     assert crowded["denoisers"] is None and crowded["settings"]["integrator"] == "unipc"
-    assert plan_budget(20, 2000, outputs_per_chain=20, choose_denoiser=True)["settings"]["num_chains"] < crowded[
+    assert plan_budget(20, 2500, outputs_per_chain=20, choose_denoiser=True)["settings"]["num_chains"] < crowded[
         "settings"]["num_chains"]
+
+
+def test_the_check_offers_each_ramp_at_each_end_and_the_run_ends_its_solves_at_the_chosen_one():
+    # Tight modes (std 0.3) are resolved only near the grid's lowest level, broad ones (std 1) well above it: the
+    # teacher tells UniPC's two ends apart in opposite directions.
+    broad = GaussianMixture.random(4, 8, spread=3.0, std=1.0, seed=0)
+    for mixture, closer in ((MIXTURE, 1.0), (broad, RAMP_ENDS[1])):
+        counted = CountingScore(mixture.score)
+        sampler = DLGSampler.for_budget(counted, None, shape=(8,), nfe=8, n=5000, seed=0, levels=LEVELS)
+        check = sampler.tuning["denoiser"]
+        ends = {c["tweedie_sigma"]: d for c, d in zip(check["candidates"], check["distances"])
+                if c["integrator"] == "unipc"}
+        assert set(ends) == {end * LEVELS.sigma_min for end in RAMP_ENDS}
+        assert min(ends, key=ends.get) == closer * LEVELS.sigma_min
+        assert sampler.tweedie_sigma == check["chosen"]["tweedie_sigma"] == sampler.tuning["settings"]["tweedie_sigma"]
+        fitted = next(c for c in check["candidates"] if c.get("denoise_schedule") == "fitted")
+        assert fitted["tweedie_sigma"] == LEVELS.sigma_min  # fitted levels: at the run's own end only
+        per_output = count_nfe(sampler.integrator, sampler.denoise_steps, dlg=True, final_step=sampler.final_step
+                               ) - sampler.gaussian_first_step  # every candidate's, the chosen's among them
+        assert check["evaluations"] == check_evaluations(per_output, len(denoisers(8)))
+        sampler.sample(5000)
+        assert counted.evaluations / 5000 <= 8
+        assert sampler.stats["nfe_per_sample"] == pytest.approx(counted.evaluations / 5000)
+    # A given tweedie_sigma is where the ramps end: one end offered, the check's cost priced for those candidates.
+    given = plan_budget(8, 5000, tweedie_sigma=0.05)
+    assert given["denoisers"] == [dict(d) for d in DENOISERS] and given["settings"]["tweedie_sigma"] == 0.05
+    sampler = DLGSampler.for_budget(MIXTURE.score, None, shape=(8,), nfe=8, n=5000, seed=0, levels=LEVELS,
+                                    tweedie_sigma=0.05)
+    assert sampler.tweedie_sigma == 0.05 and len(sampler.tuning["denoiser"]["candidates"]) == len(DENOISERS)
 
 
 def test_choose_denoiser_takes_the_candidate_closest_to_the_teacher_and_counts_it():
@@ -220,7 +252,7 @@ def test_choose_denoiser_takes_the_candidate_closest_to_the_teacher_and_counts_i
         before = counted.evaluations
         check = choose_denoiser(sampler, candidates, seed=0)
         assert counted.evaluations - before == check["evaluations"] == sampler._counts["pilot"] == check_evaluations(
-            count_nfe("unipc", 3, dlg=True))  # each candidate at the sampler's evaluations per output
+            count_nfe("unipc", 3, dlg=True), 2)  # each candidate at the sampler's evaluations per output
         assert check["chains"] == CHECK_CHAINS and min(check["distances"]) < max(check["distances"])
         picks.append((check["chosen"], sampler.integrator, sampler.final_step))
     assert picks == [(good, "unipc", "solver")] * 2
@@ -231,7 +263,7 @@ def test_for_budget_chooses_per_model_and_a_resumed_run_keeps_the_choice():
     n = 5000
     sampler = DLGSampler.for_budget(counted, None, shape=(8,), nfe=6, n=n, seed=0, levels=LEVELS)
     check, settings = sampler.tuning["denoiser"], sampler.tuning["settings"]
-    assert check["chosen"] in [dict(d) for d in DENOISERS] and len(check["distances"]) == len(DENOISERS)
+    assert check["chosen"] in check["candidates"] and len(check["distances"]) == len(denoisers(6))
     assert {k: settings[k] for k in ("integrator", "final_step")} == {k: check["chosen"][k] for k in
                                                                        ("integrator", "final_step")}
     assert settings["denoise_schedule"] == check["chosen"].get("denoise_schedule") == sampler.denoise_schedule

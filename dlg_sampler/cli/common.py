@@ -237,6 +237,14 @@ def load(args: argparse.Namespace, device, preset: bool):
     return model, classifier
 
 
+def ramp_end(level: float | None, sigma_min: float, final_step: str | None) -> str:
+    """``, its ramp down to 0.03 (3x the lowest level)`` where a solve to 0 leaves a ramp that ends above the
+    grid's lowest level (the pilot's check chose it: tuning.RAMP_ENDS); else nothing."""
+    if level is None or final_step != "solver" or math.isclose(level, sigma_min):
+        return ""
+    return f", its ramp down to {level:.3g} ({level / sigma_min:.3g}x the lowest level)"
+
+
 def budget_error(err: ValueError) -> str:
     """``for_budget``'s budget message in the command line's words."""
     return (f"error: {err}".replace("raise nfe to", "raise --nfe to").replace("pass nfe", "pass --nfe")

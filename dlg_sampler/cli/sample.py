@@ -26,7 +26,7 @@ from ..sampler import KERNELS, DLGSampler, micro_batched
 from ..tuning import full_batches_note
 from .common import (DEFAULT_NFE, ArgumentParser, HelpFormatter, add_batching_arguments, add_device_argument,
                      add_model_arguments, budget_error, check_batching, check_device, check_image_path,
-                     check_model_flags, check_writable, choose_threads, load, output_format, positive)
+                     check_model_flags, check_writable, choose_threads, load, output_format, positive, ramp_end)
 
 #: The few-step peers the summary measures at DLG's total NFE: printed name -> (``dlg-bench`` label: its
 #: ``SCHEDULERS`` / ``CORE_PEERS`` entry, with the schedule each one's authors use at few steps; what the line says).
@@ -90,7 +90,8 @@ def sample_parser() -> argparse.ArgumentParser:
                         "(configured from the pipeline's scheduler), e.g. UniPCMultistepScheduler (default, restart "
                         "kernel: the pilot's choice between unipc on its ramp, its first step from the chains' "
                         "Gaussian, and ipndm on fitted levels (above 8 NFE: ipndm on its ramp from the chains' "
-                        "Gaussian), both ending with the solver's own step to 0; unipc where n is too small to pay "
+                        "Gaussian), both ending with the solver's own step to 0, each ramp ending at the grid's "
+                        "lowest level or at 3x it; unipc where n is too small to pay "
                         "for the check; gibbs kernel: unipc)")
     k.add_argument("--denoise-schedule", choices=(FITTED, *SCHEDULES), default=None,
                    help="restart kernel: 'fitted' fits the denoising solve's levels to the model once per run "
@@ -300,9 +301,10 @@ def _sample(argv: list[str] | None) -> None:
                          restart_sigma=state["restart_sigma"], extra_step_share=chosen.get("extra_step_share", 0.0),
                          warmup_outputs=chosen.get("warmup_outputs", False),  # absent: a run from before them
                          gaussian_first_step=chosen.get("gaussian_first_step", False))
-        if integrator is None:  # the denoiser the interrupted run's pilot chose
+        if integrator is None:  # the denoiser the interrupted run's pilot chose, and where its ramp ends
             overrides.update(integrator=chosen["integrator"], final_step=chosen.get("final_step", "tweedie"),
-                             denoise_schedule=chosen.get("denoise_schedule"))
+                             denoise_schedule=chosen.get("denoise_schedule"),
+                             **({"tweedie_sigma": chosen["tweedie_sigma"]} if chosen.get("tweedie_sigma") else {}))
     chains = num_chains or (plan["settings"]["num_chains"] if plan else math.ceil(max(n, 1) / 20))
     threads = choose_threads(args.threads, min(chains, args.batch_size or chains) * math.prod(model.shape))
     planned = None if plan is None or state is not None else math.ceil(plan["predicted_nfe_per_sample"] * n)
@@ -412,12 +414,14 @@ def _settings_line(sampler: DLGSampler, integrator: str, summary: dict, world: i
     levels = SCHEDULE_WORDS[sampler.denoise_schedule] if sampler.denoise_schedule != FITTED or sampler.schedule_fit \
         else ""
     if sampler.tuning and sampler.tuning.get("denoiser"):  # the pilot's choice
-        levels += f" (chosen by the pilot over {len(sampler.tuning['denoiser']['candidates']) - 1} other)"
+        others = len(sampler.tuning["denoiser"]["candidates"]) - 1
+        levels += f" (chosen by the pilot over {others} other{'s' if others > 1 else ''})"
     longer = f" ({sampler.denoise_steps + 1} in {sampler.extra_step_share:.0%} of the batches)" \
         if sampler.extra_step_share else ""
     gaussian = ", the first from the chains' Gaussian" if sampler.gaussian_first_step else ""
     steps = f"{integrator} {sampler.denoise_steps} steps{longer}{levels}" + (
-        " + Tweedie" if tweedie else " to 0" if integrator in INTEGRATORS else "") + gaussian
+        " + Tweedie" if tweedie else " to 0" if integrator in INTEGRATORS else "") + gaussian + ramp_end(
+        sampler.tweedie_sigma, sampler.levels.sigma_min, sampler.final_step if integrator in INTEGRATORS else None)
     first = f" (the first its warm-up, {sampler.warmup_integrator} {sampler.warmup_steps} steps)" \
         if sampler.warmup_outputs else ""
     if sampler.kernel == "restart":

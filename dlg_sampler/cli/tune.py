@@ -13,7 +13,7 @@ from ..integrators import SCHEDULE_WORDS
 from ..restart import RULE
 from ..sampler import DLGSampler
 from .common import (DEFAULT_NFE, ArgumentParser, HelpFormatter, add_device_argument, add_model_arguments, budget_error,
-                     check_device, check_model_flags, choose_threads, load, positive)
+                     check_device, check_model_flags, choose_threads, load, positive, ramp_end)
 
 
 def tune_parser() -> argparse.ArgumentParser:
@@ -83,6 +83,7 @@ def _tune(argv: list[str] | None) -> None:
     longer = f" ({settings['denoise_steps'] + 1} in {share:.0%} of the batches)" if share else ""
     returned = ", returned as each chain's first output" if settings.get("warmup_outputs") else ""
     ending += ", the first from the chains' Gaussian" if settings.get("gaussian_first_step") else ""
+    ending += ramp_end(settings.get("tweedie_sigma"), sampler.levels.sigma_min, settings.get("final_step"))
     print(f"settings: {settings['kernel']} kernel, restart_sigma {level}, {settings['num_chains']} chains "
           f"({args.n / settings['num_chains']:.1f} outputs each), {settings['integrator']} "
           f"{settings['denoise_steps']} denoising steps{longer}{levels}{ending}, warm-up {sampler.warmup_integrator} "
@@ -91,7 +92,8 @@ def _tune(argv: list[str] | None) -> None:
         check = tuning["denoiser"]
         print(f"denoiser: chosen by the pilot on {check['chains']} held-out chains ({check['evaluations']} model "
               "evaluations), median RMS distance to a teacher solve in data scales: " + ", ".join(
-                  f"{_denoiser_name(c)} {d:.3g}" for c, d in zip(check["candidates"], check["distances"])))
+                  f"{_denoiser_name(c, sampler.levels.sigma_min)} {d:.3g}"
+                  for c, d in zip(check["candidates"], check["distances"])))
     note = full_batches_note(tuning)
     if note:
         print(note)
@@ -116,9 +118,12 @@ def _tune(argv: list[str] | None) -> None:
           "amortised over n)")
 
 
-def _denoiser_name(settings: dict) -> str:
-    """``unipc``, ``ipndm on fitted levels`` ...: a candidate of ``tuning.denoisers(nfe)`` in words."""
-    return settings["integrator"] + SCHEDULE_WORDS[settings.get("denoise_schedule")]
+def _denoiser_name(settings: dict, sigma_min: float) -> str:
+    """``unipc``, ``ipndm on fitted levels``, ``unipc (ramp to 3x the lowest level)`` ...: a candidate of the
+    pilot's check in words."""
+    end = settings.get("tweedie_sigma", sigma_min) / sigma_min
+    return settings["integrator"] + SCHEDULE_WORDS[settings.get("denoise_schedule")] + (
+        f" (ramp to {end:g}x the lowest level)" if not math.isclose(end, 1.0) else "")
 
 
 def _fmt(r: float | None) -> str:
