@@ -228,6 +228,10 @@ def test_dlg_tune_shows_what_for_budget_chooses(capsys, one_thread):
     assert f"data scale {pilot['data_scale']:.4g}" in text and f"chosen S {pilot['restart_sigma']:.4g}" in text
     assert text.count("lag-1") == 6  # the four ladder levels, the target and the chosen level's measurement
     assert f"predicted NFE per sample: {shown['predicted_nfe_per_sample']:.2f}" in text
+    check = shown["denoiser"]  # every candidate named, each ramp with its end
+    named = [f"{c['integrator']}{' (ramp to 3x the lowest level)' if c['tweedie_sigma'] > 0.02 else ''} {d:.3g}"
+             for c, d in zip(check["candidates"], check["distances"])]
+    assert len(named) == 4 and f"median RMS distance to a teacher solve in data scales: {', '.join(named)}" in text
 
 
 @pytest.mark.parametrize("args, message", [
