@@ -441,9 +441,7 @@ def for_budget(cls: type[DLGSampler], score, noise_posterior, *, shape: tuple[in
                                   + plan["pilot_chains"] * _pilot_cost(sampler)
                                   + (fit_evaluations(min(sampler.fit_samples, sampler.num_chains))
                                      if sampler.denoise_schedule == FITTED else 0)
-                                  + (check_evaluations(count_nfe(sampler.integrator, sampler.denoise_steps,
-                                                                 dlg=True, final_step=sampler.final_step)
-                                                       - sampler._gaussian_first(), len(plan["denoisers"]))
+                                  + (check_evaluations(_evaluations_per_output(sampler), len(plan["denoisers"]))
                                      if plan["denoisers"] else 0))
         sampler.score.bar = progress_bar
         try:
@@ -578,8 +576,7 @@ def choose_denoiser(sampler: DLGSampler, candidates: list[dict[str, Any]], seed:
         sampler.score.phase = phase
     scale = _data_scale(sampler.x)
     # Each candidate at the sampler's evaluations per output: one step more where its first is the Gaussian's.
-    cost = count_nfe(sampler.integrator, sampler.denoise_steps, dlg=True,
-                     final_step=sampler.final_step) - sampler._gaussian_first()
+    cost = _evaluations_per_output(sampler)
     steps = [steps_for_nfe(c["integrator"], cost + bool(c.get("gaussian_first_step")), dlg=True,
                            final_step=c.get("final_step", FINAL_STEP)) for c in candidates]
     keys = sorted({k for c in candidates for k in c})  # a key a candidate leaves out is unset for it (a ramp)
@@ -598,6 +595,13 @@ def choose_denoiser(sampler: DLGSampler, candidates: list[dict[str, Any]], seed:
     use(candidates[best], steps[best])
     return {"candidates": candidates, "distances": distances, "chosen": candidates[best], "steps": steps,
             "chains": len(chains), "evaluations": sampler._counts["pilot"] - before}
+
+
+def _evaluations_per_output(sampler: DLGSampler) -> int:
+    """Model evaluations of one output of the sampler's denoiser (a core integrator's; none for a first step from the
+    chains' Gaussian): what each of :func:`choose_denoiser`'s candidates is given."""
+    return count_nfe(sampler.integrator, sampler.denoise_steps, dlg=True,
+                     final_step=sampler.final_step) - sampler._gaussian_first()
 
 
 def _pilot_cost(sampler: DLGSampler) -> int:
