@@ -327,6 +327,14 @@ def test_the_verdict_table_names_the_best_peer_and_stands_only_where_both_measur
     assert ("| mixture (sliced W2 and MMD to the exact mixture) | wins 3/3 vs iPNDM, 2 measures agree | "
             "undecided: sliced W2 wins 3/3 vs iPNDM; MMD to the exact mixture mixed 1/3 vs iPNDM | "
             "mixed 2/3 and 1/3 vs iPNDM, 2 measures agree |") in text
+    # Ahead of each measure's own best peer is a verdict: the peers are named, each with its measure.
+    unipc = group("UniPC", "vanilla", 8, [3, 3, 3], [1.5, 1.5, 1.5])
+    for r in unipc.rows.values():
+        r["sw"], r["mmd"], r["mode_tv"] = r.pop("fd_ref"), r.pop("fd_ref2"), r.pop("class_tv")
+    measured.append(unipc)
+    text = "\n".join(report.overview({"mixture": measured}))
+    assert ("| wins 3/3 vs iPNDM (sliced W2) and UniPC (MMD to the exact mixture), 2 measures agree | "
+            "undecided:") in text
 
 
 def test_the_tuned_target_compares_over_the_tuned_seeds_and_says_what_it_leaves_out():

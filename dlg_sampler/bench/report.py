@@ -287,7 +287,8 @@ def wins_and_losses(groups: list[Group]) -> list[str]:
 def _verdict_cell(groups: list[Group], budget: int, metrics: tuple[str, ...]) -> str:
     """DLG as ``for_budget`` configures it (the tuned row; the chosen point where none ran) against the best peer at
     ``budget`` under each of ``metrics`` (the workload's ``HEADLINE_METRICS`` that ran): one verdict where they
-    agree, each count where they do not."""
+    agree on the word (each measure's best peer named where they differ: beating the best peer by each measure is the
+    verdict), each count where they do not."""
     chosen = next((g for g in groups if "tuned" in g.tags and g.budget == budget), None) or \
         next((g for g in groups if "chosen" in g.tags and g.budget == budget), None)
     found = []
@@ -299,11 +300,13 @@ def _verdict_cell(groups: list[Group], budget: int, metrics: tuple[str, ...]) ->
             found.append((m, _word(k, n), f"{k}/{n}", peer.label))
     if not found:
         return "-"
-    if len({(w, peer) for _, w, _, peer in found}) == 1:
-        _, word, _, peer = found[0]
+    if len({w for _, w, _, _ in found}) == 1:
+        word = found[0][1]
         counts = " and ".join(dict.fromkeys(c for _, _, c, _ in found))  # each measure's, where they differ
+        peers = found[0][3] if len({p for *_, p in found}) == 1 else \
+            " and ".join(f"{p} ({METRIC_NAMES[m]})" for m, _, _, p in found)
         both = f", {len(found)} measures agree" if len(found) > 1 else ""
-        return f"{word} {counts} vs {peer}{both}"
+        return f"{word} {counts} vs {peers}{both}"
     return "undecided: " + "; ".join(f"{METRIC_NAMES[m]} {w} {c} vs {p}" for m, w, c, p in found)
 
 
