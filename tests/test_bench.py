@@ -337,6 +337,21 @@ def test_the_verdict_table_names_the_best_peer_and_stands_only_where_both_measur
             "undecided:") in text
 
 
+def test_the_best_peer_is_the_best_on_the_seeds_compared():
+    """A peer that ran more seeds than DLG is judged on the seeds DLG ran: its extra seeds can make its mean the
+    lowest without making it the strongest opponent on the seeds the verdict pairs."""
+    def group(label, kind, values, tags=()):
+        spec = {"kind": kind, "sampler": label} if kind == "vanilla" else {"kind": kind}
+        return report.Group(label, spec, 10, list(tags), {s: {"nfe": 10.0, "sw": v} for s, v in enumerate(values)})
+
+    dlg = group("DLG tuned", "tuned", [1.5, 1.5, 1.5], ["tuned"])
+    many = group("UniPC", "vanilla", [2.0, 2.0, 2.0, 0.1, 0.1, 0.1])  # best over its six seeds, not over 0-2
+    few = group("DEIS-3", "vanilla", [1.0, 1.8, 1.8])
+    assert report.best_peer([dlg, many, few], 10, "sw") is many
+    assert report.best_peer([dlg, many, few], 10, "sw", dlg) is few
+    assert "| mixed 2/3 vs DEIS-3 |" in "\n".join(report.overview({"mixture": [dlg, many, few]}))
+
+
 def test_the_tuned_target_compares_over_the_tuned_seeds_and_says_what_it_leaves_out():
     """A setting run on fewer seeds than the tuned sampler is not its yardstick (it is counted instead), a sticky
     one (lag-1 > 0.2) is named apart, and the section says which rows ran more seeds."""

@@ -123,10 +123,13 @@ def is_dlg(g: Group) -> bool:
     return g.kind in ("dlg", "tuned") and "diagnostic" not in g.tags
 
 
-def best_peer(groups: list[Group], budget: int, metric: str) -> Group | None:
-    """The best of every ``PEERS`` sampler that ran at ``budget`` (mean over its seeds)."""
+def best_peer(groups: list[Group], budget: int, metric: str, against: Group | None = None) -> Group | None:
+    """The best of every ``PEERS`` sampler that ran at ``budget``: by its mean over the seeds it shares with
+    ``against`` (the DLG group it is compared with, seed by seed: a peer that ran more seeds is judged on the ones
+    compared), or over its own seeds where ``against`` is ``None``."""
     peers = [g for g in groups if g.kind == "vanilla" and g.spec["sampler"] in PEERS and g.budget == budget]
-    return min(peers, key=lambda g: g.mean(metric), default=None)
+    return min(peers, key=lambda g: paired(against, g)[1].mean(metric) if set(g.rows) & set(
+        (against or g).rows) else math.inf, default=None)
 
 
 def peers_run(groups: list[Group]) -> list[str]:
@@ -260,7 +263,8 @@ def wins_and_losses(groups: list[Group]) -> list[str]:
     for b in budgets:
         chosen = next((g for g in groups if "chosen" in g.tags and g.budget == b), None)
         for m in metrics:
-            peer, best = best_peer(groups, b, m), best_dlg(groups, b, m)
+            best = best_dlg(groups, b, m)
+            peer = best_peer(groups, b, m, chosen or best)
             if peer is None or (chosen is None and best is None):
                 continue
             over = " (over budget)" if chosen is not None and chosen.nfe > b + 1e-9 else ""
@@ -293,7 +297,7 @@ def _verdict_cell(groups: list[Group], budget: int, metrics: tuple[str, ...]) ->
         next((g for g in groups if "chosen" in g.tags and g.budget == budget), None)
     found = []
     for m in metrics:
-        peer = best_peer(groups, budget, m)
+        peer = best_peer(groups, budget, m, chosen)
         c, p = paired(chosen, peer)
         k, n = better_on(c, p, m)
         if n:
@@ -352,7 +356,8 @@ def targets(by_workload: dict[str, list[Group]]) -> list[list[str]]:
     digits = by_workload.get("digits", [])
     for b, word in ((12, ""), (20, " (stretch)")):
         compare(f"digits: best DLG at <= 12 total NFE vs best of {'/'.join(peers_run(digits))} at {b} NFE{word}, "
-                "FD vs model reference", best_dlg(digits, 12, "fd_ref"), best_peer(digits, b, "fd_ref"), "fd_ref")
+                "FD vs model reference", best_dlg(digits, 12, "fd_ref"),
+                best_peer(digits, b, "fd_ref", best_dlg(digits, 12, "fd_ref")), "fd_ref")
     sep = by_workload.get("separated", [])
     heun = next((g for g in sep if g.kind == "vanilla" and g.spec["sampler"] == "karras_heun" and g.budget == 40), None)
     for m in ("mode_tv", "sw"):
