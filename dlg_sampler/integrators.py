@@ -480,6 +480,26 @@ def get_schedule(name: str, steps: int, sigma_start: torch.Tensor, sigma_end: fl
     return sigmas
 
 
+def ramp_end_keeping_last_level(name: str, steps: int, base_steps: int, sigma_start: float, sigma_end: float,
+                                schedule: str | None = None, rho: float = 7.0) -> float:
+    """Where integrator ``name``'s solver-ended ramp (``final_step="solver"``, ``schedule`` as in
+    :func:`get_schedule`) of ``steps`` steps from ``sigma_start`` must end for its last level before 0 to be that of
+    its ``base_steps``-step ramp to ``sigma_end``: the same stretch walked in another number of steps. ``sigma_end``
+    itself where ``base_steps`` or ``steps`` is below 2 (the last level is the start)."""
+    n, m = base_steps + 1, steps + 1  # the ramps' levels, the last replaced by 0
+    if base_steps < 2 or steps < 2 or n == m:
+        return sigma_end
+    if schedule == LOGSNR or (schedule is None and name in _GEOMETRIC):
+        last = sigma_start * (sigma_end / sigma_start) ** ((n - 2) / (n - 1))
+        return sigma_start * (last / sigma_start) ** ((m - 1) / (m - 2))
+    if schedule not in (None, SCHEDULES[0]):
+        raise ValueError(f"schedule must be one of {SCHEDULES} (or None: a Karras ramp), got {schedule!r}.")
+    hi = sigma_start ** (1 / rho)
+    last = hi + (n - 2) / (n - 1) * (sigma_end ** (1 / rho) - hi)
+    end = hi + (m - 1) / (m - 2) * (last - hi)
+    return end ** rho if end > 0 else sigma_end  # a ramp too short to reach below its last level keeps the end
+
+
 def schedule_levels(steps: int, append_zero: bool = True, final_step: str = "tweedie") -> int:
     """How many positive levels a schedule of ``steps`` intervals builds its ramp from: ``steps`` where the last
     interval is the Tweedie step to 0, ``steps + 1`` where it ends at ``sigma_end`` or (``final_step="solver"``) its

@@ -16,7 +16,7 @@ from .diagnostics import CORRELATION_WARNING, OutputCorrelation, ess_fraction
 from .gibbs import SIGMA_MODES, NoisePosterior, diverged, langevin_step, sample_sigma_index
 from .integrators import (FINAL_STEP, FINAL_STEPS, FIT_SAMPLES, FITTED, INTEGRATORS, SCHEDULES, CountedScore, Score,
                           append_dims, check_integrator, check_steps, count_nfe, fit_evaluations, fit_schedules,
-                          get_schedule, integrate, randn_like)
+                          get_schedule, integrate, ramp_end_keeping_last_level, randn_like)
 from .levels import NoiseLevels
 from .restart import GaussianFirstStep, restart_rule
 
@@ -191,7 +191,8 @@ class DLGSampler:
         warmup_outputs: restart kernel: return each chain's warm-up (after ``burn_in``) as its first output, from
             :meth:`step` / :meth:`sample` (chains warmed up again after diverging are not returned).
         extra_step_share: restart kernel, share in [0, 1) of the output batches denoised with ``denoise_steps + 1``
-            steps, spread evenly (batch ``b`` is longer where ``floor((b + 1) * share)`` steps up).
+            steps, spread evenly (batch ``b`` is longer where ``floor((b + 1) * share)`` steps up); on a ramp
+            ending with the solver's step to 0 the step goes inside it, the level left for 0 kept.
         gaussian_first_step: restart kernel, core integrators: each solve from ``restart_sigma`` takes its first
             evaluation from the posterior mean under a Gaussian with the chains' mean and covariance
             (:class:`~dlg_sampler.restart.GaussianFirstStep`) instead of the model: one model evaluation fewer per
@@ -495,6 +496,19 @@ class DLGSampler:
             return None
         return {self.denoise_steps: levels, self.denoise_steps + 1: self.schedule_fit.get("longer")}.get(steps)
 
+    def _ramp_end(self, sigma: torch.Tensor, steps: int) -> float:
+        """Where a solver-ended ramp from ``sigma [k]`` in ``steps`` steps ends: ``tweedie_sigma``, except for a
+        longer batch's restart solve (``denoise_steps + 1`` steps from ``restart_sigma`` on a ramp), whose end keeps
+        the level it leaves for 0 where the run's ``denoise_steps`` leave it, the step going inside (that level is
+        what ``for_budget``'s check chose; at the same end one step more was worse on the wide mixture,
+        docs/mixing.md)."""
+        if (steps != self.denoise_steps + 1 or self.restart_sigma is None or isinstance(self._levels(sigma, steps),
+                                                                                       torch.Tensor)
+                or not bool((sigma == self.restart_sigma).all())):
+            return self.tweedie_sigma
+        return ramp_end_keeping_last_level(self.integrator, steps, self.denoise_steps, self.restart_sigma,
+                                           self.tweedie_sigma, self._levels(sigma, steps))
+
     def _lift(self, chains: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Restart move: ``x + sqrt(S^2 - sigma^2) z`` for chains ``chains``, an exact draw of ``p_S``."""
         S = torch.full((len(chains),), self.restart_sigma, device=self.device, dtype=self.dtype)
@@ -564,7 +578,7 @@ class DLGSampler:
         score = GaussianFirstStep(self.score, self.x) if first_step and self._gaussian_first() else self.score
         if isinstance(self.integrator, str) and tweedie and self.final_step == "solver":
             # Denoising to 0: the solver's last step from the level above tweedie_sigma uses its own data prediction.
-            sigmas = get_schedule(self.integrator, steps, sigma, self.tweedie_sigma, final_step="solver",
+            sigmas = get_schedule(self.integrator, steps, sigma, self._ramp_end(sigma, steps), final_step="solver",
                                   schedule=self._levels(sigma, steps))
             x, _ = INTEGRATORS[self.integrator](score, x, sigmas, generator=g, **self.integrator_kwargs)
         elif isinstance(self.integrator, str):

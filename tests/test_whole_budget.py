@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from dlg_sampler import DLGSampler
-from dlg_sampler.integrators import count_nfe, fit_evaluations, fit_schedule
+from dlg_sampler import sampler as sampler_module
+from dlg_sampler.integrators import count_nfe, fit_evaluations, fit_schedule, get_schedule, ramp_end_keeping_last_level
 from dlg_sampler.levels import NoiseLevels
 from dlg_sampler.mixture import GaussianMixture
 from dlg_sampler.testing import CountingScore
@@ -61,6 +62,42 @@ def test_a_share_of_the_batches_takes_one_step_more_spread_evenly_and_counted(sh
     warm = 8 * count_nfe("unipc", 10, dlg=False)
     denoise = sum(count_nfe("unipc", k, dlg=True) for k in steps) * 8
     assert counted.evaluations == planned == warm + denoise == sampler.stats["model_evaluations"]
+
+
+@pytest.mark.parametrize("name, schedule", [("unipc", None), ("ipndm", "karras"), ("unipc", "logsnr"),
+                                            ("reverse_diffusion", None)])
+def test_a_ramp_walked_in_one_step_more_can_keep_the_level_it_leaves_for_0(name, schedule):
+    start, end = torch.tensor([20.0], dtype=torch.float64), 0.03
+    for k in (3, 8):
+        base = get_schedule(name, k, start, end, final_step="solver", schedule=schedule)[:, 0]
+        moved = ramp_end_keeping_last_level(name, k + 1, k, 20.0, end, schedule)
+        longer = get_schedule(name, k + 1, start, moved, final_step="solver", schedule=schedule)[:, 0]
+        assert len(longer) == len(base) + 1 and longer[-1] == 0 and (longer[1:] < longer[:-1]).all()
+        assert torch.isclose(longer[-2], base[-2], rtol=1e-9)  # the same level left for 0, one level more above it
+        assert end < moved < float(base[-2])
+    assert ramp_end_keeping_last_level(name, 2, 1, 20.0, end, schedule) == end  # one step: its last level is 20
+
+
+def test_the_longer_batches_leave_for_0_from_the_level_the_run_leaves_from(monkeypatch):
+    """The longer batches' step goes inside the ramp: the level the solver leaves for 0 (where for_budget's check
+    chose the ramp to end) stays the run's; with the end kept instead, one step more ended lower."""
+    walked = []
+    unipc = sampler_module.INTEGRATORS["unipc"]
+
+    def spy(score, x, sigmas, **kwargs):
+        if abs(float(sigmas[0, 0]) - 20.0) < 1e-3:  # a restart solve (the warm-up walks from sigma_max)
+            walked.append((len(sigmas) - 1, float(sigmas[-2, 0])))
+        return unipc(score, x, sigmas, **kwargs)
+
+    monkeypatch.setitem(sampler_module.INTEGRATORS, "unipc", spy)
+    for schedule in (None, "logsnr"):
+        walked.clear()
+        sampler = _sampler(extra_step_share=0.5, final_step="solver", restart_sigma=20.0, tweedie_sigma=0.03,
+                           denoise_schedule=schedule)
+        sampler.sample(8 * 6)
+        assert {k for k, _ in walked} == {3, 4}
+        levels = [level for _, level in walked]
+        assert max(levels) == pytest.approx(min(levels), rel=1e-5)  # float32 ramps
 
 
 def test_a_resumed_run_continues_the_same_warm_up_outputs_and_longer_batches():
