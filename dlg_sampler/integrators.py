@@ -497,7 +497,7 @@ def ramp_end_keeping_last_level(name: str, steps: int, base_steps: int, sigma_st
     hi = sigma_start ** (1 / rho)
     last = hi + (n - 2) / (n - 1) * (sigma_end ** (1 / rho) - hi)
     end = hi + (m - 1) / (m - 2) * (last - hi)
-    return end ** rho if end > 0 else sigma_end  # a ramp too short to reach below its last level keeps the end
+    return end ** rho if end > 0 else sigma_end  # fewer steps than the base can extrapolate past 0: the end kept
 
 
 def schedule_levels(steps: int, append_zero: bool = True, final_step: str = "tweedie") -> int:

@@ -502,12 +502,12 @@ class DLGSampler:
         the level it leaves for 0 where the run's ``denoise_steps`` leave it, the step going inside (that level is
         what ``for_budget``'s check chose; at the same end one step more was worse on the wide mixture,
         docs/mixing.md)."""
-        if (steps != self.denoise_steps + 1 or self.restart_sigma is None or isinstance(self._levels(sigma, steps),
-                                                                                       torch.Tensor)
+        ramp = self._levels(sigma, steps)
+        if (steps != self.denoise_steps + 1 or self.restart_sigma is None or isinstance(ramp, torch.Tensor)
                 or not bool((sigma == self.restart_sigma).all())):
             return self.tweedie_sigma
         return ramp_end_keeping_last_level(self.integrator, steps, self.denoise_steps, self.restart_sigma,
-                                           self.tweedie_sigma, self._levels(sigma, steps))
+                                           self.tweedie_sigma, ramp)
 
     def _lift(self, chains: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Restart move: ``x + sqrt(S^2 - sigma^2) z`` for chains ``chains``, an exact draw of ``p_S``."""

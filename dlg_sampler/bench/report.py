@@ -128,8 +128,13 @@ def best_peer(groups: list[Group], budget: int, metric: str, against: Group | No
     ``against`` (the DLG group it is compared with, seed by seed: a peer that ran more seeds is judged on the ones
     compared), or over its own seeds where ``against`` is ``None``."""
     peers = [g for g in groups if g.kind == "vanilla" and g.spec["sampler"] in PEERS and g.budget == budget]
-    return min(peers, key=lambda g: paired(against, g)[1].mean(metric) if set(g.rows) & set(
-        (against or g).rows) else math.inf, default=None)
+
+    def compared_mean(g: Group) -> float:
+        if against is None:
+            return g.mean(metric)
+        return paired(against, g)[1].mean(metric) if set(g.rows) & set(against.rows) else math.inf
+
+    return min(peers, key=compared_mean, default=None)
 
 
 def peers_run(groups: list[Group]) -> list[str]:
